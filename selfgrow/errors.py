@@ -1,0 +1,36 @@
+"""Exception hierarchy of selfgrow.
+
+Every user-facing check raises one of these (never ``assert``), with the bad value and,
+where there is a finite set, the valid choices.
+"""
+
+from __future__ import annotations
+
+
+class SelfgrowError(Exception):
+    """Base class of every error raised by selfgrow."""
+
+
+class GrowthConfigError(SelfgrowError, ValueError):
+    """An operator, signal, policy or run configuration is invalid (raised before any change)."""
+
+
+class IncompatibleModelError(SelfgrowError, TypeError):
+    """The model (or one of its modules) is not supported by the requested operation."""
+
+
+class IncompatibleOptimizerError(SelfgrowError, TypeError):
+    """The optimizer holds state that selfgrow does not know how to migrate."""
+
+
+class BudgetExceededError(SelfgrowError):
+    """A growth would exceed the configured budget (parameters, memory or FLOPs)."""
+
+
+class DataUnavailableError(SelfgrowError, RuntimeError):
+    """A data set or pretrained model is missing; the message names the package to install."""
+
+
+def choices_message(kind: str, value: object, choices: list[str] | tuple[str, ...]) -> str:
+    """Format 'unknown <kind> <value>; valid choices: a, b, c'."""
+    return f"unknown {kind} {value!r}; valid choices: {', '.join(sorted(choices))}"

@@ -1,0 +1,91 @@
+"""The growth event record: one JSON object per line in ``events.jsonl``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+#: event kinds: a growth that happened, one the policy wanted but skipped (budget, cooldown,
+#: max growths ...), and an anomaly (non-finite loss) seen by the controller.
+EVENT_KINDS = ("growth", "skipped", "anomaly")
+
+
+@dataclass
+class GrowthEvent:
+    """One decision of selfgrow (schema in DESIGN.md; ``schema_version`` = 1).
+
+    Units: ``wall_time`` UNIX seconds; ``step`` optimizer steps seen by the controller;
+    ``op_seconds`` seconds spent in the operator plus optimizer migration;
+    ``flops_per_sample_*`` forward FLOPs for one probe sample (None when not measured);
+    ``preservation.max_abs`` = max |y_after - y_before| over the probe batch in eval mode,
+    ``preservation.max_rel`` = max_abs / max |y_before|.
+    """
+
+    kind: str = "growth"
+    run_id: str = ""
+    seq: int = -1
+    wall_time: float = 0.0
+    step: int | None = None
+    epoch: int | None = None
+    experience: int | None = None
+    trigger: dict[str, Any] = field(default_factory=dict)  # signal, value, threshold, window
+    action: dict[str, Any] = field(default_factory=dict)  # op, config
+    reason: str = ""
+    params_before: int = 0
+    params_after: int = 0
+    flops_per_sample_before: float | None = None
+    flops_per_sample_after: float | None = None
+    # max_abs, max_rel, probe_size, exact_expected
+    preservation: dict[str, Any] = field(default_factory=dict)
+    op_seconds: float = 0.0
+    optimizer: dict[str, Any] = field(default_factory=dict)  # migrated, zero_init, rule
+    lr_after: list[float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=False, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GrowthEvent:
+        """Build from a parsed JSON object; unknown keys go to ``extra``; raises ValueError on
+        a wrong schema version or a non-object."""
+        if not isinstance(d, dict):
+            raise ValueError(f"event must be a JSON object, got {type(d).__name__}")
+        ver = d.get("schema_version", SCHEMA_VERSION)
+        if ver != SCHEMA_VERSION:
+            raise ValueError(
+                f"unsupported schema_version {ver!r} (this selfgrow reads {SCHEMA_VERSION})"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        ev = cls(**known)
+        if extra:
+            ev.extra = {**ev.extra, **extra}
+        if ev.kind not in EVENT_KINDS:
+            raise ValueError(f"unknown event kind {ev.kind!r}; valid: {', '.join(EVENT_KINDS)}")
+        return ev
+
+
+def _jsonable(x: Any) -> Any:
+    """Make a value JSON-safe: tensors/numpy to Python, non-finite floats to strings."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)

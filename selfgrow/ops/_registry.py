@@ -1,0 +1,304 @@
+"""Operator registry and the single entry point :func:`grow_`.
+
+An operator is a class registered for one config dataclass (torchao style)::
+
+    @dataclass
+    class Net2WiderConfig(OpConfig):
+        name: ClassVar[str] = "net2wider"
+        layer: int = 0
+        new_width: int = 64
+
+    @register_operator(Net2WiderConfig)
+    class Net2WiderNet(Operator):
+        exact = True
+        def validate(self, model, config): ...      # raise, never mutate
+        def apply(self, model, config, tx): ...     # mutate only through tx -> GrowthResult
+
+``grow_(model, config, optimizer=..., probe=...)`` validates, applies inside a
+:class:`~selfgrow.ops._surgery.Transaction`, plans the optimizer migration, measures the
+function-preservation error on the probe batch, and only then commits; any exception leaves
+model and optimizer bit-identical.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._config import config_from_dict, config_to_dict
+from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
+from ..events.record import GrowthEvent
+from ..optim import ParamMap, plan_migration
+from ._surgery import Transaction
+
+
+@dataclass
+class OpConfig:
+    """Base of every operator config. Subclasses set the class variable ``name`` (the
+    registry key, a standard term such as ``"g_stack"``) and add their own fields."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+
+@dataclass
+class GrowthResult:
+    """What an operator's ``apply`` returns.
+
+    Attributes:
+        param_maps: ParamMap for every new-model parameter that was re-indexed, renamed or
+            created (see :mod:`selfgrow.optim`). Parameters untouched by the operator need no
+            entry.
+        exact: whether this application is expected to preserve the function exactly.
+        notes: free-form details for the event log (e.g. which layers were touched).
+    """
+
+    param_maps: dict[str, ParamMap] = field(default_factory=dict)
+    exact: bool = True
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Operator:
+    """Base class of growth operators. Subclasses implement ``validate`` and ``apply``."""
+
+    #: default exactness claim; override ``is_exact`` when it depends on the config
+    exact: ClassVar[bool] = False
+    config_cls: ClassVar[type[OpConfig]]
+
+    def is_exact(self, model: nn.Module, config: OpConfig) -> bool:
+        return self.exact
+
+    def validate(self, model: nn.Module, config: OpConfig) -> None:
+        """Raise GrowthConfigError / IncompatibleModelError if the request is invalid."""
+
+    def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+_OPERATORS: dict[str, Operator] = {}
+_CONFIGS: dict[str, type[OpConfig]] = {}
+
+
+def register_operator(config_cls: type[OpConfig]) -> Callable[[type[Operator]], type[Operator]]:
+    """Class decorator registering an Operator for ``config_cls`` (keyed by ``config_cls.name``)."""
+
+    def deco(op_cls: type[Operator]) -> type[Operator]:
+        name = config_cls.name
+        if not name:
+            raise GrowthConfigError(f"{config_cls.__name__} must set a class variable 'name'")
+        if name in _OPERATORS and type(_OPERATORS[name]) is not op_cls:
+            raise GrowthConfigError(f"operator name {name!r} registered twice")
+        op_cls.config_cls = config_cls
+        _OPERATORS[name] = op_cls()
+        _CONFIGS[config_cls.__name__] = config_cls
+        return op_cls
+
+    return deco
+
+
+def list_operators() -> list[str]:
+    """Names of every registered operator, sorted."""
+    _load_builtin()
+    return sorted(_OPERATORS)
+
+
+def get_operator(name_or_config: str | OpConfig) -> Operator:
+    """The Operator for a name or a config instance; GrowthConfigError lists the choices."""
+    _load_builtin()
+    name = name_or_config if isinstance(name_or_config, str) else type(name_or_config).name
+    op = _OPERATORS.get(name)
+    if op is None or (
+        not isinstance(name_or_config, str) and not isinstance(name_or_config, op.config_cls)
+    ):
+        raise GrowthConfigError(choices_message("growth operator", name, list(_OPERATORS)))
+    return op
+
+
+def make_config(name: str, **kwargs: Any) -> OpConfig:
+    """Build the config of operator ``name`` from keyword arguments (errors list fields)."""
+    cls = get_operator(name).config_cls
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise GrowthConfigError(f"bad arguments for operator {name!r}: {e}") from None
+
+
+def op_config_to_dict(cfg: OpConfig) -> dict[str, Any]:
+    return config_to_dict(cfg)
+
+
+def op_config_from_dict(d: dict[str, Any]) -> OpConfig:
+    _load_builtin()
+    return config_from_dict(d, _CONFIGS)
+
+
+def _load_builtin() -> None:
+    # importing the operator modules registers them
+    from . import _builtin  # noqa: F401
+
+
+# ---------------------------------------------------------------------------------------------
+# probing
+# ---------------------------------------------------------------------------------------------
+ProbeFn = Callable[[nn.Module], torch.Tensor]
+
+
+def default_probe_fn(probe: Any) -> ProbeFn:
+    """Turn a probe batch into ``model -> output tensor``: a tensor is passed positionally, a
+    dict as keyword arguments, a tuple/list as positional arguments. The output may be a
+    tensor, a tuple (first element), or an object with ``logits`` / ``last_hidden_state``."""
+
+    def run(model: nn.Module) -> torch.Tensor:
+        if isinstance(probe, Mapping):
+            out = model(**probe)
+        elif isinstance(probe, (tuple, list)):
+            out = model(*probe)
+        else:
+            out = model(probe)
+        return _output_tensor(out)
+
+    return run
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for attr in ("logits", "last_hidden_state"):
+        v = getattr(out, attr, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, Mapping):
+        for v in out.values():
+            if isinstance(v, torch.Tensor):
+                return v
+    raise IncompatibleModelError(
+        f"cannot find an output tensor in {type(out).__name__}; pass probe_fn=model->Tensor"
+    )
+
+
+@torch.no_grad()
+def eval_output(model: nn.Module, fn: ProbeFn) -> torch.Tensor:
+    """Run ``fn(model)`` in eval mode without gradients, restoring each module's mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return fn(model).detach().clone()
+    finally:
+        for m, t in modes:
+            m.train(t)
+
+
+def preservation_error(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """``max_abs = max|after - before|``, ``max_rel = max_abs / max|before|`` (fp64 math)."""
+    if before.shape != after.shape:
+        return {"max_abs": float("inf"), "max_rel": float("inf")}
+    diff = (after.double() - before.double()).abs()
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    scale = float(before.double().abs().max()) if before.numel() else 0.0
+    return {"max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-30)}
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_model(model: nn.Module) -> None:
+    params = list(model.parameters())
+    if not params:
+        raise IncompatibleModelError("model has no parameters to grow")
+    if any(p.is_meta for p in params):
+        raise IncompatibleModelError(
+            "model has parameters on the meta device; materialise it (e.g. to_empty + init) "
+            "before growing"
+        )
+    if not any(p.requires_grad for p in params):
+        raise IncompatibleModelError(
+            "every parameter of the model is frozen (requires_grad=False); unfreeze the part "
+            "to grow first"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# grow_
+# ---------------------------------------------------------------------------------------------
+def grow_(
+    model: nn.Module,
+    config: OpConfig,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    probe: Any = None,
+    probe_fn: ProbeFn | None = None,
+    check: Callable[[nn.Module], None] | None = None,
+) -> GrowthEvent:
+    """Apply a growth operator to ``model`` in place and migrate ``optimizer``'s state.
+
+    Args:
+        model: the live model (any device/dtype); its config is updated by the operator.
+        config: an operator config instance (see :func:`list_operators`).
+        optimizer: optimizer whose state follows the model (edited in place, same object).
+        probe: a held batch used to measure function preservation (see default_probe_fn).
+        probe_fn: alternative to ``probe``: ``model -> Tensor``.
+        check: optional callable run on the grown model before commit; raising there rolls
+            everything back (used by tests to inject failures).
+
+    Returns:
+        GrowthEvent with action, params_before/after, preservation and op_seconds filled in
+        (controller-level fields such as step and trigger are left for the caller).
+
+    Raises:
+        GrowthConfigError: unknown operator or invalid config (nothing changed).
+        IncompatibleModelError: the model does not support this operator (nothing changed).
+        IncompatibleOptimizerError: optimizer state cannot be migrated (nothing changed).
+        Any exception raised while growing: model and optimizer are rolled back first.
+    """
+    op = get_operator(config)
+    _check_model(model)
+    op.validate(model, config)
+    if probe_fn is None and probe is not None:
+        probe_fn = default_probe_fn(probe)
+    y_before = eval_output(model, probe_fn) if probe_fn is not None else None
+    old_named = dict(model.named_parameters())
+    params_before = count_params(model)
+    exact_expected = op.is_exact(model, config)
+
+    t0 = time.perf_counter()
+    with Transaction() as tx:
+        result = op.apply(model, config, tx)
+        new_named = dict(model.named_parameters())
+        plan = (
+            plan_migration(optimizer, old_named, new_named, result.param_maps)
+            if optimizer is not None
+            else None
+        )
+        op_seconds = time.perf_counter() - t0
+        if check is not None:
+            check(model)
+        preservation: dict[str, Any] = {"exact_expected": bool(exact_expected and result.exact)}
+        if probe_fn is not None:
+            y_after = eval_output(model, probe_fn)
+            preservation.update(preservation_error(y_before, y_after))  # type: ignore[arg-type]
+            preservation["probe_size"] = int(y_before.shape[0]) if y_before.dim() else 1  # type: ignore[union-attr]
+    # committed: now the optimizer (cannot fail halfway)
+    t1 = time.perf_counter()
+    report = plan.apply() if plan is not None else None
+    op_seconds += time.perf_counter() - t1
+    return GrowthEvent(
+        wall_time=time.time(),
+        action={"op": type(config).name, "config": op_config_to_dict(config)},
+        params_before=params_before,
+        params_after=count_params(model),
+        preservation=preservation,
+        op_seconds=op_seconds,
+        optimizer=report.as_dict() if report is not None else {},
+        lr_after=(
+            [float(g["lr"]) for g in optimizer.param_groups] if optimizer is not None else None
+        ),
+        extra={"notes": result.notes} if result.notes else {},
+    )

@@ -1,0 +1,287 @@
+"""Optimizer-state migration after growth, by parameter NAME (never by position).
+
+An operator describes, for every parameter of the grown model that derives from an old one,
+a :class:`ParamMap`: which old parameter it comes from, which old coordinate each new
+coordinate copies (``-1`` = a brand-new coordinate), and how the gradient a copy will receive
+relates to the source's gradient (``grad_scale``; ``1/c`` when ``c`` copies share the
+original's output downstream). :func:`plan_migration` computes the new optimizer state
+without touching the optimizer; :meth:`MigrationPlan.apply` swaps it in, keeping the same
+optimizer object (so LR schedulers keep working).
+
+Rules (see GROWTH-MATH.md; staged training, Shen et al. 2022):
+
+* untouched parameters keep their state objects (bit-identical) and their group;
+* copied coordinates: first moments ``m' = m * s``, second moments ``v' = v * s**2`` where
+  ``s = grad_scale``; step counts are copied;
+* brand-new coordinates inside a grown tensor: first moments 0, second moments the mean of the
+  source tensor's second moment (a zero ``v`` with an already-corrected bias would make the
+  first update about 3x too large);
+* brand-new tensors: empty state (the optimizer initialises it lazily at step 0, which Adam's
+  bias correction handles) in the param group of their nearest sibling by name;
+* hyper-parameters of every param group are kept.
+
+Supported: Adam, AdamW (incl. amsgrad), SGD (with or without momentum, Nesterov), RMSprop
+(incl. centered and momentum). Any other optimizer state raises
+:class:`~selfgrow.errors.IncompatibleOptimizerError` before anything changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import IncompatibleOptimizerError
+
+#: state keys that behave like a first moment (scale by s; new coordinates 0)
+FIRST_MOMENT_KEYS = frozenset({"exp_avg", "momentum_buffer", "grad_avg"})
+#: state keys that behave like a second moment (scale by s**2; new coordinates mean of old)
+SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
+#: scalar bookkeeping copied as is
+SCALAR_KEYS = frozenset({"step"})
+
+SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
+
+
+@dataclass
+class ParamMap:
+    """How one parameter of the grown model derives from a parameter of the old model.
+
+    Attributes:
+        source: name of the old parameter (in ``model.named_parameters()`` before growth), or
+            ``None`` for a brand-new tensor (fresh optimizer state).
+        index: one entry per dimension of the NEW tensor: ``None`` (dimension unchanged) or a
+            LongTensor of length ``new.shape[d]`` whose entries are the old index copied into
+            that position, or ``-1`` for a brand-new coordinate.
+        grad_scale: float or tensor broadcastable to the new shape: the gradient this
+            coordinate will receive relative to its source coordinate's gradient (``1/c`` for a
+            copy whose output is split among ``c`` twins).
+    """
+
+    source: str | None
+    index: tuple[torch.Tensor | None, ...] = ()
+    grad_scale: float | torch.Tensor = 1.0
+
+    def gather(self, old: torch.Tensor, new_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(values, new_mask)``: ``old`` gathered into ``new_shape`` and a bool mask
+        of the brand-new coordinates (values there are arbitrary)."""
+        out = old
+        mask = torch.zeros((), dtype=torch.bool, device=old.device)
+        for d, idx in enumerate(self.index):
+            if idx is None:
+                continue
+            idx = idx.to(old.device)
+            out = out.index_select(d, idx.clamp(min=0))
+            shape = [1] * len(new_shape)
+            shape[d] = idx.numel()
+            mask = mask | (idx < 0).view(shape)
+        if tuple(out.shape) != tuple(new_shape):
+            raise ValueError(
+                f"ParamMap from {self.source!r} gives shape {tuple(out.shape)}, "
+                f"expected {tuple(new_shape)}"
+            )
+        return out, mask.expand(new_shape)
+
+
+@dataclass
+class MigrationReport:
+    """What a migration did (counts of parameter tensors and coordinates)."""
+
+    migrated: int = 0  # tensors whose state was carried over or re-indexed
+    kept: int = 0  # untouched tensors (state objects kept)
+    fresh: int = 0  # brand-new tensors (empty state)
+    zero_init: int = 0  # brand-new coordinates inside carried tensors
+    rule: str = "by-name; copies m*s, v*s^2; new coords m=0, v=mean(v_old)"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "migrated": self.migrated,
+            "kept": self.kept,
+            "fresh": self.fresh,
+            "zero_init": self.zero_init,
+            "rule": self.rule,
+        }
+
+
+@dataclass
+class MigrationPlan:
+    """A computed migration, applied with :meth:`apply` (cannot fail halfway)."""
+
+    optimizer: torch.optim.Optimizer
+    groups: list[list[nn.Parameter]]
+    group_names: list[list[str] | None]
+    remove: list[nn.Parameter]
+    states: dict[nn.Parameter, dict]
+    report: MigrationReport = field(default_factory=MigrationReport)
+
+    def apply(self) -> MigrationReport:
+        opt = self.optimizer
+        for p in self.remove:
+            opt.state.pop(p, None)
+        for p, st in self.states.items():
+            if st:
+                opt.state[p] = st
+            else:
+                opt.state.pop(p, None)
+        for g, params, names in zip(opt.param_groups, self.groups, self.group_names, strict=True):
+            g["params"] = params
+            if names is not None:
+                g["param_names"] = names
+        return self.report
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Raise IncompatibleOptimizerError if the optimizer's state cannot be migrated."""
+    known = FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | SCALAR_KEYS
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            if k in known or not isinstance(v, torch.Tensor) or v.dim() == 0:
+                continue
+            raise IncompatibleOptimizerError(
+                f"{type(optimizer).__name__} has per-coordinate state {k!r} that selfgrow cannot "
+                f"migrate; supported optimizers: {', '.join(SUPPORTED_OPTIMIZERS)}"
+            )
+
+
+def _sibling(name: str, candidates: list[str]) -> str | None:
+    """The candidate sharing the longest dotted prefix with ``name``."""
+    parts = name.split(".")
+    best, best_len = None, -1
+    for c in candidates:
+        cp = c.split(".")
+        n = 0
+        for a, b in zip(parts, cp, strict=False):
+            if a != b:
+                break
+            n += 1
+        if n > best_len:
+            best, best_len = c, n
+    return best
+
+
+def plan_migration(
+    optimizer: torch.optim.Optimizer,
+    old_named: Mapping[str, nn.Parameter],
+    new_named: Mapping[str, nn.Parameter],
+    maps: Mapping[str, ParamMap] | None = None,
+) -> MigrationPlan:
+    """Compute the optimizer after growth without modifying it.
+
+    Args:
+        optimizer: the live optimizer (its param groups hold old parameters).
+        old_named: ``dict(model.named_parameters())`` captured before growth.
+        new_named: ``dict(model.named_parameters())`` after growth.
+        maps: ParamMap per new parameter name that was re-indexed, renamed or is brand-new.
+            A new name absent from ``maps`` that is the same object as before keeps its state;
+            one with the same name and shape as an old parameter is carried 1:1; any other is
+            brand-new.
+
+    Returns:
+        MigrationPlan; call ``.apply()`` to swap it in.
+
+    Raises:
+        IncompatibleOptimizerError: unsupported per-coordinate optimizer state.
+        ValueError: a ParamMap names an unknown source or gives the wrong shape.
+    """
+    check_optimizer(optimizer)
+    maps = dict(maps or {})
+    report = MigrationReport()
+    where: dict[nn.Parameter, int] = {}
+    for gi, g in enumerate(optimizer.param_groups):
+        for p in g["params"]:
+            where[p] = gi
+    old_names = list(old_named)
+    new_ids = {id(p) for p in new_named.values()}
+    old_ids = {id(p) for p in old_named.values()}
+    optimized_old = [n for n in old_names if old_named[n] in where]
+
+    assignment: dict[str, int] = {}  # new name -> group index
+    states: dict[nn.Parameter, dict] = {}
+    for name, p in new_named.items():
+        m = maps.get(name)
+        if m is None:
+            old_p = old_named.get(name)
+            if old_p is p:
+                if p in where:
+                    assignment[name] = where[p]
+                    report.kept += 1
+                continue
+            if old_p is not None and old_p.shape == p.shape:
+                m = ParamMap(source=name)
+            else:
+                m = ParamMap(source=None)
+        if m.source is not None:
+            if m.source not in old_named:
+                raise ValueError(f"ParamMap for {name!r} names unknown source {m.source!r}")
+            src = old_named[m.source]
+            if src not in where:
+                continue  # the source was not optimized: neither is its growth
+            assignment[name] = where[src]
+            st_old = optimizer.state.get(src, {})
+            states[p] = _migrate_state(st_old, m, p, report)
+            report.migrated += 1
+        else:
+            sib = _sibling(name, optimized_old) if optimized_old else None
+            sib_all = _sibling(name, old_names) if old_names else None
+            if sib is None or (sib_all is not None and old_named[sib_all] not in where):
+                continue
+            assignment[name] = where[old_named[sib]]
+            states[p] = {}
+            report.fresh += 1
+
+    order = {n: i for i, n in enumerate(new_named)}
+    groups: list[list[nn.Parameter]] = []
+    group_names: list[list[str] | None] = []
+    for gi, g in enumerate(optimizer.param_groups):
+        # parameters of this group that are not part of the model stay where they are
+        foreign = [p for p in g["params"] if id(p) not in new_ids and id(p) not in old_ids]
+        mine = sorted((n for n, a in assignment.items() if a == gi), key=order.__getitem__)
+        groups.append(foreign + [new_named[n] for n in mine])
+        if "param_names" in g:
+            old_pn = dict(zip((id(p) for p in g["params"]), g["param_names"], strict=False))
+            group_names.append([old_pn.get(id(p), "") for p in foreign] + mine)
+        else:
+            group_names.append(None)
+    remove = [p for p in where if id(p) not in new_ids and id(p) in old_ids]
+    return MigrationPlan(optimizer, groups, group_names, remove, states, report)
+
+
+def _migrate_state(st_old: dict, m: ParamMap, p: nn.Parameter, report: MigrationReport) -> dict:
+    new: dict = {}
+    s = m.grad_scale
+    new_mask_count = 0
+    for k, v in st_old.items():
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            new[k] = v.clone() if isinstance(v, torch.Tensor) else v
+            continue
+        vals, mask = m.gather(v, p.shape)
+        if k in FIRST_MOMENT_KEYS:
+            vals = vals * _as(s, vals)
+            vals = vals.masked_fill(mask, 0.0)
+        elif k in SECOND_MOMENT_KEYS:
+            vals = vals * _as(s, vals) ** 2
+            if bool(mask.any()):
+                vals = torch.where(mask, v.mean(), vals)
+        vals = vals.contiguous()
+        new_mask_count = int(mask.sum())
+        new[k] = vals
+    report.zero_init += new_mask_count
+    return new
+
+
+def _as(s: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
+    if isinstance(s, torch.Tensor):
+        return s.to(device=like.device, dtype=like.dtype)
+    return s
+
+
+def migrate(
+    optimizer: torch.optim.Optimizer,
+    old_named: Mapping[str, nn.Parameter],
+    new_named: Mapping[str, nn.Parameter],
+    maps: Mapping[str, ParamMap] | None = None,
+) -> MigrationReport:
+    """Plan and apply a migration in one call; see :func:`plan_migration`."""
+    return plan_migration(optimizer, old_named, new_named, maps).apply()

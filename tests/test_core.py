@@ -1,0 +1,184 @@
+"""Core machinery: Transaction rollback, grow_ commit/rollback, by-name optimizer migration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import nn
+
+from selfgrow.errors import GrowthConfigError, IncompatibleModelError, IncompatibleOptimizerError
+from selfgrow.ops import GrowthResult, OpConfig, Operator, Transaction, grow_, register_operator
+from selfgrow.optim import ParamMap, migrate
+
+
+class Pair(nn.Module):
+    def __init__(self, d: int = 4, h: int = 3) -> None:
+        super().__init__()
+        self.a = nn.Linear(d, h)
+        self.b = nn.Linear(h, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@dataclass
+class _DupConfig(OpConfig):
+    """Test-only operator: duplicate hidden unit ``unit`` of Pair (Net2WiderNet by hand)."""
+
+    name: ClassVar[str] = "_test_dup_unit"
+    unit: int = 0
+
+
+@register_operator(_DupConfig)
+class _DupUnit(Operator):
+    exact = True
+
+    def validate(self, model: nn.Module, config: OpConfig) -> None:
+        assert isinstance(config, _DupConfig)
+        if not 0 <= config.unit < model.a.out_features:
+            raise GrowthConfigError(f"unit {config.unit} out of range")
+
+    def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
+        assert isinstance(config, _DupConfig)
+        h = model.a.out_features
+        idx = torch.cat([torch.arange(h), torch.tensor([config.unit])])
+        a = nn.Linear(model.a.in_features, h + 1)
+        b = nn.Linear(h + 1, model.b.out_features)
+        a.weight.data = model.a.weight.data[idx].clone()
+        a.bias.data = model.a.bias.data[idx].clone()
+        counts = torch.bincount(idx, minlength=h).float()
+        scale = 1.0 / counts[idx]
+        b.weight.data = model.b.weight.data[:, idx] * scale
+        b.bias.data = model.b.bias.data.clone()
+        tx.replace_module(model, "a", a)
+        tx.replace_module(model, "b", b)
+        return GrowthResult(
+            param_maps={
+                "a.weight": ParamMap("a.weight", (idx, None), scale.view(-1, 1)),
+                "a.bias": ParamMap("a.bias", (idx,), scale),
+                "b.weight": ParamMap("b.weight", (None, idx)),
+                "b.bias": ParamMap("b.bias"),
+            }
+        )
+
+
+def _trained(opt_cls=torch.optim.Adam, **kw):
+    torch.manual_seed(0)
+    m = Pair()
+    opt = opt_cls(m.parameters(), lr=1e-2, **kw)
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(8, 4)).pow(2).sum().backward()
+        opt.step()
+    return m, opt
+
+
+def _snapshot(m, opt):
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    st = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+          for p, s in opt.state.items()}
+    groups = [[id(p) for p in g["params"]] for g in opt.param_groups]
+    return sd, st, groups, [type(mod) for mod in m.modules()]
+
+
+def _same(a, b) -> bool:
+    sd1, st1, g1, t1 = a
+    sd2, st2, g2, t2 = b
+    if g1 != g2 or t1 != t2 or sd1.keys() != sd2.keys() or st1.keys() != st2.keys():
+        return False
+    if any(not torch.equal(sd1[k], sd2[k]) for k in sd1):
+        return False
+    for k in st1:
+        for kk in st1[k]:
+            x, y = st1[k][kk], st2[k][kk]
+            if isinstance(x, torch.Tensor) and not torch.equal(x, y):
+                return False
+    return True
+
+
+def test_grow_is_exact_and_migrates_state():
+    m, opt = _trained()
+    x = torch.randn(16, 4)
+    old_b_bias_state = opt.state[m.b.bias]
+    ev = grow_(m, _DupConfig(unit=1), optimizer=opt, probe=x)
+    assert ev.preservation["max_rel"] <= 1e-6
+    assert ev.params_after > ev.params_before
+    assert m.a.out_features == 4
+    assert len({id(p) for g in opt.param_groups for p in g["params"]}) == 4
+    assert all(p in opt.state for p in m.parameters())
+    # copies get m/c and v/c^2
+    st = opt.state[m.a.weight]
+    assert torch.allclose(st["exp_avg"][1], st["exp_avg"][3])
+    assert old_b_bias_state["exp_avg"].shape == opt.state[m.b.bias]["exp_avg"].shape
+    opt.zero_grad()
+    m(x).sum().backward()
+    opt.step()  # still steps
+
+
+def test_failure_in_the_middle_rolls_back_model_and_optimizer():
+    m, opt = _trained()
+    before = _snapshot(m, opt)
+
+    def boom(_m):
+        raise RuntimeError("injected")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        grow_(m, _DupConfig(unit=0), optimizer=opt, probe=torch.randn(2, 4), check=boom)
+    assert _same(before, _snapshot(m, opt))
+
+
+def test_negative_control_snapshot_detects_change():
+    m, opt = _trained()
+    before = _snapshot(m, opt)
+    grow_(m, _DupConfig(unit=0), optimizer=opt)
+    assert not _same(before, _snapshot(m, opt))
+
+
+def test_invalid_config_and_models_raise_before_change():
+    m, opt = _trained()
+    before = _snapshot(m, opt)
+    with pytest.raises(GrowthConfigError):
+        grow_(m, _DupConfig(unit=99), optimizer=opt)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(IncompatibleModelError):
+        grow_(m, _DupConfig(unit=0), optimizer=opt)
+    for p in m.parameters():
+        p.requires_grad_(True)
+    assert _same(before, _snapshot(m, opt))
+    with pytest.raises(IncompatibleModelError):
+        grow_(Pair().to("meta"), _DupConfig(unit=0))
+
+
+def test_unsupported_optimizer_state_raises_before_change():
+    m, opt = _trained(torch.optim.Adagrad)
+    before = _snapshot(m, opt)
+    with pytest.raises(IncompatibleOptimizerError, match="Adagrad"):
+        grow_(m, _DupConfig(unit=0), optimizer=opt)
+    assert _same(before, _snapshot(m, opt))
+
+
+def test_transaction_restores_attributes_and_params():
+    m = Pair()
+    w = m.a.weight
+    with pytest.raises(ValueError), Transaction() as tx:
+        tx.set_parameter(m.a, "weight", torch.zeros(3, 4))
+        tx.set_attr(m, "extra", 5)
+        raise ValueError
+    assert m.a.weight is w and not hasattr(m, "extra")
+
+
+def test_migrate_new_coordinates_get_nonzero_second_moment():
+    m, opt = _trained()
+    old = dict(m.named_parameters())
+    new_w = nn.Parameter(torch.cat([m.a.weight.data, torch.zeros(1, 4)]))
+    m.a.weight = new_w
+    idx = torch.tensor([0, 1, 2, -1])
+    migrate(opt, old, dict(m.named_parameters()), {"a.weight": ParamMap("a.weight", (idx, None))})
+    st = opt.state[new_w]
+    assert torch.all(st["exp_avg"][3] == 0)
+    assert torch.all(st["exp_avg_sq"][3] > 0)
+    assert old["a.weight"] not in opt.state
