@@ -22,6 +22,7 @@ model and optimizer bit-identical.
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class GrowthResult:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-class Operator:
+class Operator(abc.ABC):
     """Base class of growth operators. Subclasses implement ``validate`` and ``apply``."""
 
     #: default exactness claim; override ``is_exact`` when it depends on the config
@@ -73,11 +74,12 @@ class Operator:
     def is_exact(self, model: nn.Module, config: OpConfig) -> bool:
         return self.exact
 
-    def validate(self, model: nn.Module, config: OpConfig) -> None:
+    def validate(self, model: nn.Module, config: OpConfig) -> None:  # noqa: B027 - optional hook
         """Raise GrowthConfigError / IncompatibleModelError if the request is invalid."""
 
+    @abc.abstractmethod
     def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Mutate ``model`` only through ``tx`` and describe the parameter mapping."""
 
 
 _OPERATORS: dict[str, Operator] = {}
