@@ -239,12 +239,16 @@ class GrowthPlugin(SupervisedPlugin):
         strategy.model = ctrl.model
         if strategy.optimizer is not ctrl.optimizer:
             strategy.optimizer = ctrl.optimizer
-        # the optimizer was edited in place by name; Avalanche's name -> tensor map must
-        # follow, or the next make_optimizer re-adds the grown tensors (updated twice/step)
-        strategy.optimized_param_id = dict(strategy.model.named_parameters())
+        self._refresh_param_map(strategy)
         self._publish(strategy, "Growth/n_params", float(ev.params_after))
         self._publish(strategy, "Growth/n_growths", float(len(self.events)))
         self._log({"model/params": float(ev.params_after)})
+
+    def _refresh_param_map(self, strategy: Any) -> None:
+        """The optimizer was edited in place by name; Avalanche's name -> tensor map must
+        follow, or the next ``make_optimizer`` re-adds the grown tensors as new parameters
+        (each then updated twice per step)."""
+        strategy.optimized_param_id = dict(strategy.model.named_parameters())
 
     def after_training(self, strategy: Any, **kwargs: Any) -> None:
         for s in self.sinks:

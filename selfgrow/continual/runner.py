@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,9 @@ class RunSpec:
         on_plateau: action fired by the LossPlateau signal.
         on_forgetting: action fired by the ReplayForgetting signal.
         widen_factor: width multiplier of the ``widen`` action.
+        widen_noise: std of the noise added to copied units' incoming weights (Net2WiderNet
+            ``noise_std``): without it twin units receive identical gradients forever and
+            the extra width adds no capacity; it makes the growth inexact by about this much.
         plateau_window: LossPlateau horizon in optimizer steps.
         plateau_min_rel_drop: LossPlateau trigger (relative loss improvement per window).
         forgetting_threshold: ReplayForgetting trigger (accuracy drop on replayed samples).
@@ -78,17 +82,18 @@ class RunSpec:
     strategy: str = "replay"
     model: str = "mlp"
     mem_size: int = 300
-    epochs: int = 4
+    epochs: int = 5
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"
     baselines: bool = True
-    width: int = 16
+    width: int = 8
     channels: int = 4
     on_plateau: str = "widen"
     on_forgetting: str = "widen"
     widen_factor: float = 2.0
+    widen_noise: float = 0.03
     plateau_window: int = 60
     plateau_min_rel_drop: float = 0.02
     forgetting_threshold: float = 0.2
@@ -131,6 +136,8 @@ class RunSpec:
             raise GrowthConfigError(f"lr={self.lr} is out of range; valid: > 0")
         if not self.widen_factor > 1:
             raise GrowthConfigError(f"widen_factor={self.widen_factor} must be > 1")
+        if not (self.widen_noise >= 0 and math.isfinite(self.widen_noise)):
+            raise GrowthConfigError(f"widen_noise={self.widen_noise} must be >= 0")
         resolve_device(self.device)
 
 
@@ -401,6 +408,8 @@ def train_variant(
     )
     res = VariantResult(variant=variant, initial_params=count_params(model))
     t0 = time.perf_counter()
+    caught_cm = warnings.catch_warnings(record=True)
+    caught = caught_cm.__enter__()
     try:
         for i, exp in enumerate(bench.scenario.train_stream):
             strategy.train(exp)
@@ -430,6 +439,15 @@ def train_variant(
                     s.log_scalars(gplugin.step if gplugin else i, {"eval/avg_acc_seen":
                                                                     res.avg_accuracy_per_exp[-1]})
     finally:
+        # Avalanche 0.6 calls its own deprecated storage-policy API every experience and
+        # resets the warning filters to print it each time: swallow those, show the rest once
+        caught_cm.__exit__(None, None, None)
+        shown = set()
+        for w in caught:
+            key = (w.category, str(w.message))
+            if not issubclass(w.category, DeprecationWarning) and key not in shown:
+                shown.add(key)
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         bar.close()
         tb_logger.writer.flush()
         tb_logger.writer.close()
@@ -468,7 +486,9 @@ def _make_controller(
     from .plugin import GrowthPlugin
 
     def action_kwargs(action: str) -> dict[str, Any]:
-        return {"factor": spec.widen_factor} if action == "widen" else {}
+        if action == "widen":
+            return {"factor": spec.widen_factor, "noise_std": spec.widen_noise}
+        return {}
 
     tb = TensorBoardSink(run_dir / "tb" / "grown")
     scalars = ScalarJsonlSink(run_dir / "metrics.jsonl")
@@ -514,6 +534,7 @@ def controller_description(spec: RunSpec) -> dict[str, Any]:
             {"signal": "loss_plateau", "action": spec.on_plateau},
         ],
         "widen_factor": spec.widen_factor,
+        "widen_noise": spec.widen_noise,
         "budget": {"max_params": spec.max_params},
         "cooldown": spec.cooldown,
         "max_growths": spec.max_growths,
@@ -607,7 +628,7 @@ def run_experiment(
         "skipped_events": sum(1 for e in events if e.get("kind") == "skipped"),
         "wall_seconds_total": time.perf_counter() - t_start,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
     print_fn("")
     print_fn(format_summary_table(summary))
     return run_dir, summary
@@ -644,6 +665,17 @@ def format_summary_table(summary: dict[str, Any]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _finite(x: Any) -> Any:
+    """JSON-safe copy: non-finite floats become None."""
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
 
 
 def _fmt(v: Any, f: str) -> str:
