@@ -245,8 +245,13 @@ class Net2WiderNet(Operator):
                     f"new_width {new} for {_layer_prefix(model)}.{layer} must exceed its "
                     f"current width {widths[layer]} (Net2WiderNet only grows)"
                 )
-        if not (math.isfinite(config.noise_std) and config.noise_std >= 0):
-            raise GrowthConfigError(f"noise_std must be finite and >= 0, got {config.noise_std}")
+        noise = config.noise_std
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)):
+            raise GrowthConfigError(f"noise_std must be a float, got {noise!r}")
+        if not (math.isfinite(noise) and noise >= 0):
+            raise GrowthConfigError(f"noise_std must be finite and >= 0, got {noise}")
+        if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+            raise GrowthConfigError(f"seed must be an int >= 0, got {config.seed!r}")
 
     def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
         if not isinstance(config, Net2WiderConfig):
