@@ -93,7 +93,7 @@ class RunSpec:
     on_plateau: str = "widen"
     on_forgetting: str = "widen"
     widen_factor: float = 2.0
-    widen_noise: float = 0.03
+    widen_noise: float = 0.01
     plateau_window: int = 60
     plateau_min_rel_drop: float = 0.02
     forgetting_threshold: float = 0.2
