@@ -203,12 +203,14 @@ def plot_run(rec: RunRecord, path: str | Path) -> Path:
 
     # parameters over steps
     xs, ys = _series(rec.metrics, "selfgrow/n_params", "model/params")
-    if not xs and growths:
-        xs = [0.0]
-        ys = [float(growths[0].params_before)]
+    if growths:  # exact steps from the event log; the scalar log is sampled
+        last = max([float(r.get("step", 0)) for r in rec.metrics] + [float(growths[-1].step or 0)])
+        xs, ys = [0.0], [float(growths[0].params_before)]
         for e in growths:
             xs += [float(e.step or 0), float(e.step or 0)]
             ys += [float(e.params_before), float(e.params_after)]
+        xs.append(last)
+        ys.append(float(growths[-1].params_after))
     if xs:
         ax_p.step(xs, ys, where="post", color="tab:blue", label="parameters")
     for e in growths:
@@ -253,6 +255,9 @@ def plot_run(rec: RunRecord, path: str | Path) -> Path:
             for r in evals
         ]
         ax_a.plot(range(1, len(acc) + 1), acc, marker="o", label="grown")
+    n_points = max((len(line.get_xdata()) for line in ax_a.lines), default=0)
+    if n_points:
+        ax_a.set_xticks(range(1, n_points + 1))
     ax_a.set_xlabel("after training experience")
     ax_a.set_ylabel("avg test accuracy (seen classes)")
     ax_a.set_ylim(0, 1.02)
