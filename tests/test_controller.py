@@ -523,3 +523,44 @@ def test_optimizer_reassignment_reattaches_stabilizer():
     lr_before = opt.param_groups[0]["lr"]
     opt.step()  # the old optimizer is no longer scaled
     assert opt.param_groups[0]["lr"] == lr_before
+
+
+def test_invalid_growth_under_budget_is_logged_not_raised():
+    m, opt = _setup()
+    ctrl = GrowthController(
+        m, opt, signals=[LossPlateau(window=10, min_rel_drop=0.01, ema=0.0)],
+        policy=RulePolicy([Rule("loss_plateau", "widen", kwargs={"n": 50})],
+                          budget=Budget(max_memory_bytes=1e9), cooldown=100),
+        memory_spec={"input_shape": (4,)},
+    )
+    for loss in _plateau_trace(40):
+        ctrl.observe(loss=loss)
+    assert [(e.step, e.extra["blocked"]) for e in ctrl.events] == [(31, "error"), (32, "cooldown")]
+
+
+def test_make_decision_is_the_distributed_seam():
+    m, opt = _setup()
+
+    class Broadcast(GrowthController):
+        calls = 0
+
+        def make_decision(self):
+            Broadcast.calls += 1
+            return super().make_decision()
+
+    ctrl = Broadcast(m, opt, signals=[LossPlateau(window=10, min_rel_drop=0.01, ema=0.0)],
+                     policy=RulePolicy([Rule("loss_plateau", "widen")], max_growths=1))
+    for loss in _plateau_trace(40):
+        ctrl.observe(loss=loss)
+    assert Broadcast.calls == 40 and ctrl.n_growths == 1
+
+
+def test_new_experience_does_not_look_like_a_plateau():
+    m, opt = _setup()
+    ctrl = GrowthController(m, opt, signals=[LossPlateau(window=5, min_rel_drop=0.01, ema=0.0)],
+                            policy=RulePolicy([Rule("loss_plateau", "widen")]))
+    for s in range(1, 21):
+        exp = 0 if s <= 10 else 1
+        loss = 2.0 - 0.1 * s if exp == 0 else 3.0 - 0.1 * (s - 10)  # jumps up at step 11
+        ctrl.observe(loss=loss, experience=exp)
+    assert ctrl.n_growths == 0

@@ -195,8 +195,22 @@ def test_gradient_saturation_without_grads_does_nothing():
     model = nn.Linear(3, 3)
     sig = GradientSaturation(window=2, history=4)
     sig.bind(model)
-    sig.update(1, {})
+    with pytest.warns(UserWarning, match="before zero_grad"):
+        sig.update(1, {})
+    sig.update(2, {})  # warned once only
     assert sig.n_updates == 0 and sig.value is None
+
+
+def test_loss_plateau_resets_when_the_experience_changes():
+    sig = LossPlateau(window=3, min_rel_drop=0.01, ema=0.0)
+    for i in range(1, 6):
+        sig.update(i, {"loss": 1.0, "experience": 0})
+    assert sig.triggered
+    sig.update(6, {"loss": 3.0, "experience": 1})  # new task: loss jumps, not a plateau
+    assert not sig.triggered and sig.value is None and sig.state()["history"] == 1
+    for i in range(7, 10):
+        sig.update(i, {"loss": 3.0 - 0.5 * (i - 6), "experience": 1})
+    assert sig.value == pytest.approx(0.5) and not sig.triggered
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from ..errors import (
 )
 from ..events.jsonl import JsonlSink
 from ..events.record import GrowthEvent
-from ..ops._registry import OpConfig, count_params, default_probe_fn, grow_
+from ..ops._registry import OpConfig, ProbeFn, count_params, default_probe_fn, grow_
 from .actions import list_actions, resolve_action
 from .policies import Action, Decision, Policy, PolicyContext
 from .signals import Signal
@@ -107,7 +107,7 @@ class GrowthController:
         log_dir: str | None = None,
         sinks: Iterable[Any] = (),
         probe: Any = None,
-        probe_fn: Any = None,
+        probe_fn: ProbeFn | None = None,
         run_id: str | None = None,
         provides: Iterable[str] | None = None,
         stabilizer: Stabilizer | None = None,
@@ -277,6 +277,10 @@ class GrowthController:
                 return None
             self._anomaly_streak = 0
             metrics["loss"] = lv
+        if self.experience is not None:
+            metrics.setdefault("experience", self.experience)
+        if self.epoch is not None:
+            metrics.setdefault("epoch", self.epoch)
         for s in self.signals:
             if self.step % s.every:
                 continue
@@ -290,8 +294,7 @@ class GrowthController:
             return None
         event = None
         for _ in range(max(1, self.policy.max_per_step)):
-            states = {s.name: s.state() for s in self.signals}
-            decision, reason = self.policy.decide(states, self._context())
+            decision, reason = self.make_decision()
             if decision is None:
                 break
             if not decision.go:
@@ -329,6 +332,17 @@ class GrowthController:
             raise GrowthConfigError("growth failed")
         return ev
 
+    def make_decision(self) -> tuple[Decision | None, str]:
+        """Ask the policy for this step's decision from the signals' current states.
+
+        This is the seam for distributed training: a DDP wrapper decides on rank 0 and
+        broadcasts the result so that every rank grows identically.
+        """
+        if self.policy is None:
+            return None, "no policy"
+        states = {s.name: s.state() for s in self.signals}
+        return self.policy.decide(states, self._context())
+
     # --- internals ----------------------------------------------------------------------------
     def _context(self) -> PolicyContext:
         return PolicyContext(
@@ -355,22 +369,28 @@ class GrowthController:
         budget = getattr(self.policy, "budget", None)
         need_mem = budget is not None and budget.max_memory_bytes is not None
         need_flops = budget is not None and budget.max_flops_per_sample is not None
-        cfg = self._resolve(action, kwargs)
         est: dict[str, Any] = {"params": None, "memory_bytes": None, "flops_per_sample": None}
-        analytic = getattr(cfg, "estimate_params", None)
-        if callable(analytic) and not (need_mem or need_flops):
-            est["params"] = int(analytic(self.model))
-            est["method"] = "analytic"
-        else:
-            clone = copy.deepcopy(self.model)
-            grow_(clone, copy.deepcopy(cfg))
-            est["params"] = count_params(clone)
-            est["method"] = "dry_run"
-            if need_mem:
-                est["memory_bytes"] = estimate_memory(clone, **self.memory_spec)["total"]
-            if need_flops and self.probe_fn is not None:
-                est["flops_per_sample"] = flops_per_sample(clone, self.probe_fn)
-            del clone
+        try:
+            cfg = self._resolve(action, kwargs)
+            analytic = getattr(cfg, "estimate_params", None)
+            if callable(analytic) and not (need_mem or need_flops):
+                est["params"] = int(analytic(self.model))
+                est["method"] = "analytic"
+            else:
+                clone = copy.deepcopy(self.model)
+                grow_(clone, copy.deepcopy(cfg))
+                est["params"] = count_params(clone)
+                est["method"] = "dry_run"
+                if need_mem:
+                    est["memory_bytes"] = estimate_memory(clone, **self.memory_spec)["total"]
+                if need_flops and self.probe_fn is not None:
+                    est["flops_per_sample"] = flops_per_sample(clone, self.probe_fn)
+                del clone
+        except _GROW_ERRORS as e:
+            # an invalid growth: let the decision through so that the real attempt fails
+            # through the logged, rolled-back path instead of inside the policy
+            est["method"] = "failed"
+            est["error"] = f"{type(e).__name__}: {e}"
         self._estimates[key] = est
         return est
 
@@ -481,7 +501,11 @@ class GrowthController:
         targets = [s for s in self.sinks if callable(getattr(s, "log_scalars", None))]
         if not targets:
             return
-        vals: dict[str, float] = {"selfgrow/n_params": float(count_params(self.model))}
+        vals: dict[str, float] = {
+            "selfgrow/n_params": float(count_params(self.model)),
+            "selfgrow/n_growths": float(self.n_growths),
+            "selfgrow/n_anomalies": float(self.n_anomalies),
+        }
         for s in self.signals:
             if isinstance(s.value, (int, float)) and math.isfinite(s.value):
                 vals[f"selfgrow/{s.name}"] = float(s.value)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import copy
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -184,7 +185,9 @@ class LossPlateau(Signal):
     0 disables smoothing); ``value`` is the relative improvement of the smoothed loss over the
     last ``window`` updates, ``(L[t - window] - L[t]) / |L[t - window]|`` (a fraction; positive
     = improving). Triggered when ``value < min_rel_drop`` once ``window`` updates are available.
-    After a growth the history is cleared, so a new plateau needs ``window`` fresh steps.
+    A rising loss also counts as not improving. After a growth, and when the ``experience``
+    the controller reports changes (continual learning: a new task's loss starts high), the
+    history is cleared, so a new plateau needs ``window`` fresh updates.
 
     Args:
         window: improvement horizon in updates (steps, or evaluations for sparse metrics), >= 1.
@@ -216,11 +219,17 @@ class LossPlateau(Signal):
         self.ema = float(ema)
         self._smoothed: float | None = None
         self._hist: deque[float] = deque(maxlen=self.window + 1)
+        self._experience: Any = None
 
     def update(self, step: int, metrics: Mapping[str, Any]) -> None:
         x = _float(metrics[self.metric])
         if not math.isfinite(x):
             return
+        exp = metrics.get("experience")
+        if exp is not None and exp != self._experience:
+            if self._experience is not None:
+                self._reset()
+            self._experience = exp
         self.n_updates += 1
         s = x if self._smoothed is None else self.ema * self._smoothed + (1 - self.ema) * x
         self._smoothed = s
@@ -232,21 +241,27 @@ class LossPlateau(Signal):
         self.value = (ref - s) / max(abs(ref), 1e-12)
         self.triggered = self.value < self.min_rel_drop
 
-    def on_growth(self, step: int) -> None:
-        super().on_growth(step)
+    def _reset(self) -> None:
         self._hist.clear()
         self._smoothed = None
         self.value = None
+        self.triggered = False
+
+    def on_growth(self, step: int) -> None:
+        super().on_growth(step)
+        self._reset()
 
     def extra(self) -> dict[str, Any]:
         return {"smoothed": self._smoothed, "history": len(self._hist)}
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"smoothed": self._smoothed, "hist": list(self._hist)}
+        return {"smoothed": self._smoothed, "hist": list(self._hist),
+                "experience": self._experience}
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._smoothed = state["smoothed"]
         self._hist = deque(state["hist"], maxlen=self.window + 1)
+        self._experience = state.get("experience")
 
 
 class ValidationPlateau(LossPlateau):
@@ -428,6 +443,7 @@ class GradientSaturation(Signal):
         self._count: dict[str, int] = {}
         self.scores: dict[str, float] = {}
         self.saturated: list[str] = []
+        self._warned = False
 
     def bind(self, model: nn.Module) -> None:
         self._model = model
@@ -446,6 +462,13 @@ class GradientSaturation(Signal):
     def update(self, step: int, metrics: Mapping[str, Any]) -> None:
         layers = self._layers()
         if not layers:
+            if self._model is not None and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    "GradientSaturation found no gradients on the model: call "
+                    "GrowthController.observe() after backward() and before zero_grad()",
+                    stacklevel=3,
+                )
             return
         self.n_updates += 1
         beta = 1.0 - 1.0 / self.history
