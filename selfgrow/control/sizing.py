@@ -81,7 +81,7 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
     try:
         st = t.untyped_storage()
         return st.data_ptr(), st.nbytes()
-    except (RuntimeError, NotImplementedError):
+    except RuntimeError:  # tensors without a plain storage (sparse, nested)
         return id(t), t.numel() * t.element_size()
 
 
