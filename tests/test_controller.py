@@ -380,8 +380,18 @@ def test_fixed_schedule_compound_stage_and_budget():
     assert out[5] is ctrl.events[1]
     assert ctrl.events[-1].extra["blocked"] == "budget"
     assert sched.done == [True] * 4
-    sd = ctrl.state_dict()
-    assert sd["policy"] == {"done": [True] * 4}
+    assert ctrl.state_dict()["policy"] == {"done": [True] * 4}
+
+
+def test_schedule_skips_of_distinct_entries_are_each_logged():
+    m, opt = _setup()
+    sched = FixedSchedule([(3, "widen"), (4, "widen")], budget=Budget(max_params=P0))
+    ctrl = GrowthController(m, opt, policy=sched)
+    for _ in range(6):
+        ctrl.observe(loss=1.0)
+    assert [(e.kind, e.step, e.trigger["entry"]) for e in ctrl.events] == [
+        ("skipped", 3, 0), ("skipped", 4, 1)]
+    assert ctrl.state_dict()["policy"] == {"done": [True, True]}
 
 
 def test_failed_growth_is_logged_and_starts_cooldown():

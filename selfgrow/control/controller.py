@@ -170,7 +170,7 @@ class GrowthController:
         self.n_anomalies = 0
         self.n_skipped = 0
         self._anomaly_streak = 0
-        self._last_skip: tuple[str, str, str] | None = None
+        self._last_skip: tuple[str, ...] | None = None
         self._last_skip_step: int | None = None
         self._estimates: dict[tuple[Any, ...], dict[str, Any]] = {}
         self.events: list[GrowthEvent] = []
@@ -457,7 +457,9 @@ class GrowthController:
 
     def _skipped(self, d: Decision, reason: str, force: bool = False) -> None:
         self.n_skipped += 1
-        key = (d.blocked, str(d.trigger.get("signal")), d.action_name)
+        # one event per (reason, signal, action, schedule entry) and per skip_log_every steps
+        key = (d.blocked, str(d.trigger.get("signal")), d.action_name,
+               str(d.trigger.get("entry", "")))
         recent = (
             self._last_skip_step is not None
             and self.step - self._last_skip_step < self.skip_log_every
