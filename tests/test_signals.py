@@ -329,3 +329,15 @@ def test_signal_state_dict_round_trip(make, trace):
         b.update(i, trace(i))
         assert b.value == ref.value and b.triggered == ref.triggered
     assert json.dumps(b.state_dict()) == json.dumps(ref.state_dict())
+
+
+def test_make_signal_by_name():
+    from selfgrow.control import list_signals, make_signal
+
+    assert "loss_plateau" in list_signals() and "replay_forgetting" in list_signals()
+    sig = make_signal("loss_plateau", window=7)
+    assert isinstance(sig, LossPlateau) and sig.window == 7
+    with pytest.raises(GrowthConfigError, match="valid choices"):
+        make_signal("loss_plato")
+    with pytest.raises(GrowthConfigError, match="bad arguments"):
+        make_signal("loss_plateau", windw=7)

@@ -19,6 +19,8 @@ from .signals import (
     ReplayForgetting,
     Signal,
     ValidationPlateau,
+    list_signals,
+    make_signal,
 )
 from .sizing import estimate_memory, flops_per_sample, round_width
 from .stabilize import Stabilizer
@@ -43,6 +45,8 @@ __all__ = [
     "estimate_memory",
     "flops_per_sample",
     "list_actions",
+    "list_signals",
+    "make_signal",
     "register_action",
     "resolve_action",
     "round_width",

@@ -43,6 +43,8 @@ __all__ = [
     "Signal",
     "ValidationPlateau",
     "check_range",
+    "list_signals",
+    "make_signal",
 ]
 
 
@@ -731,3 +733,38 @@ class CapacityProbe(Signal):
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.before, self.after = state["before"], state["after"]
+
+
+SIGNALS: dict[str, type[Signal]] = {
+    cls.name: cls
+    for cls in (
+        LossPlateau,
+        ValidationPlateau,
+        ReplayForgetting,
+        GradientSaturation,
+        ExpertOverload,
+        CapacityProbe,
+    )
+}
+
+
+def list_signals() -> list[str]:
+    """Names of the built-in signals (keys of :func:`make_signal`), sorted."""
+    return sorted(SIGNALS)
+
+
+def make_signal(name: str, **kwargs: Any) -> Signal:
+    """Build a built-in signal by name (for CLIs and config files).
+
+    Raises:
+        GrowthConfigError: unknown name (lists the choices) or bad arguments.
+    """
+    cls = SIGNALS.get(name)
+    if cls is None:
+        from ..errors import choices_message
+
+        raise GrowthConfigError(choices_message("signal", name, list(SIGNALS)))
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise GrowthConfigError(f"bad arguments for signal {name!r}: {e}") from None
