@@ -574,3 +574,20 @@ def test_new_experience_does_not_look_like_a_plateau():
         loss = 2.0 - 0.1 * s if exp == 0 else 3.0 - 0.1 * (s - 10)  # jumps up at step 11
         ctrl.observe(loss=loss, experience=exp)
     assert ctrl.n_growths == 0
+
+
+def test_signals_taking_turns_under_one_limit_log_one_skip():
+    m, opt = _setup()
+    ctrl = GrowthController(
+        m, opt,
+        signals=[LossPlateau(window=10, min_rel_drop=0.01, ema=0.0), ReplayForgetting(0.1)],
+        policy=RulePolicy([Rule("replay_forgetting", "widen", {"n": 2}),
+                           Rule("loss_plateau", "widen")], cooldown=100),
+    )
+    for s, loss in enumerate(_plateau_trace(120), start=1):
+        kw = {"replay_accuracy": {0: 0.5 if s % 2 else 0.9}} if s >= 50 else {}
+        if s == 1:
+            kw["experience_end_accuracy"] = {0: 0.9}
+        ctrl.observe(loss=loss, **kw)
+    evs = [(e.kind, e.step, e.trigger["signal"]) for e in ctrl.events]
+    assert evs == [("growth", 31, "loss_plateau"), ("skipped", 42, "loss_plateau")]

@@ -191,6 +191,20 @@ def test_gradient_saturation_names_the_layer_that_stops_decaying():
     assert not sig.triggered and sig.state()["layers"] == []
 
 
+def test_gradient_saturation_include_exclude():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    only = GradientSaturation(threshold=0.95, window=2, history=10, include=["0", "1"],
+                              exclude=["1"])
+    only.bind(model)
+    for t in range(1, 5):
+        _set_grads(model, [0.5, 0.5, 0.5])
+        only.update(t, {})
+    assert only.state()["layers"] == ["0"] and set(only.scores) == {"0"}
+    with pytest.raises(GrowthConfigError, match="patterns"):
+        GradientSaturation(include="hidden.*")
+
+
 def test_gradient_saturation_without_grads_does_nothing():
     model = nn.Linear(3, 3)
     sig = GradientSaturation(window=2, history=4)

@@ -84,8 +84,10 @@ class GrowthController:
             and fractional schedule steps).
         scalar_every: emit signal values and ``n_params`` to sinks' ``log_scalars`` every N
             steps.
-        skip_log_every: a repeated identical "skipped" event is logged at most once per this
-            many steps (default: the policy's cooldown, or 100 without one).
+        skip_log_every: "skipped" events with the same block reason (cooldown, budget ...) are
+            logged at most once per this many steps; a new reason is logged at once (default:
+            the policy's cooldown, or 100 without one). Non-finite-loss streaks are re-logged
+            at the same period.
         memory_spec: keyword arguments for
             :func:`~selfgrow.control.sizing.estimate_memory` (batch_size, input_shape or
             seq_len, optimizer_kind, dtype), used when the budget limits memory.
@@ -457,9 +459,9 @@ class GrowthController:
 
     def _skipped(self, d: Decision, reason: str, force: bool = False) -> None:
         self.n_skipped += 1
-        # one event per (reason, signal, action, schedule entry) and per skip_log_every steps
-        key = (d.blocked, str(d.trigger.get("signal")), d.action_name,
-               str(d.trigger.get("entry", "")))
+        # one event per block reason (and schedule entry) per skip_log_every steps: signals
+        # that take turns while the same limit holds must not flood the log
+        key = (d.blocked, str(d.trigger.get("entry", "")))
         recent = (
             self._last_skip_step is not None
             and self.step - self._last_skip_step < self.skip_log_every

@@ -26,7 +26,8 @@ import copy
 import math
 import warnings
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from fnmatch import fnmatch
 from typing import Any, ClassVar
 
 import torch
@@ -417,6 +418,9 @@ class GradientSaturation(Signal):
         window: short averaging window in updates, >= 1.
         history: horizon of the slow EMA in updates, >= window.
         min_ratio: ignore layers whose windowed ``||g||/||w||`` is below this, >= 0.
+        include: shell-style patterns of module names to watch (e.g. ``["hidden.*"]``, the
+            layers your ``widen_layers`` action can grow); None = every layer.
+        exclude: patterns of module names to ignore (e.g. ``["head"]``).
         every: update every N controller steps.
         name: override the signal name.
     """
@@ -430,11 +434,20 @@ class GradientSaturation(Signal):
         window: int = 50,
         history: int = 500,
         min_ratio: float = 1e-4,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
         every: int = 1,
         name: str | None = None,
     ) -> None:
         check_range("threshold", threshold, 0.0, math.inf, lo_open=True, hi_open=True)
         check_range("min_ratio", min_ratio, 0.0, math.inf, hi_open=True)
+        for pats in (include or (), exclude):
+            if isinstance(pats, str) or not all(isinstance(x, str) for x in pats):
+                raise GrowthConfigError(
+                    f"include/exclude must be lists of name patterns, got {pats!r}"
+                )
+        self.include = list(include) if include is not None else None
+        self.exclude = list(exclude)
         super().__init__(threshold=threshold, window=window, every=every, name=name)
         _check_int("history", history, self.window)
         self.history = int(history)
@@ -456,8 +469,13 @@ class GradientSaturation(Signal):
         out = []
         for name, mod in self._model.named_modules():
             w = getattr(mod, "weight", None)
-            if isinstance(w, nn.Parameter) and w.requires_grad and w.grad is not None:
-                out.append((name, w))
+            if not (isinstance(w, nn.Parameter) and w.requires_grad and w.grad is not None):
+                continue
+            if self.include is not None and not any(fnmatch(name, p) for p in self.include):
+                continue
+            if any(fnmatch(name, p) for p in self.exclude):
+                continue
+            out.append((name, w))
         return out
 
     @torch.no_grad()
