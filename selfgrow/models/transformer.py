@@ -157,10 +157,7 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
         self.mask: torch.Tensor | None
-        if masked:
-            self.register_buffer("mask", torch.ones(dim))
-        else:
-            self.mask = None
+        self.register_buffer("mask", torch.ones(dim) if masked else None)
 
     @property
     def dim(self) -> int:
