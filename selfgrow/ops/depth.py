@@ -135,6 +135,8 @@ def validate_slots(model: nn.Module, ad: TransformerAdapter, slots: list[Slot],
     """Check a plan before anything changes (IncompatibleModelError / GrowthConfigError)."""
     d = ad.dims()
     n = len(ad.layers())
+    if post_ln not in POST_LN_MODES:
+        raise GrowthConfigError(choices_message("post_ln mode", post_ln, POST_LN_MODES))
     for s in slots:
         if not 0 <= s.src < n:
             raise GrowthConfigError(f"source layer {s.src} out of range [0, {n})")
