@@ -88,6 +88,23 @@ def check_roundtrip(model: nn.Module, args: tuple, c0: int) -> None:
     torch.testing.assert_close(output(fresh, args, c0), output(model, args, c0), rtol=0, atol=0)
 
 
+def check_optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, args: tuple) -> None:
+    """After growth the migrated optimizer holds exactly the model's parameters, its state
+    has their shapes, and a step leaves every parameter finite."""
+    params = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert params == {id(p) for p in model.parameters()}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim():
+                assert v.shape == p.shape, k
+    model.train()
+    c = get_adapter(model).dims().d_model
+    output(model, args, c).float().pow(2).mean().backward()
+    opt.step()
+    model.eval()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def check_grads(model: nn.Module, args: tuple) -> None:
     """Train-mode backward through the grown model gives finite gradients everywhere."""
     m = copy.deepcopy(model).train()

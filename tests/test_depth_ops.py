@@ -8,6 +8,7 @@ import torch
 from _families import FAMILIES, HAS_HF, make_input, randomize_, run, selfgrow_model
 from _growth_checks import (
     check_grads,
+    check_optimizer_step,
     check_roundtrip,
     grown,
     ops_of,
@@ -46,7 +47,7 @@ def test_registry_has_the_depth_operators():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_depth_matrix(family, op, dtype):
     n0 = get_adapter(FAMILIES[family]()).dims().n_layers
-    r = grown(family, op, KW.get(op, {}), dtype)
+    r = grown(family, op, KW.get(op, {}), dtype, optimizer=dtype == torch.float32)
     m = r["model"]
     assert get_adapter(m).dims().n_layers > n0
     if r["exact"]:  # measured by grow_ (no_grad) and here (grad mode: other nn kernels)
@@ -60,6 +61,7 @@ def test_depth_matrix(family, op, dtype):
     check_roundtrip(m, r["args"], r["c0"])
     if dtype == torch.float32:
         check_grads(m, r["args"])
+        check_optimizer_step(m, r["opt"], r["args"])
 
 
 def _sabotage(model: nn.Module, slot: int) -> None:

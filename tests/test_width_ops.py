@@ -8,6 +8,7 @@ import torch
 from _families import FAMILIES, HAS_HF, make_input, randomize_, run, selfgrow_model
 from _growth_checks import (
     check_grads,
+    check_optimizer_step,
     check_roundtrip,
     grown,
     is_lm,
@@ -55,7 +56,7 @@ def test_width_matrix(family, op, dtype):
             grown(family, op, kw, dtype)
         return
     c0 = get_adapter(FAMILIES[family]()).dims().d_model
-    r = grown(family, op, kw, dtype)
+    r = grown(family, op, kw, dtype, optimizer=dtype == torch.float32)
     assert get_adapter(r["model"]).dims().d_model > c0
     if r["exact"]:
         assert r["err"] <= tolerance(family, dtype), (family, op, r["err"])
@@ -66,6 +67,7 @@ def test_width_matrix(family, op, dtype):
     check_roundtrip(r["model"], r["args"], r["c0"])
     if dtype == torch.float32:
         check_grads(r["model"], r["args"])
+        check_optimizer_step(r["model"], r["opt"], r["args"])
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import GrowthConfigError
+from ..errors import GrowthConfigError, IncompatibleModelError
 from ..models.transformer import GrowableTransformer, Norm
 from ..ops._surgery import Transaction
 from ._base import (
@@ -119,7 +119,7 @@ class SelfgrowTransformerAdapter(TransformerAdapter):
         super().check()
         c = self.model.config
         if self.model.tok_emb.weight.shape != (c.vocab_size, c.d_model):
-            raise GrowthConfigError(
+            raise IncompatibleModelError(
                 f"tok_emb has shape {tuple(self.model.tok_emb.weight.shape)}, config implies "
                 f"({c.vocab_size}, {c.d_model}) (config disagrees with modules)"
             )
