@@ -77,3 +77,36 @@ def test_regrid_index_scale_and_fill():
     new, pm = regrid(t, {1: m})
     assert new.tolist() == [[0, 1, 2, 0, 0], [1.5, 4, 5, 1.5, 0]]
     assert pm.index[0] is None and pm.index[1].tolist() == [0, 1, 2, 0, -1]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_docstring_recipe_net2wider_ffn_is_exact_on_every_family(family):
+    """The recipe in selfgrow.adapters' docstring (what an FFN/heads operator does)."""
+    from _families import make_input, randomize_
+    from _growth_checks import output, rel_err
+
+    from selfgrow.adapters import Roles, projection_plans, resize_params
+
+    model = randomize_(FAMILIES[family]()).double().eval()
+    args = make_input(model, dtype=torch.float64)
+    ad = get_adapter(model)
+    d = ad.dims()
+    c0 = d.d_model
+    before = output(model, args, c0)
+    f = d.d_ff
+    idx = torch.cat([torch.arange(f), torch.tensor([1, 1, 3])])
+    units = Roles.from_index(idx, f)
+    items = []
+    for lv in ad.layer_views():
+        items += [(lv.up, units.write, None), (lv.down, None, units.read)]
+        if lv.gate is not None:
+            items.append((lv.gate, units.write, None))
+    with Transaction() as tx:
+        maps = resize_params(tx, model, projection_plans(items))
+        ad.update_dims(tx, d_ff=f + 3)
+    ad.check()
+    assert rel_err(output(model, args, c0), before) <= 1e-6  # HF LLaMA: fp32 RMSNorm
+    assert all(m.source == n for n, m in maps.items())
+    fresh = ad.build_fresh().double().eval()
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(output(fresh, args, c0), output(model, args, c0))

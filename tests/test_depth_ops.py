@@ -227,3 +227,14 @@ def test_property_identity_insert_slow(cfg, data):
     n = cfg["n_layers"]
     pos = tuple(data.draw(st.lists(st.integers(0, n), min_size=1, max_size=3)))
     _check_exact(cfg, "identity_insert", dict(positions=pos), data.draw(st.integers(0, 999)))
+
+
+@pytest.mark.skipif(not HAS_HF, reason="transformers not installed")
+def test_bert_identity_at_position_zero_takes_the_embedding_norm():
+    r = grown("hf-bert", "identity_insert", dict(positions=(0, 0, 2)), torch.float64)
+    # two stacked norm-transfer blocks: deviation O(eps) = O(1e-12) each (module docstring)
+    assert r["exact"] and r["err"] <= 1e-11
+    m = r["model"]
+    assert torch.equal(m.embeddings.LayerNorm.weight, torch.ones_like(
+        m.embeddings.LayerNorm.weight))
+    check_roundtrip(m, r["args"], r["c0"])

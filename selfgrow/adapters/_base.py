@@ -34,6 +34,26 @@ Adding an operator on top of the API (sketch)::
         set_projection(tx, lv.o, weight=new_w, bias=new_b)   # fused/transposed handled
     ad.update_dims(tx, d_ff=new_f)                # config + module attributes
 
+Growing along canonical axes (used by the width operators; the same recipe grows heads or
+FFN units): describe each growing axis by an :class:`AxisMap` (new -> old index, -1 = new,
+value and gradient scales), list the projections with
+``projection_plans([(ref, out_map, in_map), ...])`` (fused/transposed storage handled), add
+plain tensors (norms, embeddings) as ``{name: {dim: AxisMap}}``, and call
+``resize_params(tx, model, plans, fill=...)``: it writes the tensors through the
+transaction and returns the ParamMaps for optimizer migration. Then
+``adapter.update_dims(tx, n_heads=..., d_ff=...)``. Example, Net2WiderNet on FFN units of
+every layer (unit j copied into a new unit; see :class:`Roles`)::
+
+    idx = torch.cat([torch.arange(F), torch.tensor([j])])
+    units = Roles.from_index(idx, F)                       # write: copy; read: / count
+    items = []
+    for lv in ad.layer_views():
+        items += [(lv.up, units.write, None), (lv.down, None, units.read)]
+        if lv.gate is not None:
+            items.append((lv.gate, units.write, None))
+    maps = resize_params(tx, model, projection_plans(items))
+    ad.update_dims(tx, d_ff=F + 1)
+
 Adding a family: subclass :class:`TransformerAdapter`, implement the abstract methods and
 decorate it with :func:`register_adapter`.
 """
@@ -41,6 +61,7 @@ decorate it with :func:`register_adapter`.
 from __future__ import annotations
 
 import abc
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -476,6 +497,45 @@ class AxisMap:
         return AxisMap(torch.cat(idx), torch.cat(vs).double(), torch.cat(gs).double())
 
 
+@dataclass
+class Roles:
+    """Reader / writer AxisMaps of one growing axis (residual stream, attention inner dim,
+    FFN units), built from one index map by :meth:`from_index`.
+
+    With ``count[j]`` = number of new coordinates copying the same old coordinate as j:
+
+    * ``write`` (a tensor producing the axis: its rows / a norm gain / embedding columns):
+      values copied, ``grad_scale = 1 / count`` (each copy's output is shared by ``count``
+      twins downstream, so it receives ``g / count``);
+    * ``read`` (a tensor consuming the axis: its input columns): values divided by
+      ``count`` (the copies' contributions add up to the old one), ``grad_scale = 1`` (it
+      multiplies the same input and feeds an unchanged output).
+    """
+
+    read: AxisMap
+    write: AxisMap
+    index: torch.Tensor
+    count: torch.Tensor
+
+    @staticmethod
+    def from_index(index: torch.Tensor, old: int) -> Roles:
+        """index: (new,) old coordinate per new position, -1 = brand new."""
+        cnt_old = torch.bincount(index[index >= 0], minlength=old).double()
+        cnt = torch.where(index >= 0, cnt_old[index.clamp(min=0)], torch.ones(()).double())
+        inv = 1.0 / cnt
+        return Roles(
+            read=AxisMap(index, value_scale=inv, grad_scale=torch.ones_like(inv)),
+            write=AxisMap(index, value_scale=None, grad_scale=inv),
+            index=index,
+            count=cnt,
+        )
+
+    def tied_final(self) -> AxisMap:
+        """Final norm feeding a tied head: values / count, gradient unchanged."""
+        return AxisMap(self.index, value_scale=1.0 / self.count,
+                       grad_scale=torch.ones_like(self.count))
+
+
 def regrid(
     t: torch.Tensor,
     axes: dict[int, AxisMap],
@@ -605,6 +665,49 @@ def projection_axes(ref: ProjRef, out_map: AxisMap | None, in_map: AxisMap | Non
     if in_map is not None:
         axes[idim] = in_map
     return axes
+
+
+def projection_plans(
+    items: list[tuple[ProjRef, AxisMap | None, AxisMap | None]],
+) -> dict[str, dict[int, AxisMap]]:
+    """:func:`resize_params` plans for projections given canonical axis maps.
+
+    Args:
+        items: ``(ref, out_map, in_map)``: how the canonical output rows and input columns
+            of ``ref`` grow (None = unchanged). Refs that share a fused parameter (q/k/v in
+            ``in_proj_weight`` or GPT-2 ``c_attn``) are merged into one plan for that
+            parameter; all its slices must be listed; transposed storage is handled.
+
+    Returns:
+        ``{param_name: {dim: AxisMap}}`` for the weights and (when the output grows) biases.
+    """
+    groups: dict[str, list[tuple[ProjRef, AxisMap | None, AxisMap | None]]] = defaultdict(list)
+    for it in items:
+        groups[it[0].weight_name].append(it)
+    plans: dict[str, dict[int, AxisMap]] = {}
+    for name, its in groups.items():
+        ref0 = its[0][0]
+        if ref0.rows is not None:
+            its.sort(key=lambda t: t[0].rows[0])  # type: ignore[index]
+            total = ref0.raw_weight().shape[1 if ref0.transposed else 0]
+            if sum(r.out_features for r, _, _ in its) != total:
+                raise IncompatibleModelError(f"fused parameter {name} not fully described")
+            if all(o is None for _, o, _ in its):
+                om = None
+            else:
+                om = AxisMap.concat(
+                    (r.rows[0], o if o is not None else AxisMap.identity(r.out_features))
+                    for r, o, _ in its  # type: ignore[index]
+                )
+        else:
+            om = its[0][1]
+        im = its[0][2]
+        axes = projection_axes(ref0, om, im)
+        if axes:
+            plans[name] = axes
+        if om is not None and ref0.bias_name is not None:
+            plans[ref0.bias_name] = {0: om}
+    return plans
 
 
 def sync_module_attrs(tx: Transaction, root: nn.Module) -> None:

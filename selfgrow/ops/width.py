@@ -54,7 +54,6 @@ count; Chen et al. 2016 Net2WiderNet, bert2BERT FPI), ``"zero"`` (zero padding) 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -63,7 +62,7 @@ import torch
 from torch import nn
 
 from ..adapters import AxisMap, ProjRef, TransformerAdapter, get_adapter
-from ..adapters._base import normal_fill, projection_axes, resize_params
+from ..adapters._base import Roles, normal_fill, projection_plans, resize_params
 from ..control.actions import register_action
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ..models.transformer import GrowableTransformer, Norm
@@ -76,69 +75,8 @@ PAD_MODES = ("net2net", "zero", "random")
 # ---------------------------------------------------------------------------------------------
 # axis roles
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class Roles:
-    """Reader / writer AxisMaps of one growing axis (stream or attention inner dim)."""
-
-    read: AxisMap
-    write: AxisMap
-    index: torch.Tensor
-    count: torch.Tensor
-
-    @staticmethod
-    def from_index(index: torch.Tensor, old: int) -> Roles:
-        """index: (new,) old coordinate per new position, -1 = brand new."""
-        cnt_old = torch.bincount(index[index >= 0], minlength=old).double()
-        cnt = torch.where(index >= 0, cnt_old[index.clamp(min=0)], torch.ones(()).double())
-        inv = 1.0 / cnt
-        return Roles(
-            read=AxisMap(index, value_scale=inv, grad_scale=torch.ones_like(inv)),
-            write=AxisMap(index, value_scale=None, grad_scale=inv),
-            index=index,
-            count=cnt,
-        )
-
-    def tied_final(self) -> AxisMap:
-        """Final norm feeding a tied head: values / count, gradient unchanged."""
-        return AxisMap(self.index, value_scale=1.0 / self.count,
-                       grad_scale=torch.ones_like(self.count))
-
-
 def _tile(old: int, new: int) -> torch.Tensor:
     return torch.arange(new) % old
-
-
-def _proj_plans(
-    items: list[tuple[ProjRef, AxisMap | None, AxisMap | None]],
-) -> dict[str, dict[int, AxisMap]]:
-    """Plans for projection weights/biases; refs sharing a fused parameter are merged."""
-    groups: dict[str, list[tuple[ProjRef, AxisMap | None, AxisMap | None]]] = defaultdict(list)
-    for it in items:
-        groups[it[0].weight_name].append(it)
-    plans: dict[str, dict[int, AxisMap]] = {}
-    for name, its in groups.items():
-        ref0 = its[0][0]
-        if ref0.rows is not None:
-            its.sort(key=lambda t: t[0].rows[0])  # type: ignore[index]
-            total = ref0.raw_weight().shape[1 if ref0.transposed else 0]
-            if sum(r.out_features for r, _, _ in its) != total:
-                raise IncompatibleModelError(f"fused parameter {name} not fully described")
-            if all(o is None for _, o, _ in its):
-                om = None
-            else:
-                om = AxisMap.concat(
-                    (r.rows[0], o if o is not None else AxisMap.identity(r.out_features))
-                    for r, o, _ in its  # type: ignore[index]
-                )
-        else:
-            om = its[0][1]
-        im = its[0][2]
-        axes = projection_axes(ref0, om, im)
-        if axes:
-            plans[name] = axes
-        if om is not None and ref0.bias_name is not None:
-            plans[ref0.bias_name] = {0: om}
-    return plans
 
 
 def _norm_plans(plans: dict[str, dict[int, AxisMap]], nr: Any, m: AxisMap) -> None:
@@ -180,7 +118,7 @@ def width_plans(
     if head is not None and not tied:
         items.append((head, None, stream.read))
         readers.append(head.weight_name)
-    plans.update(_proj_plans(items))
+    plans.update(projection_plans(items))
     for e in ad.embeddings():
         plans[e.weight_name] = {1: stream.write}
     en = ad.embed_norm()
