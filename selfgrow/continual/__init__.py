@@ -1,11 +1,16 @@
 """Continual learning with growth: Avalanche :class:`GrowthPlugin`, offline class-incremental
 benchmarks, and the ``selfgrow run`` experiment (:mod:`selfgrow.continual.runner`).
 
-Needs ``avalanche-lib`` (``pip install 'selfgrow[continual]'``).
+Needs ``avalanche-lib`` (``pip install 'selfgrow[continual]'``); it is imported only when
+``GrowthPlugin`` or a benchmark is first used, so ``selfgrow --help`` and ``selfgrow inspect``
+stay fast.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 from .benchmarks import Benchmark, build_benchmark, class_incremental, list_benchmarks
-from .plugin import GrowthPlugin, check_optimizer_matches
 
 __all__ = [
     "Benchmark",
@@ -15,3 +20,11 @@ __all__ = [
     "class_incremental",
     "list_benchmarks",
 ]
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing avalanche takes seconds
+    if name in ("GrowthPlugin", "check_optimizer_matches"):
+        from . import plugin
+
+        return getattr(plugin, name)
+    raise AttributeError(f"module 'selfgrow.continual' has no attribute {name!r}")
