@@ -7,6 +7,12 @@ controller, which decides and grows the model and migrates the optimizer in plac
 then repairs what Avalanche keeps on the side (``strategy.optimized_param_id``) so that the
 next ``make_optimizer`` neither drops the migrated Adam state nor adds a grown tensor twice.
 
+Optimizer bookkeeping in Avalanche 0.6.0: before each training experience the strategy
+calls ``make_optimizer``, which edits the SAME optimizer object in place by parameter name
+(``update_optimizer``; the first call also resets its state). So the controller's optimizer
+and the strategy's stay one object; should anyone assign a new optimizer to the strategy,
+the plugin hands it to the controller at the next callback.
+
 Works with ``Replay`` / any strategy with a ``ReplayPlugin`` (listed before or after this
 plugin: the buffer is read at the start of each experience, when every plugin's
 ``after_training_exp`` has filled it) and without one (then it keeps
