@@ -126,6 +126,10 @@ def test_plugin_without_replay_keeps_its_own_samples(bench: Any) -> None:
     check_optimizer_matches(strategy.model, strategy.optimizer)
     assert 0 in gp.reference_accuracy
     assert gp.step == ctrl.step
+    fresh = GrowthPlugin(ctrl)
+    fresh.load_state_dict(gp.state_dict())
+    assert fresh.state_dict()["reference_accuracy"] == gp.reference_accuracy
+    assert fresh.step == gp.step and set(fresh._held) == set(gp._held)
 
 
 def test_negative_control_stale_param_map_duplicates_parameters(bench: Any) -> None:

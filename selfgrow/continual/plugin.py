@@ -256,6 +256,25 @@ class GrowthPlugin(SupervisedPlugin):
         (each then updated twice per step)."""
         strategy.optimized_param_id = dict(strategy.model.named_parameters())
 
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and accuracy references needed to resume (the controller and the replay
+        buffer have their own state)."""
+        return {
+            "step": self.step,
+            "exp_id": self._exp_id,
+            "reference_accuracy": dict(self.reference_accuracy),
+            "class_to_exp": dict(self._class_to_exp),
+            "held": {e: (x.clone(), y.clone()) for e, (x, y) in self._held.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.step = int(state["step"])
+        self._exp_id = int(state["exp_id"])
+        self.reference_accuracy = {int(k): float(v) for k, v in state["reference_accuracy"].items()}
+        self._class_to_exp = {int(k): int(v) for k, v in state["class_to_exp"].items()}
+        self._held = {int(e): (x.clone(), y.clone()) for e, (x, y) in state["held"].items()}
+
     def after_training(self, strategy: Any, **kwargs: Any) -> None:
         for s in self.sinks:
             flush = getattr(s, "flush", None)
