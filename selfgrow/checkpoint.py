@@ -21,7 +21,8 @@ One checkpoint is one file written with :func:`torch.save` and read back with
 
 Writes are atomic: the file is written to a temporary name in the same directory, flushed,
 fsynced and moved over the destination with :func:`os.replace`; a process killed while saving
-leaves the previous checkpoint intact (at worst a stray ``.<name>.tmp.<pid>`` file).
+leaves the previous checkpoint intact; its torn ``.<name>.tmp.<host>.<pid>`` file is deleted
+by the next save on the same host.
 
 Event log and resume
 --------------------
@@ -49,10 +50,12 @@ Typical use::
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib
 import os
 import random
+import socket
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -379,9 +382,30 @@ def _check_loadable(obj: Any, where: str) -> None:
     )
 
 
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp.{socket.gethostname()}."
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Delete temporary files of ``path`` left by processes of this host that no longer run
+    (killed while saving)."""
+    prefix = _tmp_prefix(path)
+    for p in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name[len(prefix) :]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except OSError:  # alive under another user, or unknowable: leave it
+            pass
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp.{os.getpid()}"
+    _remove_stale_tmp(path)
+    tmp = path.parent / f"{_tmp_prefix(path)}{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
