@@ -175,9 +175,9 @@ def _controller_events_path(controller: Any) -> Path | None:
     from .events.jsonl import JsonlSink
 
     for attr in ("events_path", "log_path"):
-        v = getattr(controller, attr, None)
-        if v is not None:
-            return Path(v)
+        if hasattr(controller, attr):  # an explicit None means: this controller keeps no log
+            v = getattr(controller, attr)
+            return Path(v) if v is not None else None
     for attr in ("sinks", "_sinks"):
         for s in getattr(controller, attr, None) or ():
             if isinstance(s, JsonlSink):
@@ -532,8 +532,8 @@ class Checkpoint:
 
         Args:
             controller: a controller built on :attr:`model` and :attr:`optimizer`.
-            events_path: the log to rewind (default: the controller's own log, else the path
-                stored in the cursor).
+            events_path: the log to rewind (default: the controller's own ``events.jsonl``;
+                nothing is rewound when it has none, e.g. on DDP ranks other than 0).
 
         Returns:
             The number of events discarded from the log (logged after the checkpoint; a
@@ -547,8 +547,6 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {self.path} was saved without a controller")
         cursor = self.event_cursor
         target = events_path if events_path is not None else _controller_events_path(controller)
-        if target is None and cursor is not None:
-            target = cursor.path
         discarded = 0
         if cursor is not None and target is not None:
             # check and truncate first: a mismatching log leaves the controller untouched
