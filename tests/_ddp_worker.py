@@ -14,7 +14,7 @@ from torch import nn
 
 from selfgrow.checkpoint import load_checkpoint, save_checkpoint
 from selfgrow.control import FixedSchedule, LossPlateau
-from selfgrow.control.distributed import DistributedGrowthController
+from selfgrow.control.distributed import DistributedGrowthController, reduce_metrics
 
 GROWTH_STEPS = (5, 11, 17)
 STEPS = 22
@@ -89,6 +89,9 @@ def run(rank: int, world: int, port: int, out: str, sync_rng: bool = True,
                     raise RuntimeError("no optimizer in checkpoint")
                 ctrl = _controller(model, opt, outp, sync_rng)
                 ck.restore_controller(ctrl)
+        reduced = reduce_metrics(
+            {"a": float(rank), "t": torch.tensor([rank, 2.0 * rank]), "n": None, "s": "x"}
+        )
         events: list[dict[str, Any]] = [
             {k: v for k, v in e.to_dict().items() if k not in VOLATILE} for e in ctrl.events
         ]
@@ -100,6 +103,8 @@ def run(rank: int, world: int, port: int, out: str, sync_rng: bool = True,
                 "optimizer_params": sum(len(g["params"]) for g in opt.param_groups),
                 "n_params": len(list(ctrl.model.parameters())),
                 "ddp_module_is_model": ctrl.ddp_model.module is ctrl.model,
+                "signals": {sg.name: sg.state_dict() for sg in ctrl.controller.signals},
+                "reduced": reduced,
             },
             outp / f"rank{rank}.pt",
         )
