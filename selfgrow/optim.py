@@ -16,8 +16,14 @@ Rules (see GROWTH-MATH.md; staged training, Shen et al. 2022):
 * brand-new coordinates inside a grown tensor: first moments 0, second moments the mean of the
   source tensor's second moment (a zero ``v`` with an already-corrected bias would make the
   first update about 3x too large);
-* brand-new tensors: empty state (the optimizer initialises it lazily at step 0, which Adam's
-  bias correction handles) in the param group of their nearest sibling by name;
+* brand-new tensors join the param group of their nearest sibling by name (longest common
+  dotted prefix). With Adam/AdamW their state is initialised at their first gradient so that
+  their first update has the RMS of the sibling's last normalised update (``m = 0``,
+  ``v = c * g**2`` with ``c`` solved from Adam's update rule, step count of the sibling).
+  Fresh Adam state (step 0) would move every coordinate by about ``lr`` on the first step,
+  2.5-8x more than trained coordinates move; borrowing the sibling's ``v`` undershoots by as
+  much, because a new layer's gradient scale differs from its neighbour's. Other optimizers
+  start brand-new tensors with empty state;
 * hyper-parameters of every param group are kept.
 
 Supported: Adam, AdamW (incl. amsgrad), SGD (with or without momentum, Nesterov), RMSprop
@@ -43,6 +49,11 @@ SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
 SCALAR_KEYS = frozenset({"step"})
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
+
+#: state key marking a brand-new tensor whose Adam state is set at its first gradient; value:
+#: tensor [target_rms]; the marker state also holds the sibling's ``step`` (Adam's
+#: ``load_state_dict`` expects a step in every non-empty state)
+LAZY_INIT_KEY = "selfgrow_lazy_init"
 
 
 @dataclass
@@ -129,12 +140,14 @@ class MigrationPlan:
             g["params"] = params
             if names is not None:
                 g["param_names"] = names
+        if any(LAZY_INIT_KEY in st for st in self.states.values()):
+            install_hooks(opt)
         return self.report
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Raise IncompatibleOptimizerError if the optimizer's state cannot be migrated."""
-    known = FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | SCALAR_KEYS
+    known = FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | SCALAR_KEYS | {LAZY_INIT_KEY}
     for st in optimizer.state.values():
         for k, v in st.items():
             if k in known or not isinstance(v, torch.Tensor) or v.dim() == 0:
@@ -227,8 +240,9 @@ def plan_migration(
             sib_all = _sibling(name, old_names) if old_names else None
             if sib is None or (sib_all is not None and old_named[sib_all] not in where):
                 continue
-            assignment[name] = where[old_named[sib]]
-            states[p] = {}
+            sib_p = old_named[sib]
+            assignment[name] = where[sib_p]
+            states[p] = _lazy_state(optimizer, sib_p, optimizer.param_groups[where[sib_p]])
             report.fresh += 1
 
     order = {n: i for i, n in enumerate(new_named)}
@@ -249,6 +263,8 @@ def plan_migration(
 
 
 def _migrate_state(st_old: dict, m: ParamMap, p: nn.Parameter, report: MigrationReport) -> dict:
+    if LAZY_INIT_KEY in st_old:  # grown again before its first step: still brand-new
+        return {k: v.clone() for k, v in st_old.items()}
     new: dict = {}
     s = m.grad_scale
     new_mask_count = 0
@@ -285,3 +301,63 @@ def migrate(
 ) -> MigrationReport:
     """Plan and apply a migration in one call; see :func:`plan_migration`."""
     return plan_migration(optimizer, old_named, new_named, maps).apply()
+
+
+# ---------------------------------------------------------------------------------------------
+# brand-new tensors under Adam: state set at the first gradient
+# ---------------------------------------------------------------------------------------------
+def _is_adam_like(group: dict) -> bool:
+    return "betas" in group and "eps" in group
+
+
+def _lazy_state(optimizer: torch.optim.Optimizer, sibling: nn.Parameter, group: dict) -> dict:
+    """State for a brand-new tensor: a marker (Adam-like optimizers whose sibling has been
+    stepped) or empty (everything else: the optimizer initialises it itself)."""
+    st = optimizer.state.get(sibling, {})
+    if not (_is_adam_like(group) and "exp_avg" in st and "exp_avg_sq" in st and "step" in st):
+        return {}
+    b1, b2 = group["betas"]
+    t = float(st["step"])
+    m_hat = st["exp_avg"].double() / (1 - b1**t)
+    v_hat = st["exp_avg_sq"].double() / (1 - b2**t)
+    r = float((m_hat / (v_hat.sqrt() + group["eps"])).pow(2).mean().sqrt())
+    if not (r > 0 and torch.isfinite(torch.tensor(r))):
+        return {}
+    return {"step": st["step"].clone(), LAZY_INIT_KEY: torch.tensor([r], dtype=torch.float64)}
+
+
+def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwargs: object) -> None:
+    """Optimizer step pre-hook: turn markers into Adam state using each tensor's gradient.
+
+    With ``m = 0`` and ``v = c g^2`` at sibling step ``t``, Adam's next update on a coordinate
+    is ``lr * (1-b1) / bc1 * sqrt(bc2) / sqrt(b2 c + 1 - b2)`` (bc = bias corrections at
+    ``t+1``); ``c`` is chosen so that this equals the sibling's last normalised update RMS.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st or LAZY_INIT_KEY not in st or p.grad is None:
+                continue
+            t, r = float(st["step"]), float(st[LAZY_INIT_KEY][0])
+            b1, b2 = group["betas"]
+            bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+            a = ((1 - b1) * bc2**0.5 / (bc1 * r)) ** 2
+            c = max((a - (1 - b2)) / b2, 0.0)
+            g = p.grad.detach()
+            new = {
+                "step": st["step"].clone(),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": (g * g * c).to(p.dtype).clone(memory_format=torch.preserve_format),
+            }
+            if group.get("amsgrad"):
+                new["max_exp_avg_sq"] = new["exp_avg_sq"].clone()
+            optimizer.state[p] = new
+
+
+def install_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """Install selfgrow's step pre-hook on ``optimizer`` once (idempotent). Needed after loading
+    an optimizer state that may hold brand-new tensors awaiting their first gradient."""
+    if getattr(optimizer, "_selfgrow_hooked", False):
+        return
+    optimizer.register_step_pre_hook(_lazy_init_pre_step)
+    optimizer._selfgrow_hooked = True  # type: ignore[attr-defined]

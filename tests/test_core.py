@@ -78,8 +78,10 @@ def _trained(opt_cls=torch.optim.Adam, **kw):
 
 def _snapshot(m, opt):
     sd = {k: v.clone() for k, v in m.state_dict().items()}
-    st = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-          for p, s in opt.state.items()}
+    st = {
+        id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+        for p, s in opt.state.items()
+    }
     groups = [[id(p) for p in g["params"]] for g in opt.param_groups]
     return sd, st, groups, [type(mod) for mod in m.modules()]
 

@@ -1,0 +1,124 @@
+"""A small growable convolutional classifier (fast on CPU for 28x28 MNIST / 8x8 digits).
+
+``GrowableCNN(CNNConfig(in_channels=1, image_size=28, channels=(16, 32), n_classes=10,
+pool_after=(0, 1)))``::
+
+    x (B, in_channels, H, W)
+      -> blocks.0: conv Conv2d(in_channels, channels[0], k, padding=k//2)
+                   bn BatchNorm2d(channels[0]) -> ReLU -> [MaxPool2d(2) if 0 in pool_after]
+      -> blocks.1: ...                                   (B, channels[i], H_i, W_i)
+      -> global average pool                             (B, channels[-1])
+      -> head: Linear(channels[-1], n_classes)           logits (B, n_classes)
+
+With ``batchnorm=True`` the convs have no bias (BatchNorm's beta plays that role); with
+``batchnorm=False`` each block is conv (with bias) -> ReLU. Parameter names:
+``blocks.<i>.conv.weight``, ``blocks.<i>.bn.weight`` / ``.bias`` (buffers
+``running_mean``, ``running_var``, ``num_batches_tracked``), ``head.weight``, ``head.bias``.
+``model.config`` is the single source of truth for the shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import GrowthConfigError
+from ._registry import register_model
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    """Shape of a :class:`GrowableCNN`.
+
+    Attributes:
+        in_channels: channels of the input image (1 for MNIST / digits).
+        image_size: input height = width in pixels; bounds how many 2x2 pools fit.
+        channels: output channels of each conv block (at least one block).
+        n_classes: number of output logits.
+        kernel_size: odd conv kernel size, padding ``kernel_size // 2`` keeps H and W.
+        batchnorm: BatchNorm2d after every conv (conv bias disabled then).
+        pool_after: indices of the blocks followed by a 2x2 max-pool.
+    """
+
+    version: ClassVar[int] = 1
+
+    in_channels: int
+    image_size: int
+    channels: tuple[int, ...]
+    n_classes: int
+    kernel_size: int = 3
+    batchnorm: bool = True
+    pool_after: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "pool_after", tuple(sorted({int(i) for i in self.pool_after})))
+        if self.in_channels < 1 or self.n_classes < 1 or self.image_size < 1:
+            raise GrowthConfigError(
+                f"in_channels, image_size and n_classes must be >= 1, got {self.in_channels}, "
+                f"{self.image_size}, {self.n_classes}"
+            )
+        if not self.channels or any(c < 1 for c in self.channels):
+            raise GrowthConfigError(
+                f"channels must be a non-empty tuple of widths >= 1, got {self.channels}"
+            )
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise GrowthConfigError(f"kernel_size must be odd and >= 1, got {self.kernel_size}")
+        bad = [i for i in self.pool_after if not 0 <= i < len(self.channels)]
+        if bad:
+            raise GrowthConfigError(
+                f"pool_after indices {bad} out of range; valid: 0..{len(self.channels) - 1}"
+            )
+        if self.image_size >> len(self.pool_after) < 1:
+            raise GrowthConfigError(
+                f"{len(self.pool_after)} 2x2 pools do not fit an image of size {self.image_size}"
+            )
+
+    def replace(self, **changes: object) -> CNNConfig:
+        """A copy with ``changes`` applied (configs are immutable)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+class ConvBlock(nn.Module):
+    """conv -> bn (or Identity) -> ReLU -> pool (MaxPool2d(2) or Identity)."""
+
+    def __init__(
+        self, c_in: int, c_out: int, kernel_size: int, batchnorm: bool, pool: bool
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            c_in, c_out, kernel_size, padding=kernel_size // 2, bias=not batchnorm
+        )
+        self.bn: nn.Module = nn.BatchNorm2d(c_out) if batchnorm else nn.Identity()
+        self.pool: nn.Module = nn.MaxPool2d(2) if pool else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, c_in, H, W) -> (B, c_out, H', W') with H' = H // 2 when pooling, else H."""
+        return self.pool(F.relu(self.bn(self.conv(x))))
+
+
+@register_model(CNNConfig)
+class GrowableCNN(nn.Module):
+    """Conv blocks -> global average pool -> Linear head; see the module docstring."""
+
+    def __init__(self, config: CNNConfig) -> None:
+        super().__init__()
+        self.config = config
+        c_in = (config.in_channels, *config.channels[:-1])
+        self.blocks = nn.ModuleList(
+            ConvBlock(a, b, config.kernel_size, config.batchnorm, i in config.pool_after)
+            for i, (a, b) in enumerate(zip(c_in, config.channels, strict=True))
+        )
+        self.head = nn.Linear(config.channels[-1], config.n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, in_channels, H, W) -> logits (B, n_classes)."""
+        h = x
+        for block in self.blocks:
+            h = block(h)  # (B, channels[i], H_i, W_i)
+        return self.head(h.mean(dim=(2, 3)))  # (B, channels[-1]) -> (B, n_classes)
