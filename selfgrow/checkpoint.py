@@ -68,6 +68,7 @@ from torch import nn
 
 from .errors import SelfgrowError
 from .models import build_model, model_config_dict
+from .optim import LAZY_INIT_KEY, install_hooks
 
 FORMAT = "selfgrow.checkpoint"
 FORMAT_VERSION = 1
@@ -342,6 +343,23 @@ def _load_optimizer_state(
             sdg["param_names"] = names
         sd_groups.append(sdg)
     optimizer.load_state_dict({"state": sd_state, "param_groups": sd_groups})
+    # load_state_dict casts floating state to the parameter's dtype; keep any state whose
+    # saved dtype differs on purpose (e.g. selfgrow's float64 lazy-init marker) exactly
+    named = dict(model.named_parameters())
+    lazy = False
+    for n, st_saved in saved["state"].items():
+        st = optimizer.state.get(named[n]) if n in named else None
+        if st is None:
+            continue
+        lazy = lazy or LAZY_INIT_KEY in st
+        for k, v in st_saved.items():
+            cur = st.get(k)
+            if isinstance(v, torch.Tensor) and isinstance(cur, torch.Tensor) and (
+                cur.dtype != v.dtype
+            ) and k != "step":
+                st[k] = v.to(cur.device)
+    if lazy:  # brand-new tensors awaiting their first gradient need selfgrow's step hook
+        install_hooks(optimizer)
 
 
 def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
