@@ -30,7 +30,7 @@ from selfgrow.checkpoint import EventCursor, load_checkpoint, rewind_events, sav
 from selfgrow.control import FixedSchedule, GrowthController, LossPlateau, Stabilizer
 
 #: controller steps (1-based) at which the model grows
-GROWTH_STEPS = (23, 41, 62)
+GROWTH_STEPS = (23, 40, 62)
 
 
 def make_scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:

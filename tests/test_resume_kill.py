@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from selfgrow.events import read_events
+from selfgrow.optim import LAZY_INIT_KEY
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKER = HERE / "_resume_worker.py"
 STEPS, EVERY = 80, 10
-GROWTH_STEPS = (23, 41, 62)  # controller steps; training step s is controller step s + 1
+GROWTH_STEPS = (23, 40, 62)  # controller steps; training step s is controller step s + 1
 #: fields that legitimately differ between two runs of the same computation
 VOLATILE = ("wall_time", "op_seconds")
 
@@ -89,12 +90,15 @@ def _kill_points(seed: int) -> list[tuple[str, int]]:
     """Seeded kill points in training-step units (s = controller step - 1)."""
     rng = random.Random(seed)
     g1, g2, g3 = (g - 1 for g in GROWTH_STEPS)
-    saves_after_g2 = [s for s in range(g2, g3) if (s + 1) % EVERY == 0]
+    # growth 2 (deepen: brand-new tensors, whose Adam state is set at their first gradient)
+    # happens on a checkpoint step; killing the next save resumes from that checkpoint
+    if (g2 + 1) % EVERY:
+        raise AssertionError("growth 2 must fall on a checkpoint step")
     return [
         ("step", rng.randrange(1, g1)),  # before the first growth
         # after growth 1, before the checkpoint that would include it: its event is rewound
         ("step", rng.randrange(g1, (g1 // EVERY + 1) * EVERY - 1)),
-        ("saving", rng.choice(saves_after_g2)),  # mid-save (tmp written, not yet replaced)
+        ("saving", g2 + EVERY),  # mid-save (tmp written, not yet replaced)
         ("step", rng.randrange(g3 + 1, STEPS - 1)),  # after the last growth
     ]
 
@@ -116,9 +120,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sigkill_and_resume_is_bitwise_identical_with_same_events(tmp_path, reference):
     run = tmp_path / "killed"
     resumes: list[str] = []
+    lazy_seen = False
     for point in _kill_points(seed=20261129):
         lines = _run(run, kill_at=point)
         resumes += [ln for ln in lines if ln.startswith("resumed")]
+        if point[0] == "saving":  # the surviving checkpoint holds not-yet-stepped new tensors
+            state = torch.load(run / "ckpt.pt", weights_only=True)["optimizer"]["state"]
+            lazy_seen = any(LAZY_INIT_KEY in st for st in state.values())
+    assert lazy_seen
     lines = _run(run)
     resumes += [ln for ln in lines if ln.startswith("resumed")]
     assert lines[-1] == "done"
