@@ -315,7 +315,10 @@ class DistributedGrowthController:
                 "torch.distributed is not initialised; call dist.init_process_group(...) first "
                 "(or use GrowthController for single-process training)"
             )
-        if isinstance(model, DistributedDataParallel):
+        if isinstance(model, DistributedDataParallel):  # the controller owns the wrapper
+            remove = getattr(model, "_remove_autograd_hooks", None)
+            if callable(remove):
+                remove()
             model = model.module
         self.group = process_group
         self.rank = dist.get_rank(process_group)
