@@ -31,13 +31,26 @@ def _schedule() -> FixedSchedule:
     )
 
 
-def _controller(model: nn.Module, opt: torch.optim.Optimizer, out: Path, sync_rng: bool
-                ) -> DistributedGrowthController:
+class _ExplodingSchedule(FixedSchedule):
+    """Raises in ``decide`` at one step (on rank 0, where the policy runs)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__([])
+        self.at = at
+
+    def decide(self, states: Any, ctx: Any) -> Any:
+        if ctx.step == self.at:
+            raise RuntimeError("policy exploded")
+        return super().decide(states, ctx)
+
+
+def _controller(model: nn.Module, opt: torch.optim.Optimizer, out: Path, sync_rng: bool,
+                explode_at: int | None = None) -> DistributedGrowthController:
     return DistributedGrowthController(
         model,
         opt,
         signals=[LossPlateau(window=4, min_rel_drop=0.01)],
-        policy=_schedule(),
+        policy=_schedule() if explode_at is None else _ExplodingSchedule(explode_at),
         log_dir=str(out),
         probe=batch(seed=999, step=0)[0],
         run_id="ddp-test",
@@ -47,7 +60,7 @@ def _controller(model: nn.Module, opt: torch.optim.Optimizer, out: Path, sync_rn
 
 
 def run(rank: int, world: int, port: int, out: str, sync_rng: bool = True,
-        resume_at: int | None = None) -> None:
+        resume_at: int | None = None, explode_at: int | None = None) -> None:
     """Train STEPS steps on rank-local data with three scheduled growths; write this rank's
     final parameters, events and per-growth fingerprints to ``out/rank<r>.pt``. With
     ``resume_at``, rank 0 checkpoints after that step and every rank then rebuilds model,
@@ -64,7 +77,7 @@ def run(rank: int, world: int, port: int, out: str, sync_rng: bool = True,
         model = _TinyNet(_TinyNetConfig(hidden=(12,)))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         torch.manual_seed(100 + rank)  # rank-specific RNG: growth must not depend on it
-        ctrl = _controller(model, opt, outp, sync_rng)
+        ctrl = _controller(model, opt, outp, sync_rng, explode_at)
         fingerprints: list[str] = []
         for s in range(STEPS):
             x, y = batch(seed=rank + 1, step=s)  # rank-local data

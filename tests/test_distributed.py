@@ -27,7 +27,8 @@ def _free_port() -> int:
 
 def _spawn(out: Path, **kw: Any) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
-    args = (WORLD, _free_port(), str(out), kw.get("sync_rng", True), kw.get("resume_at"))
+    args = (WORLD, _free_port(), str(out), kw.get("sync_rng", True), kw.get("resume_at"),
+            kw.get("explode_at"))
     mp.spawn(_ddp_worker.run, args=args, nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
@@ -80,3 +81,9 @@ def test_checkpoint_resume_under_ddp_matches_uninterrupted_run(tmp_path, plain):
 def test_negative_control_unsynchronised_growth_rng_is_detected(tmp_path):
     with pytest.raises(Exception, match="ranks disagree after growth"):
         _spawn(tmp_path / "nosync", sync_rng=False)
+
+
+@pytest.mark.slow
+def test_policy_error_on_rank_zero_raises_on_every_rank_instead_of_hanging(tmp_path):
+    with pytest.raises(Exception, match="policy exploded|policy failed on rank 0"):
+        _spawn(tmp_path / "explode", explode_at=3)

@@ -227,15 +227,27 @@ class RankZeroPolicy(Policy):
     ) -> tuple[Decision | None, str]:
         src = _group_src(self.group)
         dev = _comm_device(self.group)
-        result: tuple[Decision | None, str] = (None, "")
+        result: Any = (None, "")
+        error: BaseException | None = None
         if self.rank == 0:
-            result = self.inner.decide(states, ctx)
-        flag = torch.tensor([0 if result[0] is None else 1], dtype=torch.int32, device=dev)
-        dist.broadcast(flag, src=src, group=self.group)
-        if int(flag.item()) == 0:
+            try:
+                result = self.inner.decide(states, ctx)
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+                error, result = e, f"{type(e).__name__}: {e}"
+        code = 0 if result[0] is None else 1
+        if error is not None:
+            code = 2
+        flag = torch.tensor([code], dtype=torch.int32, device=dev)
+        dist.broadcast(flag, src=src, group=self.group)  # every rank leaves decide together
+        code = int(flag.item())
+        if code == 0:
             return None, result[1]
         box: list[Any] = [result]
         dist.broadcast_object_list(box, src=src, group=self.group)
+        if code == 2:
+            if error is not None:
+                raise error
+            raise DistributedGrowthError(f"the policy failed on rank 0: {box[0]}")
         decision, reason = box[0]
         if decision is not None and decision.go:
             self.attempts += 1
