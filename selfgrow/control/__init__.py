@@ -1,1 +1,53 @@
-"""selfgrow.control."""
+"""Growth control: signals measure, policies decide, the controller acts and records.
+
+Public API::
+
+    from selfgrow.control import (GrowthController, LossPlateau, ReplayForgetting,
+        ValidationPlateau, GradientSaturation, ExpertOverload, CapacityProbe, RulePolicy, Rule,
+        Budget, FixedSchedule, Decision, Stabilizer)
+"""
+
+from .actions import list_actions, register_action, resolve_action
+from .controller import GrowthController
+from .policies import Budget, Decision, Policy, PolicyContext, Rule, RulePolicy
+from .schedules import FixedSchedule
+from .signals import (
+    CapacityProbe,
+    ExpertOverload,
+    GradientSaturation,
+    LossPlateau,
+    ReplayForgetting,
+    Signal,
+    ValidationPlateau,
+    list_signals,
+    make_signal,
+)
+from .sizing import estimate_memory, flops_per_sample, round_width
+from .stabilize import Stabilizer
+
+__all__ = [
+    "Budget",
+    "CapacityProbe",
+    "Decision",
+    "ExpertOverload",
+    "FixedSchedule",
+    "GradientSaturation",
+    "GrowthController",
+    "LossPlateau",
+    "Policy",
+    "PolicyContext",
+    "ReplayForgetting",
+    "Rule",
+    "RulePolicy",
+    "Signal",
+    "Stabilizer",
+    "ValidationPlateau",
+    "estimate_memory",
+    "flops_per_sample",
+    "list_actions",
+    "list_signals",
+    "make_signal",
+    "register_action",
+    "resolve_action",
+    "round_width",
+]

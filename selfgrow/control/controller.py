@@ -1,0 +1,596 @@
+"""GrowthController: framework-agnostic loop glue (signals -> policy -> grow_ -> sinks).
+
+Usage in a plain PyTorch loop::
+
+    ctrl = GrowthController(model, opt, signals=[LossPlateau(window=200)],
+                            policy=RulePolicy([Rule("loss_plateau", "deepen")], cooldown=300),
+                            log_dir="runs/exp1", probe=held_batch)
+    for x, y in loader:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        ctrl.observe(loss=loss)        # may grow model and optimizer in place
+    ctrl.close()
+
+``observe`` is called once per optimizer step, after ``backward`` (signals such as
+:class:`~selfgrow.control.signals.GradientSaturation` read ``p.grad``, so call it before the
+next ``zero_grad``). The model and optimizer are grown in place: the optimizer object stays
+the same, so LR schedulers and framework references keep working.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import (
+    BudgetExceededError,
+    GrowthConfigError,
+    IncompatibleModelError,
+    IncompatibleOptimizerError,
+)
+from ..events.jsonl import JsonlSink
+from ..events.record import GrowthEvent
+from ..ops._registry import OpConfig, ProbeFn, count_params, default_probe_fn, grow_
+from .actions import list_actions, resolve_action
+from .policies import Action, Decision, Policy, PolicyContext
+from .signals import Signal
+from .sizing import estimate_memory, flops_per_sample
+from .stabilize import Stabilizer
+
+__all__ = ["GrowthController"]
+
+_GROW_ERRORS = (
+    GrowthConfigError,
+    IncompatibleModelError,
+    IncompatibleOptimizerError,
+    BudgetExceededError,
+)
+STATE_VERSION = 1
+
+
+def _default_run_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+class GrowthController:
+    """Watches training signals and grows the live model through :func:`selfgrow.grow_`.
+
+    Args:
+        model: the live model.
+        optimizer: its optimizer (migrated in place at every growth); may be None.
+        signals: signals to update at every ``observe``; names must be unique.
+        policy: decides from the signals' states; None = manual growth only.
+        log_dir: directory for ``events.jsonl`` (JsonlSink: append, flush, fsync per event).
+        sinks: extra sinks: objects with ``emit(event)``, optionally
+            ``log_scalars(step, dict[str, float])`` and ``close()``.
+        probe: held batch on which the preservation error is measured at every growth (and
+            FLOPs per sample counted).
+        probe_fn: alternative to ``probe``: ``model -> Tensor``.
+        run_id: identifier written into every event (default: timestamp + random suffix).
+        provides: metric keys the caller promises to pass to ``observe`` (``loss`` is
+            implied); a signal requiring anything else raises at construction.
+        stabilizer: LR re-warm-up / scaling / clipping after growth (see
+            :class:`~selfgrow.control.stabilize.Stabilizer`).
+        total_steps: planned training length in steps (for fractional warmup, timing windows
+            and fractional schedule steps).
+        scalar_every: emit signal values and ``n_params`` to sinks' ``log_scalars`` every N
+            steps.
+        skip_log_every: "skipped" events with the same block reason (cooldown, budget ...) are
+            logged at most once per this many steps; a new reason is logged at once (default:
+            the policy's cooldown, or 100 without one). Non-finite-loss streaks are re-logged
+            at the same period.
+        memory_spec: keyword arguments for
+            :func:`~selfgrow.control.sizing.estimate_memory` (batch_size, input_shape or
+            seq_len, optimizer_kind, dtype), used when the budget limits memory.
+        measure_flops: count forward FLOPs per probe sample before and after every growth.
+
+    Raises:
+        GrowthConfigError: duplicate signal names, a rule referring to a missing signal, a
+            required metric not in ``provides``, or ``total_steps`` missing where needed.
+        IncompatibleModelError: the policy uses an action this model family does not offer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        signals: Sequence[Signal] = (),
+        policy: Policy | None = None,
+        *,
+        log_dir: str | None = None,
+        sinks: Iterable[Any] = (),
+        probe: Any = None,
+        probe_fn: ProbeFn | None = None,
+        run_id: str | None = None,
+        provides: Iterable[str] | None = None,
+        stabilizer: Stabilizer | None = None,
+        total_steps: int | None = None,
+        scalar_every: int = 10,
+        skip_log_every: int | None = None,
+        memory_spec: Mapping[str, Any] | None = None,
+        measure_flops: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise IncompatibleModelError(f"model must be an nn.Module, got {type(model).__name__}")
+        signals = list(signals)
+        names = [s.name for s in signals]
+        for s in signals:
+            if not isinstance(s, Signal):
+                raise GrowthConfigError(f"signals must be Signal instances, got {s!r}")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise GrowthConfigError(
+                f"duplicate signal names {dup}; give each a distinct name=... argument"
+            )
+        if policy is not None and not isinstance(policy, Policy):
+            raise GrowthConfigError(f"policy must be a Policy, got {type(policy).__name__}")
+        if not isinstance(scalar_every, int) or scalar_every < 1:
+            raise GrowthConfigError(f"scalar_every={scalar_every!r} is out of range; valid: >= 1")
+        if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
+            raise GrowthConfigError(f"total_steps={total_steps!r} is out of range; valid: >= 1")
+        self.signals = signals
+        self.policy = policy
+        self.stabilizer = stabilizer
+        self.total_steps = total_steps
+        self.scalar_every = scalar_every
+        self.memory_spec = dict(memory_spec or {})
+        self.measure_flops = measure_flops
+        self.probe = probe
+        self.probe_fn = probe_fn if probe_fn is not None else (
+            default_probe_fn(probe) if probe is not None else None
+        )
+        self.run_id = run_id or _default_run_id()
+        self.sinks: list[Any] = []
+        if log_dir is not None:
+            from pathlib import Path
+
+            self.sinks.append(JsonlSink(Path(log_dir) / "events.jsonl"))
+        self.sinks.extend(sinks)
+        for s in self.sinks:
+            if not callable(getattr(s, "emit", None)):
+                raise GrowthConfigError(f"sink {s!r} has no emit(event) method")
+        cooldown = getattr(policy, "cooldown", 0) if policy is not None else 0
+        self.skip_log_every = skip_log_every or (cooldown if cooldown > 0 else 100)
+
+        # counters (state_dict)
+        self.step = 0
+        self.seq = 0
+        self.epoch: int | None = None
+        self.experience: int | None = None
+        self.n_growths = 0
+        self.last_growth_step: int | None = None
+        self.last_attempt_step: int | None = None
+        self.n_anomalies = 0
+        self.n_skipped = 0
+        self._anomaly_streak = 0
+        self._last_skip: tuple[str, ...] | None = None
+        self._last_skip_step: int | None = None
+        self._estimates: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self.events: list[GrowthEvent] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._model = model
+        self.optimizer = optimizer
+        for s in self.signals:
+            s.bind(model)
+        self._validate(provides)
+
+    # --- plain attributes an adapter may reassign ----------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The live model (reassigning it rebinds the signals)."""
+        return self._model
+
+    @model.setter
+    def model(self, model: nn.Module) -> None:
+        self._model = model
+        self._estimates.clear()
+        for s in self.signals:
+            s.bind(model)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer migrated at every growth (reassigning re-attaches the stabilizer)."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, opt: torch.optim.Optimizer | None) -> None:
+        old = self._optimizer
+        if self.stabilizer is not None and old is not None and opt is not old:
+            self.stabilizer.detach()
+        self._optimizer = opt
+        if self.stabilizer is not None and opt is not None:
+            self.stabilizer.attach(opt)
+
+    # --- validation -------------------------------------------------------------------------
+    def _validate(self, provides: Iterable[str] | None) -> None:
+        names = {s.name for s in self.signals}
+        pol = self.policy
+        if pol is not None:
+            for sig in getattr(pol, "signals", lambda: [])():
+                if sig not in names:
+                    raise GrowthConfigError(
+                        f"policy rule refers to signal {sig!r}, which is not among the "
+                        f"controller's signals: {', '.join(sorted(names)) or 'none'}"
+                    )
+            if pol.needs_total_steps() and self.total_steps is None:
+                raise GrowthConfigError(
+                    "the policy uses fractions of training (warmup, timing window or schedule "
+                    "steps); pass total_steps=... to GrowthController"
+                )
+            avail = set(list_actions(self.model))
+            for a in pol.actions():
+                if isinstance(a, str) and a not in avail:
+                    raise IncompatibleModelError(
+                        f"action {a!r} is not available for {type(self.model).__name__}; "
+                        f"available: {', '.join(sorted(avail)) or 'none'}"
+                    )
+        if provides is not None:
+            have = set(provides) | {"loss"}
+            for s in self.signals:
+                missing = [k for k in s.requires if k not in have]
+                if missing:
+                    raise GrowthConfigError(
+                        f"signal {s.name!r} requires metrics {missing} that the caller does not "
+                        f"provide (provides={sorted(have)})"
+                    )
+
+    # --- the per-step entry point ----------------------------------------------------------------
+    def observe(
+        self,
+        loss: Any = None,
+        step: int | None = None,
+        epoch: int | None = None,
+        experience: int | None = None,
+        **metrics: Any,
+    ) -> GrowthEvent | None:
+        """Report one optimizer step; may grow the model and optimizer in place.
+
+        Args:
+            loss: training loss of this step (tensor or float); non-finite values are counted
+                as anomalies, skip every signal update and never cause growth.
+            step: explicit step number (default: previous step + 1; the first is 1).
+            epoch: current epoch (recorded in events; sticky).
+            experience: current continual-learning experience (recorded; sticky).
+            **metrics: extra metrics for signals (``val_loss``, ``replay_accuracy``,
+                ``experience_end_accuracy``, ``router_stats`` ...).
+
+        Returns:
+            The growth event if the model grew at this step (the last one for a compound
+            stage), else None.
+        """
+        self.step = int(step) if step is not None else self.step + 1
+        if epoch is not None:
+            self.epoch = epoch
+        if experience is not None:
+            self.experience = experience
+        if loss is not None:
+            lv = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            if not math.isfinite(lv):
+                self._anomaly(lv)
+                return None
+            self._anomaly_streak = 0
+            metrics["loss"] = lv
+        if self.experience is not None:
+            metrics.setdefault("experience", self.experience)
+        if self.epoch is not None:
+            metrics.setdefault("epoch", self.epoch)
+        for s in self.signals:
+            if self.step % s.every:
+                continue
+            if all(metrics.get(k) is not None for k in s.requires) or any(
+                metrics.get(k) is not None for k in s.optional
+            ):
+                s.update(self.step, metrics)
+        if self.step % self.scalar_every == 0:
+            self._log_scalars()
+        if self.policy is None:
+            return None
+        event = None
+        for _ in range(max(1, self.policy.max_per_step)):
+            decision, reason = self.make_decision()
+            if decision is None:
+                break
+            if not decision.go:
+                self._skipped(decision, reason)
+                self.policy.notify(decision, self.step, applied=False)
+                break
+            ev = self._apply(decision, reason, raise_errors=False)
+            if ev is None:
+                break
+            event = ev
+        return event
+
+    def grow(self, config_or_action: Action, reason: str = "manual", **action_kwargs: Any
+             ) -> GrowthEvent:
+        """Grow now through the same path as automatic growth (event logged, optimizer
+        migrated, stabilizer re-warmed). Budget and cooldown are not applied.
+
+        Args:
+            config_or_action: operator config or action name (resolved for this model).
+            reason: free text recorded in the event.
+            **action_kwargs: arguments of the action.
+
+        Raises:
+            GrowthConfigError / IncompatibleModelError / IncompatibleOptimizerError: the growth
+                is invalid; model and optimizer are unchanged.
+        """
+        d = Decision(
+            config_or_action,
+            dict(action_kwargs),
+            reason,
+            {"signal": "manual", "value": None, "threshold": None, "window": None},
+        )
+        ev = self._apply(d, reason, raise_errors=True)
+        if ev is None:  # pragma: no cover - raise_errors=True always returns or raises
+            raise GrowthConfigError("growth failed")
+        return ev
+
+    def make_decision(self) -> tuple[Decision | None, str]:
+        """Ask the policy for this step's decision from the signals' current states.
+
+        This is the seam for distributed training: a DDP wrapper decides on rank 0 and
+        broadcasts the result so that every rank grows identically.
+        """
+        if self.policy is None:
+            return None, "no policy"
+        states = {s.name: s.state() for s in self.signals}
+        return self.policy.decide(states, self._context())
+
+    # --- internals ----------------------------------------------------------------------------
+    def _context(self) -> PolicyContext:
+        return PolicyContext(
+            step=self.step,
+            n_params=count_params(self.model),
+            n_growths=self.n_growths,
+            last_growth_step=self.last_growth_step,
+            last_attempt_step=self.last_attempt_step,
+            total_steps=self.total_steps,
+            estimate=self._estimate,
+        )
+
+    def _resolve(self, action: Action, kwargs: Mapping[str, Any]) -> OpConfig:
+        if isinstance(action, OpConfig):
+            return action
+        return resolve_action(action, self.model, **dict(kwargs))
+
+    def _estimate(self, action: Action, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Size of the model after ``action``: analytic (``OpConfig.estimate_params``) when the
+        config offers it and only params are limited, else a dry run on a deep copy."""
+        key = (self.n_growths, count_params(self.model), repr(action), repr(sorted(kwargs.items())))
+        if key in self._estimates:
+            return self._estimates[key]
+        budget = getattr(self.policy, "budget", None)
+        need_mem = budget is not None and budget.max_memory_bytes is not None
+        need_flops = budget is not None and budget.max_flops_per_sample is not None
+        est: dict[str, Any] = {"params": None, "memory_bytes": None, "flops_per_sample": None}
+        try:
+            cfg = self._resolve(action, kwargs)
+            analytic = getattr(cfg, "estimate_params", None)
+            if callable(analytic) and not (need_mem or need_flops):
+                est["params"] = int(analytic(self.model))
+                est["method"] = "analytic"
+            else:
+                clone = copy.deepcopy(self.model)
+                grow_(clone, copy.deepcopy(cfg))
+                est["params"] = count_params(clone)
+                est["method"] = "dry_run"
+                if need_mem:
+                    est["memory_bytes"] = estimate_memory(clone, **self.memory_spec)["total"]
+                if need_flops and self.probe_fn is not None:
+                    est["flops_per_sample"] = flops_per_sample(clone, self.probe_fn)
+                del clone
+        except _GROW_ERRORS as e:
+            # an invalid growth: let the decision through so that the real attempt fails
+            # through the logged, rolled-back path instead of inside the policy
+            est["method"] = "failed"
+            est["error"] = f"{type(e).__name__}: {e}"
+        self._estimates[key] = est
+        return est
+
+    def _apply(self, d: Decision, reason: str, raise_errors: bool) -> GrowthEvent | None:
+        opt = self.optimizer
+        try:
+            cfg = self._resolve(d.action, d.kwargs)
+            flops_before = self._flops()
+            ev = grow_(self.model, cfg, optimizer=opt, probe_fn=self.probe_fn)
+        except _GROW_ERRORS as e:
+            if raise_errors:
+                raise
+            self.last_attempt_step = self.step
+            if self.policy is not None:
+                self.policy.notify(d, self.step, applied=False)
+            d.blocked = "error"
+            self._skipped(d, f"{reason}; growth failed: {type(e).__name__}: {e}", force=True)
+            return None
+        self._estimates.clear()
+        self.n_growths += 1
+        self.last_growth_step = self.step
+        self.last_attempt_step = self.step
+        self._last_skip = None
+        for s in self.signals:
+            s.bind(self.model)
+            s.on_growth(self.step)
+        if self.policy is not None:
+            self.policy.notify(d, self.step, applied=True)
+        lr_factor = 1.0
+        if self.stabilizer is not None:
+            self.stabilizer.on_growth(self.step)
+            lr_factor = self.stabilizer.factor()
+        ev.kind = "growth"
+        ev.trigger = dict(d.trigger)
+        ev.reason = reason
+        ev.action = {"name": d.action_name, "kwargs": dict(d.kwargs), **ev.action}
+        ev.flops_per_sample_before = flops_before
+        ev.flops_per_sample_after = self._flops()
+        if opt is not None:
+            ev.lr_after = [float(g["lr"]) * lr_factor for g in opt.param_groups]
+        ev.extra = {**ev.extra, "n_growths": self.n_growths, "lr_factor": lr_factor}
+        if d.estimate is not None:
+            ev.extra["estimate"] = dict(d.estimate)
+        self._emit(ev)
+        return ev
+
+    def _flops(self) -> float | None:
+        if not self.measure_flops or self.probe_fn is None:
+            return None
+        try:
+            return flops_per_sample(self.model, self.probe_fn)
+        except Exception:  # noqa: BLE001 - FLOP counting is best effort, never blocks growth
+            return None
+
+    def _base_event(self, kind: str, reason: str) -> GrowthEvent:
+        n = count_params(self.model)
+        return GrowthEvent(
+            kind=kind,
+            wall_time=time.time(),
+            reason=reason,
+            params_before=n,
+            params_after=n,
+        )
+
+    def _skipped(self, d: Decision, reason: str, force: bool = False) -> None:
+        self.n_skipped += 1
+        # one event per block reason (and schedule entry) per skip_log_every steps: signals
+        # that take turns while the same limit holds must not flood the log
+        key = (d.blocked, str(d.trigger.get("entry", "")))
+        recent = (
+            self._last_skip_step is not None
+            and self.step - self._last_skip_step < self.skip_log_every
+        )
+        if not force and key == self._last_skip and recent:
+            return
+        self._last_skip, self._last_skip_step = key, self.step
+        ev = self._base_event("skipped", reason)
+        ev.trigger = dict(d.trigger)
+        ev.action = {"name": d.action_name, "kwargs": dict(d.kwargs)}
+        if isinstance(d.action, OpConfig):
+            from ..ops._registry import op_config_to_dict
+
+            ev.action["config"] = op_config_to_dict(d.action)
+        ev.extra = {"blocked": d.blocked, "n_skipped": self.n_skipped}
+        if d.estimate is not None:
+            ev.extra["estimate"] = dict(d.estimate)
+        self._emit(ev)
+
+    def _anomaly(self, value: float) -> None:
+        self.n_anomalies += 1
+        self._anomaly_streak += 1
+        k = self._anomaly_streak
+        if k == 1 or k % self.skip_log_every == 0:
+            ev = self._base_event("anomaly", f"non-finite loss {value}; signals not updated")
+            ev.extra = {"loss": str(value), "n_anomalies": self.n_anomalies, "streak": k}
+            self._emit(ev)
+
+    def _emit(self, ev: GrowthEvent) -> None:
+        ev.run_id = self.run_id
+        ev.seq = self.seq
+        ev.step = self.step
+        ev.epoch = self.epoch
+        ev.experience = self.experience
+        self.seq += 1
+        self.events.append(ev)
+        for s in self.sinks:
+            s.emit(ev)
+
+    def _log_scalars(self) -> None:
+        targets = [s for s in self.sinks if callable(getattr(s, "log_scalars", None))]
+        if not targets:
+            return
+        vals: dict[str, float] = {
+            "selfgrow/n_params": float(count_params(self.model)),
+            "selfgrow/n_growths": float(self.n_growths),
+            "selfgrow/n_anomalies": float(self.n_anomalies),
+        }
+        for s in self.signals:
+            if isinstance(s.value, (int, float)) and math.isfinite(s.value):
+                vals[f"selfgrow/{s.name}"] = float(s.value)
+        for t in targets:
+            t.log_scalars(self.step, vals)
+
+    # --- persistence ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically (model/optimizer weights excluded)."""
+        return {
+            "version": STATE_VERSION,
+            "run_id": self.run_id,
+            "step": self.step,
+            "seq": self.seq,
+            "epoch": self.epoch,
+            "experience": self.experience,
+            "n_growths": self.n_growths,
+            "last_growth_step": self.last_growth_step,
+            "last_attempt_step": self.last_attempt_step,
+            "n_anomalies": self.n_anomalies,
+            "n_skipped": self.n_skipped,
+            "anomaly_streak": self._anomaly_streak,
+            "last_skip": list(self._last_skip) if self._last_skip else None,
+            "last_skip_step": self._last_skip_step,
+            "signals": {s.name: s.state_dict() for s in self.signals},
+            "policy": self.policy.state_dict() if self.policy is not None else {},
+            "stabilizer": self.stabilizer.state_dict() if self.stabilizer is not None else {},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output onto a controller built with the same signals and
+        policy (and the grown model, rebuilt from its config).
+
+        Raises:
+            GrowthConfigError: unknown version or signal set mismatch.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise GrowthConfigError(
+                f"controller state version {state.get('version')!r}; this selfgrow reads "
+                f"{STATE_VERSION}"
+            )
+        sig_state = state["signals"]
+        mine = {s.name for s in self.signals}
+        if set(sig_state) != mine:
+            raise GrowthConfigError(
+                f"saved signals {sorted(sig_state)} do not match this controller's "
+                f"{sorted(mine)}"
+            )
+        self.run_id = state["run_id"]
+        self.step = int(state["step"])
+        self.seq = int(state["seq"])
+        self.epoch = state["epoch"]
+        self.experience = state["experience"]
+        self.n_growths = int(state["n_growths"])
+        self.last_growth_step = state["last_growth_step"]
+        self.last_attempt_step = state["last_attempt_step"]
+        self.n_anomalies = int(state["n_anomalies"])
+        self.n_skipped = int(state["n_skipped"])
+        self._anomaly_streak = int(state["anomaly_streak"])
+        ls = state["last_skip"]
+        self._last_skip = tuple(ls) if ls else None  # type: ignore[assignment]
+        self._last_skip_step = state["last_skip_step"]
+        for s in self.signals:
+            s.load_state_dict(sig_state[s.name])
+        if self.policy is not None:
+            self.policy.load_state_dict(state["policy"])
+        if self.stabilizer is not None and state.get("stabilizer"):
+            self.stabilizer.load_state_dict(state["stabilizer"])
+        self._estimates.clear()
+
+    def close(self) -> None:
+        """Close every sink that has ``close()`` and detach the stabilizer's hooks."""
+        for s in self.sinks:
+            c = getattr(s, "close", None)
+            if callable(c):
+                c()
+        if self.stabilizer is not None:
+            self.stabilizer.detach()
+
+    def __enter__(self) -> GrowthController:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

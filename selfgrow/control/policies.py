@@ -1,0 +1,356 @@
+"""Policies: signal states -> at most one growth decision per step (pure, Lightning style).
+
+``policy.decide(states, ctx) -> (decision, reason)``:
+
+* ``(None, reason)``: nothing to do (no signal wants growth);
+* ``(Decision, reason)`` with ``decision.blocked == ""``: grow now;
+* ``(Decision, reason)`` with ``decision.blocked`` set (``"cooldown"``, ``"warmup"``,
+  ``"window"``, ``"max_growths"``, ``"budget"``): a signal wanted growth but a limit stopped
+  it; the controller logs it as a ``"skipped"`` event (rate-limited).
+
+``decide`` never mutates anything; the controller reports what happened through
+``policy.notify(decision, step, applied)``, which is where stateful policies (schedules)
+advance. Counters such as the number of growths and the last growth step live in the
+controller and reach the policy through :class:`PolicyContext`.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import GrowthConfigError
+from ..ops._registry import OpConfig
+from .signals import check_range
+
+__all__ = [
+    "BLOCK_REASONS",
+    "Budget",
+    "Decision",
+    "Policy",
+    "PolicyContext",
+    "Rule",
+    "RulePolicy",
+]
+
+#: codes of ``Decision.blocked``
+BLOCK_REASONS = ("cooldown", "warmup", "window", "max_growths", "budget")
+
+Action = str | OpConfig
+#: ``estimate(action, kwargs) -> {"params": int, "memory_bytes": int | None,
+#: "flops_per_sample": float | None}`` for the model AFTER the growth
+Estimator = Callable[[Action, Mapping[str, Any]], Mapping[str, Any]]
+
+
+@dataclass
+class Decision:
+    """One growth the policy wants.
+
+    Attributes:
+        action: an action name (``"widen"``, resolved against the model family) or an
+            operator config.
+        kwargs: keyword arguments for the action (ignored for an OpConfig).
+        reason: human-readable why.
+        trigger: the triggering signal's state ``{signal, value, threshold, window, ...}``.
+        blocked: ``""`` to grow now, else one of :data:`BLOCK_REASONS`.
+        estimate: the budget estimate of the grown model, when one was computed.
+    """
+
+    action: Action
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    trigger: dict[str, Any] = field(default_factory=dict)
+    blocked: str = ""
+    estimate: dict[str, Any] | None = None
+
+    @property
+    def go(self) -> bool:
+        """True when the growth should happen now."""
+        return not self.blocked
+
+    @property
+    def action_name(self) -> str:
+        """The action name, or the operator name for a config."""
+        return self.action if isinstance(self.action, str) else type(self.action).name
+
+
+@dataclass
+class PolicyContext:
+    """What a policy may know besides the signals (read-only).
+
+    Attributes:
+        step: current controller step (optimizer steps).
+        n_params: parameter count of the live model.
+        n_growths: growths applied so far.
+        last_growth_step: step of the last growth, or None.
+        last_attempt_step: step of the last growth attempt (applied or failed), or None.
+        total_steps: planned length of training in steps, if known (warmup fractions, timing
+            windows).
+        estimate: callable giving the grown model's size for a candidate action (budget).
+    """
+
+    step: int
+    n_params: int
+    n_growths: int = 0
+    last_growth_step: int | None = None
+    last_attempt_step: int | None = None
+    total_steps: int | None = None
+    estimate: Estimator | None = None
+
+
+@dataclass
+class Budget:
+    """Upper limits on the grown model; ``None`` = unlimited.
+
+    Attributes:
+        max_params: parameters (count).
+        max_memory_bytes: training memory estimate (params + grads + optimizer state +
+            activations, bytes; see :func:`selfgrow.control.sizing.estimate_memory`).
+        max_flops_per_sample: forward FLOPs for one sample.
+    """
+
+    max_params: float | None = None
+    max_memory_bytes: float | None = None
+    max_flops_per_sample: float | None = None
+
+    def __post_init__(self) -> None:
+        for k in ("max_params", "max_memory_bytes", "max_flops_per_sample"):
+            v = getattr(self, k)
+            if v is not None:
+                check_range(k, v, 0.0, math.inf, lo_open=True, hi_open=True)
+
+    @property
+    def unlimited(self) -> bool:
+        return (
+            self.max_params is None
+            and self.max_memory_bytes is None
+            and self.max_flops_per_sample is None
+        )
+
+    def check(self, estimate: Mapping[str, Any]) -> str:
+        """Return ``""`` if ``estimate`` fits, else why not (e.g. ``"params 2.1e5 > 2e5"``)."""
+        pairs = (
+            ("params", self.max_params),
+            ("memory_bytes", self.max_memory_bytes),
+            ("flops_per_sample", self.max_flops_per_sample),
+        )
+        for key, limit in pairs:
+            if limit is None:
+                continue
+            v = estimate.get(key)
+            if v is None:
+                continue
+            if v > limit:
+                return f"{key} {v:.4g} > {limit:.4g}"
+        return ""
+
+
+class Policy(abc.ABC):
+    """Base class of growth policies.
+
+    Attributes:
+        max_per_step: how many growths the controller may apply in one step (a schedule's
+            CompoundGrow stage applies several).
+        cooldown: steps between growths (the controller also uses it to rate-limit "skipped"
+            events).
+    """
+
+    max_per_step: int = 1
+    cooldown: int = 0
+
+    @abc.abstractmethod
+    def decide(
+        self, states: Mapping[str, Mapping[str, Any]], ctx: PolicyContext
+    ) -> tuple[Decision | None, str]:
+        """Pure: signal states (name -> ``Signal.state()``) and context -> (decision, reason)."""
+
+    def actions(self) -> list[Action]:
+        """Every action this policy may emit (checked against the model at construction)."""
+        return []
+
+    def needs_total_steps(self) -> bool:
+        """Whether decisions depend on ``ctx.total_steps`` (fractions)."""
+        return False
+
+    def needs_estimate(self) -> bool:
+        """Whether decisions call ``ctx.estimate`` (a budget is set)."""
+        return False
+
+    def notify(self, decision: Decision, step: int, applied: bool) -> None:  # noqa: B027
+        """The controller applied (or failed / skipped) ``decision`` at ``step``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - stateless
+        """Restore :meth:`state_dict` output."""
+
+
+@dataclass
+class Rule:
+    """When signal ``signal`` is triggered, do ``action``.
+
+    Attributes:
+        signal: name of a signal (``Signal.name``).
+        action: action name or operator config.
+        kwargs: fixed keyword arguments for the action.
+        from_state: ``{kwarg: state_key}``: copy values from the trigger's state into the
+            action's kwargs (e.g. ``{"layers": "layers"}`` to widen the saturated layers).
+    """
+
+    signal: str
+    action: Action
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    from_state: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.signal, str) or not self.signal:
+            raise GrowthConfigError(f"Rule signal={self.signal!r} must be a signal name")
+        if not isinstance(self.action, (str, OpConfig)):
+            raise GrowthConfigError(
+                f"Rule action={self.action!r} must be an action name or an OpConfig"
+            )
+
+
+def _steps_or_fraction(what: str, v: float, total: int | None) -> int:
+    if isinstance(v, float) and 0.0 < v < 1.0:
+        if total is None:
+            raise GrowthConfigError(f"{what}={v} is a fraction but total_steps is unknown")
+        return int(math.ceil(v * total))
+    return int(v)
+
+
+class RulePolicy(Policy):
+    """First triggered rule wins, subject to warmup, timing window, cooldown, max growths and
+    budget (checked in that order; the budget is checked per rule, so a smaller growth further
+    down the list may fit when the first does not).
+
+    Args:
+        rules: ordered rules.
+        budget: limits on the grown model.
+        cooldown: minimum steps between two growths (or a growth and a failed attempt), >= 0.
+        warmup_steps: no growth before this step; an int counts steps, a float in (0, 1) is a
+            fraction of ``total_steps``.
+        max_growths: at most this many growths, or None.
+        growth_window: ``(start, end)`` fractions of ``total_steps`` outside which no growth
+            happens, or None.
+
+    Raises:
+        GrowthConfigError: a parameter is out of range.
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        budget: Budget | None = None,
+        cooldown: int = 0,
+        warmup_steps: int | float = 0,
+        max_growths: int | None = None,
+        growth_window: tuple[float, float] | None = None,
+    ) -> None:
+        rules = list(rules)
+        if not rules or not all(isinstance(r, Rule) for r in rules):
+            raise GrowthConfigError(f"RulePolicy needs a non-empty list of Rule, got {rules!r}")
+        if not isinstance(cooldown, int) or cooldown < 0:
+            raise GrowthConfigError(f"cooldown={cooldown!r} is out of range; valid: int >= 0")
+        if isinstance(warmup_steps, float) and not warmup_steps.is_integer():
+            check_range("warmup_steps (fraction)", warmup_steps, 0.0, 1.0, hi_open=True)
+        elif warmup_steps < 0:
+            raise GrowthConfigError(
+                f"warmup_steps={warmup_steps!r} is out of range; valid: steps >= 0 or a "
+                "fraction in [0, 1)"
+            )
+        if max_growths is not None and (not isinstance(max_growths, int) or max_growths < 0):
+            raise GrowthConfigError(f"max_growths={max_growths!r} is out of range; valid: >= 0")
+        if growth_window is not None:
+            lo, hi = growth_window
+            check_range("growth_window start", lo, 0.0, 1.0)
+            check_range("growth_window end", hi, lo, 1.0)
+        self.rules = rules
+        self.budget = budget or Budget()
+        self.cooldown = cooldown
+        self.warmup_steps = warmup_steps
+        self.max_growths = max_growths
+        self.growth_window = growth_window
+
+    def actions(self) -> list[Action]:
+        return [r.action for r in self.rules]
+
+    def needs_total_steps(self) -> bool:
+        w = self.warmup_steps
+        return self.growth_window is not None or (isinstance(w, float) and 0.0 < w < 1.0)
+
+    def needs_estimate(self) -> bool:
+        return not self.budget.unlimited
+
+    def signals(self) -> list[str]:
+        """Signal names the rules refer to."""
+        return [r.signal for r in self.rules]
+
+    def decide(
+        self, states: Mapping[str, Mapping[str, Any]], ctx: PolicyContext
+    ) -> tuple[Decision | None, str]:
+        fired = [r for r in self.rules if states.get(r.signal, {}).get("triggered")]
+        if not fired:
+            return None, "no signal triggered"
+        cands = [self._decision(r, states[r.signal]) for r in fired]
+        first = cands[0]
+        block = self._limits(ctx)
+        if block:
+            code, why = block
+            first.blocked = code
+            return first, f"{first.reason}; skipped: {why}"
+        if self.budget.unlimited:
+            return first, first.reason
+        if ctx.estimate is None:
+            raise GrowthConfigError("a Budget is set but the context has no size estimator")
+        over = ""
+        for d in cands:
+            est = dict(ctx.estimate(d.action, d.kwargs))
+            d.estimate = est
+            why = self.budget.check(est)
+            if not why:
+                return d, d.reason
+            over = over or f"{d.action_name}: {why}"
+        first.blocked = "budget"
+        return first, f"{first.reason}; skipped: budget ({over})"
+
+    def _decision(self, rule: Rule, st: Mapping[str, Any]) -> Decision:
+        kw = dict(rule.kwargs)
+        for k, key in rule.from_state.items():
+            if key in st:
+                kw[k] = st[key]
+        v = st.get("value")
+        vtxt = f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
+        trig = {k: st.get(k) for k in ("signal", "value", "threshold", "window")}
+        trig["signal"] = trig["signal"] or rule.signal
+        for k in ("layers", "worst_experience", "entropy"):
+            if k in st:
+                trig[k] = st[k]
+        name = rule.action if isinstance(rule.action, str) else type(rule.action).name
+        thr = st.get("threshold")
+        reason = f"{rule.signal} triggered (value {vtxt}, threshold {thr}) -> {name}"
+        return Decision(rule.action, kw, reason, trig)
+
+    def _limits(self, ctx: PolicyContext) -> tuple[str, str] | None:
+        warm = _steps_or_fraction("warmup_steps", self.warmup_steps, ctx.total_steps)
+        if ctx.step < warm:
+            return "warmup", f"warmup until step {warm} (now {ctx.step})"
+        if self.growth_window is not None:
+            if ctx.total_steps is None:
+                raise GrowthConfigError("growth_window needs total_steps on the controller")
+            lo, hi = (int(f * ctx.total_steps) for f in self.growth_window)
+            if not lo <= ctx.step <= hi:
+                return "window", f"outside growth window steps [{lo}, {hi}] (now {ctx.step})"
+        if self.max_growths is not None and ctx.n_growths >= self.max_growths:
+            return "max_growths", f"max_growths={self.max_growths} reached"
+        last = max(
+            (s for s in (ctx.last_growth_step, ctx.last_attempt_step) if s is not None),
+            default=None,
+        )
+        if last is not None and ctx.step - last < self.cooldown:
+            return "cooldown", f"cooldown until step {last + self.cooldown} (now {ctx.step})"
+        return None
