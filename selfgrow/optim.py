@@ -51,7 +51,7 @@ SCALAR_KEYS = frozenset({"step"})
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 
 #: state key marking a brand-new tensor whose Adam state is set at its first gradient; value:
-#: tensor [target_rms]; the marker state also holds the sibling's ``step`` (Adam's
+#: 0-dim tensor target_rms; the marker state also holds the sibling's ``step`` (Adam's
 #: ``load_state_dict`` expects a step in every non-empty state)
 LAZY_INIT_KEY = "selfgrow_lazy_init"
 
@@ -323,7 +323,7 @@ def _lazy_state(optimizer: torch.optim.Optimizer, sibling: nn.Parameter, group: 
     r = float((m_hat / (v_hat.sqrt() + group["eps"])).pow(2).mean().sqrt())
     if not (r > 0 and torch.isfinite(torch.tensor(r))):
         return {}
-    return {"step": st["step"].clone(), LAZY_INIT_KEY: torch.tensor([r], dtype=torch.float64)}
+    return {"step": st["step"].clone(), LAZY_INIT_KEY: torch.tensor(r, dtype=torch.float64)}
 
 
 def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwargs: object) -> None:
@@ -338,7 +338,7 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
             st = optimizer.state.get(p)
             if not st or LAZY_INIT_KEY not in st or p.grad is None:
                 continue
-            t, r = float(st["step"]), float(st[LAZY_INIT_KEY][0])
+            t, r = float(st["step"]), float(st[LAZY_INIT_KEY])
             b1, b2 = group["betas"]
             bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
             a = ((1 - b1) * bc2**0.5 / (bc1 * r)) ** 2
