@@ -32,10 +32,15 @@ therefore logged events that the resumed run will re-emit when it replays those 
 cursor saved in the checkpoint (next ``seq``, byte offset and line count of
 ``events.jsonl`` and a SHA-256 of its content up to there) lets
 :meth:`Checkpoint.restore_controller` truncate the log back to the state it had at save
-time (:func:`rewind_events`), so the log
-of a resumed run holds every event exactly once. A deterministic run re-emits the discarded
-events identically (up to wall-clock fields); a non-deterministic one may decide differently
-after resume, and the log then records what the resumed run did.
+time (:func:`rewind_events`), so the log of a resumed run holds every event exactly once.
+A deterministic run re-emits the discarded events identically (up to wall-clock fields); a
+non-deterministic one may decide differently after resume, and the log then records what
+the resumed run did. Only the JSONL log is
+rewound: other sinks (TensorBoard) receive the replayed steps again, as they do for any
+resumed run (TensorBoard's ``purge_step`` drops the stale ones). Under DDP only rank 0 keeps
+the log, and only its controller rewinds it. A run killed before its first checkpoint and
+started again from scratch empties its log first:
+``rewind_events(run_dir / "events.jsonl", EventCursor())``.
 
 Typical use::
 
