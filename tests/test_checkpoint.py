@@ -78,6 +78,7 @@ def test_round_trip_rebuilds_grown_model_and_continues_bitwise(tmp_path, opt_cls
     assert model.config.hidden == (17, 17, 10)
     save_checkpoint(tmp_path / "c.pt", model, opt, scheduler=sched, extra={"step": 8})
 
+    assert load_checkpoint(tmp_path / "c.pt").scheduler_state == sched.state_dict()
     ck = load_checkpoint(tmp_path / "c.pt", scheduler_factory=_sched)
     assert ck.extra == {"step": 8}
     assert ck.model.config == model.config

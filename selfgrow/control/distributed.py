@@ -304,6 +304,7 @@ class DistributedGrowthController:
 
     Raises:
         SelfgrowError: ``torch.distributed`` is not initialised.
+        GrowthConfigError: the optimizer holds tensors that are not the model's parameters.
     """
 
     def __init__(
@@ -332,6 +333,14 @@ class DistributedGrowthController:
             if callable(remove):
                 remove()
             model = model.module
+        if optimizer is not None:
+            own = {id(p) for p in model.parameters()}
+            if any(id(p) not in own for g in optimizer.param_groups for p in g["params"]):
+                raise GrowthConfigError(
+                    "the optimizer holds tensors that are not parameters of the model; build it "
+                    "from the plain module's parameters (model.parameters(), not a wrapper's "
+                    "copies) so that growth can migrate it"
+                )
         self.group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
