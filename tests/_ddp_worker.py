@@ -102,9 +102,8 @@ def run(rank: int, world: int, port: int, out: str, sync_rng: bool = True,
                     raise RuntimeError("no optimizer in checkpoint")
                 ctrl = _controller(model, opt, outp, sync_rng)
                 ck.restore_controller(ctrl)
-        reduced = reduce_metrics(
-            {"a": float(rank), "t": torch.tensor([rank, 2.0 * rank]), "n": None, "s": "x"}
-        )
+        t = torch.tensor([rank, 2.0 * rank])
+        reduced = reduce_metrics({"a": float(rank), "t": t, "n": None, "s": "x", "i": rank})
         events: list[dict[str, Any]] = [
             {k: v for k, v in e.to_dict().items() if k not in VOLATILE} for e in ctrl.events
         ]

@@ -54,6 +54,7 @@ def test_ranks_grow_identically_and_log_the_same_events(plain):
     assert r0["signals"] == r1["signals"] and r0["signals"]["loss_plateau"]
     assert r0["reduced"]["a"] == 0.5 and torch.equal(r0["reduced"]["t"], torch.tensor([0.5, 1.0]))
     assert r0["reduced"]["n"] is None and r0["reduced"]["s"] == "x"
+    assert (r0["reduced"]["i"], r1["reduced"]["i"]) == (0, 1)  # ints are ids, not averaged
     assert all(e["kind"] == "growth" and e["run_id"] == "ddp-test" for e in r0["events"])
     assert r0["params"]["layers.1.weight"].shape == (20, 17)  # widened, deepened, widened
     # optimizer holds the module's parameters; DDP re-wrapped around the grown module

@@ -96,9 +96,9 @@ def reduce_metrics(
 ) -> dict[str, Any]:
     """Mean over ranks of every numeric metric, in one ``all_reduce``.
 
-    Python numbers and one-element tensors are packed into one float64 vector; larger tensors
-    are averaged with one collective each (in sorted key order); ``None`` and other values
-    (dicts, strings) pass through unchanged.
+    Python floats and one-element tensors are packed into one float64 vector; larger tensors
+    are averaged with one collective each (in sorted key order); ints (experience ids,
+    counters), ``None`` and other values (dicts, strings) pass through unchanged.
 
     Args:
         metrics: this rank's metrics; every rank must pass the same keys with the same kinds.
@@ -117,9 +117,9 @@ def reduce_metrics(
     scalar_keys, tensor_keys = [], []
     for k in sorted(metrics):
         v = metrics[k]
-        if isinstance(v, bool) or v is None:
+        if isinstance(v, (bool, int)) or v is None:  # ids and counters: left alone
             continue
-        if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1):
+        if isinstance(v, float) or (isinstance(v, torch.Tensor) and v.numel() == 1):
             scalar_keys.append(k)
         elif isinstance(v, torch.Tensor) and v.dtype != torch.bool and not v.is_complex():
             tensor_keys.append(k)
