@@ -5,6 +5,7 @@ Growth operators (``grow_``, ``list_operators``), optimizer-state migration
 a growth event log, and an Avalanche plugin (:mod:`selfgrow.continual`).
 """
 
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .control import (
     Budget,
     FixedSchedule,
@@ -31,6 +32,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Budget",
+    "Checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
     "BudgetExceededError",
     "FixedSchedule",
     "GrowthController",
@@ -56,4 +60,3 @@ __all__ = [
     "read_events",
     "register_operator",
 ]
-
