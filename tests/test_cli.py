@@ -59,6 +59,7 @@ def test_run_no_baselines_and_no_overwrite(tmp_path: Path) -> None:
         (["--strategy", "ewc"], ["naive", "replay"]),
         (["--model", "resnet"], ["cnn", "mlp"]),
         (["--on-plateau", "explode"], ["deepen", "widen"]),
+        (["--device", "tpu"], ["auto", "cpu", "cuda"]),
     ],
 )
 def test_bad_names_exit_2_and_write_nothing(
