@@ -67,8 +67,11 @@ class RunSpec:
         on_forgetting: action fired by the ReplayForgetting signal.
         widen_factor: width multiplier of the ``widen`` action.
         widen_noise: std of the noise added to copied units' incoming weights (Net2WiderNet
-            ``noise_std``): without it twin units receive identical gradients forever and
-            the extra width adds no capacity; it makes the growth inexact by about this much.
+            ``noise_std``); makes the growth inexact by about this much. Default 0.
+        widen_split_noise: exact symmetry breaking (Net2WiderNet ``split_noise``): copies of
+            a unit share its outgoing weights unevenly (shares still sum to 1). Without any
+            symmetry breaking twin units receive identical gradients forever and the extra
+            width adds no capacity.
         plateau_window: LossPlateau horizon in optimizer steps.
         plateau_min_rel_drop: LossPlateau trigger (relative loss improvement per window).
         forgetting_threshold: ReplayForgetting trigger (accuracy drop on replayed samples).
@@ -93,7 +96,8 @@ class RunSpec:
     on_plateau: str = "widen"
     on_forgetting: str = "widen"
     widen_factor: float = 2.0
-    widen_noise: float = 0.01
+    widen_noise: float = 0.0
+    widen_split_noise: float = 0.5
     plateau_window: int = 60
     plateau_min_rel_drop: float = 0.02
     forgetting_threshold: float = 0.2
@@ -138,6 +142,8 @@ class RunSpec:
             raise GrowthConfigError(f"widen_factor={self.widen_factor} must be > 1")
         if not (self.widen_noise >= 0 and math.isfinite(self.widen_noise)):
             raise GrowthConfigError(f"widen_noise={self.widen_noise} must be >= 0")
+        if not (self.widen_split_noise >= 0 and math.isfinite(self.widen_split_noise)):
+            raise GrowthConfigError(f"widen_split_noise={self.widen_split_noise} must be >= 0")
         resolve_device(self.device)
 
 
@@ -489,7 +495,11 @@ def _make_controller(
 
     def action_kwargs(action: str) -> dict[str, Any]:
         if action == "widen":
-            return {"factor": spec.widen_factor, "noise_std": spec.widen_noise}
+            return {
+                "factor": spec.widen_factor,
+                "noise_std": spec.widen_noise,
+                "split_noise": spec.widen_split_noise,
+            }
         return {}
 
     tb = TensorBoardSink(run_dir / "tb" / "grown")
@@ -537,6 +547,7 @@ def controller_description(spec: RunSpec) -> dict[str, Any]:
         ],
         "widen_factor": spec.widen_factor,
         "widen_noise": spec.widen_noise,
+        "widen_split_noise": spec.widen_split_noise,
         "budget": {"max_params": spec.max_params},
         "cooldown": spec.cooldown,
         "max_growths": spec.max_growths,
