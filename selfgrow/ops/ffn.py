@@ -55,7 +55,14 @@ import torch
 from torch import nn
 
 from ..adapters import AxisMap, ProjRef, TransformerAdapter, get_adapter
-from ..adapters._base import Fill, Roles, normal_fill, projection_plans, resize_params
+from ..adapters._base import (
+    Fill,
+    Roles,
+    normal_fill,
+    projection_plans,
+    resize_params,
+    zeros_fill,
+)
 from ..control.actions import register_action
 from ..errors import GrowthConfigError
 from ..models.transformer import GrowableTransformer
@@ -194,7 +201,7 @@ class FFNNet2Wider(Operator):
         fills: dict[str, Fill] = {}
         rnd = normal_fill(config.init_std, g)
         for n in _incoming_names(ad, others):
-            fills[n] = rnd if not n.endswith("bias") else _zeros
+            fills[n] = rnd if not n.endswith("bias") else zeros_fill
         post = {}
         if config.noise > 0:
             for i in selected:
@@ -206,12 +213,9 @@ class FFNNet2Wider(Operator):
         ad.update_dims(tx, d_ff=nf)
         return GrowthResult(param_maps=maps, exact=True, notes={
             "d_ff": [f, nf], "copied_layers": selected, "zero_fanout_layers": others,
-            "sources": src.tolist(),
+            "n_new_units": nf - f,
+            "sources": src.tolist() if nf - f <= 64 else f"{nf - f} units (not logged)",
         })
-
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _zero_sum_noise(index: torch.Tensor, dim: int, std: float, g: torch.Generator) -> Any:
@@ -276,7 +280,7 @@ class FFNZeroFanout(Operator):
         plans = ffn_unit_plans(ad, {i: fresh for i in layers})
         rnd = normal_fill(config.init_std, torch.Generator().manual_seed(config.seed))
         fills: dict[str, Fill] = {
-            n: (rnd if not n.endswith("bias") else _zeros) for n in _incoming_names(ad, layers)
+            n: (rnd if not n.endswith("bias") else zeros_fill) for n in _incoming_names(ad, layers)
         }
         maps = resize_params(tx, model, plans, fill=fills)
         ad.update_dims(tx, d_ff=nf)
