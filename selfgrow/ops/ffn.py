@@ -33,8 +33,9 @@ SGD/Adam; ``noise > 0`` breaks the symmetry EXACTLY by adding to the outgoing co
 c_j copies of j noise terms that sum to zero over the copies (their activations are equal, so
 the noise cancels in the output).
 
-``ffn_zero_fanout`` (zero fan-out growth; used by bert2BERT's AKI ablations and staged
-training, Shen et al. 2022): new units get random incoming rows (N(0, init_std^2), biases 0)
+``ffn_zero_fanout`` (zero fan-out growth, GROWTH-MATH.md; the function-preserving alternative
+to copying, in the spirit of masked structural growth, Yao et al. 2023, where new units start
+with zero contribution): new units get random incoming rows (N(0, init_std^2), biases 0)
 and zero outgoing columns: EXACT (the new units add ``0 * a``). The incoming rows receive no
 gradient until the outgoing columns move away from zero, which they do at the first step
 (their gradient is ``a_u * dL/dy``, non-zero for random incoming rows). ParamMap: every new
@@ -248,8 +249,9 @@ class FFNZeroFanoutConfig(OpConfig):
     outgoing columns in every layer: d_ff F -> ``new_d_ff``.
 
     EXACT (the new units contribute ``0 * act(.)``); new coordinates are brand-new for the
-    optimizer (m = 0, v = mean of the old v). Sources: Chen et al. 2022 (bert2BERT);
-    Shen et al. 2022 (staged training; zero-init of the new output weights).
+    optimizer (m = 0, v = mean of the old v). Sources: GROWTH-MATH.md (zero fan-out);
+    related: Yao et al. 2023 (masked structural growth: new units start with zero
+    contribution); Chen et al. 2016 (Net2Net, the copying alternative).
     """
 
     name: ClassVar[str] = "ffn_zero_fanout"
