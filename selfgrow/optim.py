@@ -13,9 +13,13 @@ Rules (see GROWTH-MATH.md; staged training, Shen et al. 2022):
 * untouched parameters keep their state objects (bit-identical) and their group;
 * copied coordinates: first moments ``m' = m * s``, second moments ``v' = v * s**2`` where
   ``s = grad_scale``; step counts are copied;
-* brand-new coordinates inside a grown tensor: first moments 0, second moments the mean of the
-  source tensor's second moment (a zero ``v`` with an already-corrected bias would make the
-  first update about 3x too large);
+* brand-new coordinates inside a grown tensor: first moments 0; second moments (Adam/AdamW,
+  plain RMSprop) set at the tensor's first gradient after growth to ``c * g**2``, with ``c``
+  solved so that the new coordinates' update RMS equals that of the tensor's old coordinates
+  in the same step. A zero ``v`` with an already-corrected bias would make the first update
+  about 3x too large; the mean of the old ``v`` (GROWTH-MATH's example, kept as the fallback
+  until that first gradient) makes it 7-25x too small when the new coordinates' gradients
+  are smaller than the old ones' (zero fan-out units, fresh heads, new position rows);
 * brand-new tensors join the param group of their nearest sibling by name (longest common
   dotted prefix). With Adam/AdamW their state is initialised at their first gradient so that
   their first update has the RMS of the sibling's last normalised update (``m = 0``,
@@ -50,10 +54,12 @@ SCALAR_KEYS = frozenset({"step"})
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 
-#: state key marking a brand-new tensor whose Adam state is set at its first gradient; value:
-#: 0-dim tensor target_rms; the marker state also holds the sibling's ``step`` (Adam's
-#: ``load_state_dict`` expects a step in every non-empty state)
+#: state key marking state to be set at the first gradient; value: 0-dim tensor target RMS
+#: (NaN: take it from the tensor's old coordinates). A brand-new tensor's marker state also
+#: holds the sibling's ``step`` (Adam's ``load_state_dict`` expects a step in every state).
 LAZY_INIT_KEY = "selfgrow_lazy_init"
+#: bool mask (param shape) of new coordinates inside a grown tensor awaiting their first gradient
+LAZY_MASK_KEY = "selfgrow_lazy_mask"
 
 
 @dataclass
@@ -147,7 +153,7 @@ class MigrationPlan:
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Raise IncompatibleOptimizerError if the optimizer's state cannot be migrated."""
-    known = FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | SCALAR_KEYS | {LAZY_INIT_KEY}
+    known = FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | SCALAR_KEYS | {LAZY_INIT_KEY, LAZY_MASK_KEY}
     for st in optimizer.state.values():
         for k, v in st.items():
             if k in known or not isinstance(v, torch.Tensor) or v.dim() == 0:
@@ -233,7 +239,9 @@ def plan_migration(
                 continue  # the source was not optimized: neither is its growth
             assignment[name] = where[src]
             st_old = optimizer.state.get(src, {})
-            states[p] = _migrate_state(st_old, m, p, report)
+            states[p] = _migrate_state(
+                st_old, m, p, report, optimizer.param_groups[where[src]]
+            )
             report.migrated += 1
         else:
             sib = _sibling(name, optimized_old) if optimized_old else None
@@ -262,28 +270,36 @@ def plan_migration(
     return MigrationPlan(optimizer, groups, group_names, remove, states, report)
 
 
-def _migrate_state(st_old: dict, m: ParamMap, p: nn.Parameter, report: MigrationReport) -> dict:
-    if LAZY_INIT_KEY in st_old:  # grown again before its first step: still brand-new
-        return {k: v.clone() for k, v in st_old.items()}
+def _migrate_state(
+    st_old: dict, m: ParamMap, p: nn.Parameter, report: MigrationReport, group: dict
+) -> dict:
+    if LAZY_INIT_KEY in st_old and LAZY_MASK_KEY not in st_old:
+        return {k: v.clone() for k, v in st_old.items()}  # brand-new, grown again: still new
     new: dict = {}
     s = m.grad_scale
-    new_mask_count = 0
+    new_mask: torch.Tensor | None = None
     for k, v in st_old.items():
-        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        if k == LAZY_INIT_KEY or not isinstance(v, torch.Tensor) or v.dim() == 0:
             new[k] = v.clone() if isinstance(v, torch.Tensor) else v
             continue
         vals, mask = m.gather(v, p.shape)
-        if k in FIRST_MOMENT_KEYS:
+        new_mask = mask
+        if k == LAZY_MASK_KEY:  # new coordinates of an earlier growth, not yet stepped
+            vals = vals | mask
+        elif k in FIRST_MOMENT_KEYS:
             vals = vals * _as(s, vals)
             vals = vals.masked_fill(mask, 0.0)
         elif k in SECOND_MOMENT_KEYS:
             vals = vals * _as(s, vals) ** 2
-            if bool(mask.any()):
+            if bool(mask.any()):  # fallback until the first gradient (see _lazy_init_pre_step)
                 vals = torch.where(mask, v.mean(), vals)
-        vals = vals.contiguous()
-        new_mask_count = int(mask.sum())
-        new[k] = vals
-    report.zero_init += new_mask_count
+        new[k] = vals.contiguous()
+    if new_mask is not None and bool(new_mask.any()):
+        report.zero_init += int(new_mask.sum())
+        if _lazy_capable(group) and any(k in SECOND_MOMENT_KEYS for k in new):
+            prev = new.get(LAZY_MASK_KEY)
+            new[LAZY_MASK_KEY] = new_mask.clone() if prev is None else prev | new_mask
+            new[LAZY_INIT_KEY] = torch.tensor(float("nan"), dtype=torch.float64)
     return new
 
 
@@ -326,31 +342,81 @@ def _lazy_state(optimizer: torch.optim.Optimizer, sibling: nn.Parameter, group: 
     return {"step": st["step"].clone(), LAZY_INIT_KEY: torch.tensor(r, dtype=torch.float64)}
 
 
-def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwargs: object) -> None:
-    """Optimizer step pre-hook: turn markers into Adam state using each tensor's gradient.
+def _is_rmsprop(group: dict) -> bool:
+    return "alpha" in group and not group.get("centered", False)
 
-    With ``m = 0`` and ``v = c g^2`` at sibling step ``t``, Adam's next update on a coordinate
-    is ``lr * (1-b1) / bc1 * sqrt(bc2) / sqrt(b2 c + 1 - b2)`` (bc = bias corrections at
-    ``t+1``); ``c`` is chosen so that this equals the sibling's last normalised update RMS.
+
+def _lazy_capable(group: dict) -> bool:
+    return _is_adam_like(group) or _is_rmsprop(group)
+
+
+def _adam_c(r: float, t: float, b1: float, b2: float) -> float:
+    """``c`` such that ``m = 0, v = c g^2`` at step ``t`` gives a next update of RMS ``r`` (in
+    units of lr): the update is ``(1-b1)/bc1 * sqrt(bc2) / sqrt(b2 c + 1 - b2)``."""
+    bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+    a = ((1 - b1) * bc2**0.5 / (bc1 * r)) ** 2
+    return max((a - (1 - b2)) / b2, 0.0)
+
+
+def _rms(x: torch.Tensor) -> float:
+    return float(x.double().pow(2).mean().sqrt()) if x.numel() else float("nan")
+
+
+def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwargs: object) -> None:
+    """Optimizer step pre-hook: give coordinates awaiting their first gradient their state.
+
+    * Brand-new tensors (Adam/AdamW): ``m = 0`` and ``v = c g^2`` at the sibling's step ``t``,
+      with ``c`` from :func:`_adam_c` so the update RMS equals the sibling's last normalised
+      update RMS.
+    * New coordinates inside a grown tensor (Adam/AdamW, RMSprop): the same construction, with
+      the target RMS taken from THIS step's update of the tensor's old coordinates (computed
+      from their state and the current gradient), so old and new coordinates move alike.
     """
     for group in optimizer.param_groups:
         for p in group["params"]:
             st = optimizer.state.get(p)
             if not st or LAZY_INIT_KEY not in st or p.grad is None:
                 continue
-            t, r = float(st["step"]), float(st[LAZY_INIT_KEY])
-            b1, b2 = group["betas"]
-            bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-            a = ((1 - b1) * bc2**0.5 / (bc1 * r)) ** 2
-            c = max((a - (1 - b2)) / b2, 0.0)
             g = p.grad.detach()
-            new = {
-                "step": st["step"].clone(),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": (g * g * c).to(p.dtype).clone(memory_format=torch.preserve_format),
-            }
-            if group.get("amsgrad"):
-                new["max_exp_avg_sq"] = new["exp_avg_sq"].clone()
+            mask = st.get(LAZY_MASK_KEY)
+            if mask is None:  # brand-new tensor (Adam-like only)
+                t, r = float(st["step"]), float(st[LAZY_INIT_KEY])
+                b1, b2 = group["betas"]
+                c = _adam_c(r, t, b1, b2)
+                new = {
+                    "step": st["step"].clone(),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": (g * g * c).to(p.dtype),
+                }
+                if group.get("amsgrad"):
+                    new["max_exp_avg_sq"] = new["exp_avg_sq"].clone()
+                optimizer.state[p] = new
+                continue
+            new = {k: v for k, v in st.items() if k not in (LAZY_INIT_KEY, LAZY_MASK_KEY)}
+            old = ~mask
+            eps = group["eps"]
+            if _is_adam_like(group) and "exp_avg_sq" in new:
+                t = float(new["step"])
+                b1, b2 = group["betas"]
+                bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+                m1 = b1 * new["exp_avg"][old] + (1 - b1) * g[old]
+                v1 = b2 * new["exp_avg_sq"][old] + (1 - b2) * g[old] ** 2
+                r = _rms((m1 / bc1) / ((v1 / bc2).sqrt() + eps))
+                if r > 0 and r == r:
+                    c = _adam_c(r, t, b1, b2)
+                    new["exp_avg"] = new["exp_avg"].masked_fill(mask, 0.0)
+                    v_new = (g * g * c).to(p.dtype)
+                    new["exp_avg_sq"] = torch.where(mask, v_new, new["exp_avg_sq"])
+                    if "max_exp_avg_sq" in new:
+                        new["max_exp_avg_sq"] = torch.where(mask, v_new, new["max_exp_avg_sq"])
+            elif _is_rmsprop(group) and "square_avg" in new:
+                a = group["alpha"]
+                v1 = a * new["square_avg"][old] + (1 - a) * g[old] ** 2
+                r = _rms(g[old] / (v1.sqrt() + eps))
+                if r > 0 and r == r:
+                    c = max((1 / r**2 - (1 - a)) / a, 0.0)
+                    v_new = (g * g * c).to(p.dtype)
+                    new["square_avg"] = torch.where(mask, v_new, new["square_avg"])
             optimizer.state[p] = new
 
 
