@@ -446,7 +446,7 @@ def test_actions_resolve_for_both_families(family: str):
     w = _widths(model)
     narrow = min(range(len(w)), key=w.__getitem__)
     cfg = resolve_action("widen", model)
-    assert cfg == Net2WiderConfig(layer=narrow, new_width=grown_width(w[narrow]))
+    assert cfg == Net2WiderConfig(layer=narrow, new_width=grown_width(w[narrow]), split_noise=0.5)
     assert cfg.new_width % 8 == 0 and cfg.new_width >= 1.5 * w[narrow]
     assert resolve_action("deepen", model) == Net2DeeperConfig(layer=len(w) - 1)
     prefix = "hidden" if family == "mlp" else "blocks"

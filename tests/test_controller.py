@@ -219,8 +219,8 @@ def test_nonfinite_loss_is_anomaly_and_never_grows():
             assert ev is None
     assert ctrl.n_anomalies == 5
     anomalies = [e for e in ctrl.events if e.kind == "anomaly"]
-    assert [e.step for e in anomalies] == [5, 20]  # one per streak
-    assert anomalies[0].extra["n_anomalies"] == 1 and anomalies[1].extra["n_anomalies"] == 5
+    assert [e.step for e in anomalies] == [5]  # at most one per skip_log_every (100) steps
+    assert anomalies[0].extra["n_anomalies"] == 1
     # flat loss: 11 finite updates needed -> step 15 (4 skipped), refill 11 more -> step 27
     assert [e.step for e in ctrl.events if e.kind == "growth"] == [15, 27]
     assert all(e.kind != "growth" or e.step not in bad for e in ctrl.events)
@@ -231,8 +231,25 @@ def test_nan_streak_is_relogged_periodically():
     ctrl = GrowthController(m, opt, signals=[LossPlateau(window=5)], skip_log_every=10)
     for _ in range(25):
         ctrl.observe(loss=float("nan"))
-    assert [e.extra["streak"] for e in ctrl.events] == [1, 10, 20]
+    assert [e.extra["streak"] for e in ctrl.events] == [1, 11, 21]
     assert ctrl.signals[0].n_updates == 0
+
+
+def test_alternating_nan_losses_do_not_flood_the_log():
+    m, opt = _setup()
+    ctrl = GrowthController(m, opt, signals=[LossPlateau(window=5)], skip_log_every=20)
+    for s in range(50):
+        ctrl.observe(loss=float("nan") if s % 2 else 1.0)
+    assert ctrl.n_anomalies == 25
+    assert [e.step for e in ctrl.events if e.kind == "anomaly"] == [2, 22, 42]
+
+
+def test_bad_rule_arguments_fail_at_construction():
+    m, opt = _setup()
+    with pytest.raises(GrowthConfigError, match="loss_plateau"):
+        GrowthController(m, opt, signals=[LossPlateau(window=5)],
+                         policy=RulePolicy([Rule("loss_plateau", "widen",
+                                                 kwargs={"no_such_argument": 1})]))
 
 
 def test_replay_forgetting_trace_widens_with_kwargs():

@@ -184,3 +184,14 @@ def test_migrate_new_coordinates_get_nonzero_second_moment():
     assert torch.all(st["exp_avg"][3] == 0)
     assert torch.all(st["exp_avg_sq"][3] > 0)
     assert old["a.weight"] not in opt.state
+
+
+def test_bad_model_and_unrelated_optimizer_are_refused_before_change():
+    m, opt = _trained()
+    with pytest.raises(IncompatibleModelError, match="nn.Module"):
+        grow_("hello", _DupConfig(unit=0))  # type: ignore[arg-type]
+    other = torch.optim.Adam(Pair().parameters())
+    before = _snapshot(m, opt)
+    with pytest.raises(IncompatibleOptimizerError, match="none of the model"):
+        grow_(m, _DupConfig(unit=0), optimizer=other)
+    assert _same(before, _snapshot(m, opt))

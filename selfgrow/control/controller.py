@@ -172,6 +172,7 @@ class GrowthController:
         self.n_anomalies = 0
         self.n_skipped = 0
         self._anomaly_streak = 0
+        self._last_anomaly_log: int | None = None
         self._last_skip: tuple[str, ...] | None = None
         self._last_skip_step: int | None = None
         self._estimates: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -233,6 +234,16 @@ class GrowthController:
                         f"action {a!r} is not available for {type(self.model).__name__}; "
                         f"available: {', '.join(sorted(avail)) or 'none'}"
                     )
+            # resolve each rule's action once now, so bad arguments fail at construction and
+            # not every time the rule fires (rules filled from signal state are checked then)
+            for rule in getattr(pol, "rules", []):
+                if isinstance(rule.action, str) and not rule.from_state:
+                    try:
+                        resolve_action(rule.action, self.model, **rule.kwargs)
+                    except GrowthConfigError as e:
+                        raise GrowthConfigError(
+                            f"rule {rule.signal!r} -> {rule.action!r}: {e}"
+                        ) from None
         if provides is not None:
             have = set(provides) | {"loss"}
             for s in self.signals:
@@ -491,10 +502,14 @@ class GrowthController:
         self._emit(ev)
 
     def _anomaly(self, value: float) -> None:
+        """Count a non-finite loss; log it as an event at most once per ``skip_log_every``
+        steps (so losses alternating between NaN and finite values do not flood the log)."""
         self.n_anomalies += 1
         self._anomaly_streak += 1
         k = self._anomaly_streak
-        if k == 1 or k % self.skip_log_every == 0:
+        last = self._last_anomaly_log
+        if last is None or self.step - last >= self.skip_log_every:
+            self._last_anomaly_log = self.step
             ev = self._base_event("anomaly", f"non-finite loss {value}; signals not updated")
             ev.extra = {"loss": str(value), "n_anomalies": self.n_anomalies, "streak": k}
             self._emit(ev)
@@ -541,6 +556,7 @@ class GrowthController:
             "n_anomalies": self.n_anomalies,
             "n_skipped": self.n_skipped,
             "anomaly_streak": self._anomaly_streak,
+            "last_anomaly_log": self._last_anomaly_log,
             "last_skip": list(self._last_skip) if self._last_skip else None,
             "last_skip_step": self._last_skip_step,
             "signals": {s.name: s.state_dict() for s in self.signals},
@@ -578,6 +594,7 @@ class GrowthController:
         self.n_anomalies = int(state["n_anomalies"])
         self.n_skipped = int(state["n_skipped"])
         self._anomaly_streak = int(state["anomaly_streak"])
+        self._last_anomaly_log = state.get("last_anomaly_log")
         ls = state["last_skip"]
         self._last_skip = tuple(ls) if ls else None  # type: ignore[assignment]
         self._last_skip_step = state["last_skip_step"]

@@ -17,7 +17,7 @@ EVENT_KINDS = ("growth", "skipped", "anomaly")
 
 @dataclass
 class GrowthEvent:
-    """One decision of selfgrow (schema in DESIGN.md; ``schema_version`` = 1).
+    """One decision of selfgrow (schema in docs/DESIGN.md; ``schema_version`` = 1).
 
     Units: ``wall_time`` UNIX seconds; ``step`` optimizer steps seen by the controller;
     ``op_seconds`` seconds spent in the operator plus optimizer migration;

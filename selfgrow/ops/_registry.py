@@ -32,7 +32,12 @@ import torch
 from torch import nn
 
 from .._config import config_from_dict, config_to_dict
-from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
+from ..errors import (
+    GrowthConfigError,
+    IncompatibleModelError,
+    IncompatibleOptimizerError,
+    choices_message,
+)
 from ..events.record import GrowthEvent
 from ..optim import ParamMap, plan_migration
 from ._surgery import Transaction
@@ -212,6 +217,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise IncompatibleModelError(f"grow_ needs a torch.nn.Module, got {type(model).__name__}")
     params = list(model.parameters())
     if not params:
         raise IncompatibleModelError("model has no parameters to grow")
@@ -224,6 +231,19 @@ def _check_model(model: nn.Module) -> None:
         raise IncompatibleModelError(
             "every parameter of the model is frozen (requires_grad=False); unfreeze the part "
             "to grow first"
+        )
+
+
+def _check_optimizer_holds_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise IncompatibleOptimizerError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not any(id(p) in held for p in model.parameters()):
+        raise IncompatibleOptimizerError(
+            "the optimizer holds none of the model's parameters; pass the optimizer that "
+            "trains this model (or optimizer=None)"
         )
 
 
@@ -262,6 +282,8 @@ def grow_(
     """
     op = get_operator(config)
     _check_model(model)
+    if optimizer is not None:
+        _check_optimizer_holds_model(optimizer, model)
     op.validate(model, config)
     if probe_fn is None and probe is not None:
         probe_fn = default_probe_fn(probe)

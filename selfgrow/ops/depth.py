@@ -5,7 +5,7 @@ Every operator works on any family with a :class:`~selfgrow.adapters.Transformer
 rewrites the family's config (``n_layers`` / ``num_hidden_layers`` / ``n_layer`` /
 ``num_layers``), so a model built fresh from the grown config loads the grown state dict.
 
-Exactness (GROWTH-MATH.md, "Depth"):
+Exactness (docs/GROWTH-MATH.md, "Depth"):
 
 =========================== ========================================================
 operator                    function preserved?

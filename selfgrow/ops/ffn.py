@@ -33,7 +33,7 @@ SGD/Adam; ``noise > 0`` breaks the symmetry EXACTLY by adding to the outgoing co
 c_j copies of j noise terms that sum to zero over the copies (their activations are equal, so
 the noise cancels in the output).
 
-``ffn_zero_fanout`` (zero fan-out growth, GROWTH-MATH.md; the function-preserving alternative
+``ffn_zero_fanout`` (zero fan-out growth, docs/GROWTH-MATH.md; the function-preserving alternative
 to copying, in the spirit of masked structural growth, Yao et al. 2023, where new units start
 with zero contribution): new units get random incoming rows (N(0, init_std^2), biases 0)
 and zero outgoing columns: EXACT (the new units add ``0 * a``). The incoming rows receive no
@@ -249,7 +249,7 @@ class FFNZeroFanoutConfig(OpConfig):
     outgoing columns in every layer: d_ff F -> ``new_d_ff``.
 
     EXACT (the new units contribute ``0 * act(.)``); new coordinates are brand-new for the
-    optimizer (m = 0, v = mean of the old v). Sources: GROWTH-MATH.md (zero fan-out);
+    optimizer (m = 0, v = mean of the old v). Sources: docs/GROWTH-MATH.md (zero fan-out);
     related: Yao et al. 2023 (masked structural growth: new units start with zero
     contribution); Chen et al. 2016 (Net2Net, the copying alternative).
     """
@@ -296,7 +296,10 @@ class FFNZeroFanout(Operator):
 def _widen_ffn(model: nn.Module, factor: int = 2, new_d_ff: int | None = None,
                **kw: Any) -> OpConfig:
     """"widen_ffn" on a GrowableTransformer: Net2WiderNet on every layer's FFN to
-    ``new_d_ff`` (default ``factor * d_ff``, every unit copied ``factor - 1`` times)."""
+    ``new_d_ff`` (default ``factor * d_ff``, every unit copied ``factor - 1`` times), with
+    exact zero-sum symmetry-breaking noise on the copies' outgoing columns (default
+    ``noise=0.1``; plain copies would stay identical forever)."""
+    kw.setdefault("noise", 0.1)
     f = model.config.d_ff
     if new_d_ff is None:
         if not isinstance(factor, int) or factor < 2:

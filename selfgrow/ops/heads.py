@@ -12,7 +12,7 @@ computes the same ``head_h``; the o columns of h are split between h and its cop
 by the copy count c_h), so ``sum`` is unchanged. q rows of copies get ``grad_scale = 1/c_h``,
 o columns 1.
 
-``heads_fresh`` (EXACT; GROWTH-MATH.md, attention heads; related: Yao et al. 2023 masked
+``heads_fresh`` (EXACT; docs/GROWTH-MATH.md, attention heads; related: Yao et al. 2023 masked
 structural growth, where new structure starts with zero contribution): new heads get
 random q (and, for new KV heads, k, v) rows, N(0, init_std^2), zero biases, and ZERO o
 columns: they add ``0 * head``. New coordinates are brand-new for the optimizer (m = 0,
@@ -280,7 +280,7 @@ class HeadsFreshConfig(OpConfig):
     EXACT (the new heads add ``0 * head``). ``gqa`` as in :class:`HeadsCloneConfig`. Refuses
     head-tied families (BERT, GPT-2, nn.MultiheadAttention): use widen_d_model there.
 
-    Sources: GROWTH-MATH.md (attention heads, "fresh"); related: Yao et al. 2023 (masked
+    Sources: docs/GROWTH-MATH.md (attention heads, "fresh"); related: Yao et al. 2023 (masked
     structural growth: new structure starts with zero contribution).
     """
 

@@ -2,7 +2,7 @@
 
 Source: T. Chen, I. Goodfellow, J. Shlens, "Net2Net: Accelerating Learning via Knowledge
 Transfer", ICLR 2016 (Net2WiderNet, Net2DeeperNet). Optimizer-state rule for copies: staged
-training (Shen et al. 2022), see GROWTH-MATH.md and :mod:`selfgrow.optim`.
+training (Shen et al. 2022), see docs/GROWTH-MATH.md and :mod:`selfgrow.optim`.
 
 Operators (registry keys):
 
@@ -75,7 +75,12 @@ def _layer_prefix(model: nn.Module) -> str:
 
 
 def _as_int_tuple(v: int | Sequence[int], field: str) -> tuple[int, ...]:
-    items = (v,) if isinstance(v, int) else tuple(v)
+    if isinstance(v, int):
+        items: tuple = (v,)
+    elif isinstance(v, (tuple, list)):
+        items = tuple(v)
+    else:
+        items = ()
     if not items or any(isinstance(x, bool) or not isinstance(x, int) for x in items):
         raise GrowthConfigError(f"{field} must be an int or a non-empty tuple of ints, got {v!r}")
     return items
@@ -549,9 +554,11 @@ def _widen(
     round_to: int = 8,
     noise_std: float = 0.0,
     seed: int = 0,
-    split_noise: float = 0.0,
+    split_noise: float = 0.5,
 ) -> Net2WiderConfig:
-    """Net2WiderNet on the narrowest hidden layer / block (the first one on ties)."""
+    """Net2WiderNet on the narrowest hidden layer / block (the first one on ties). Actions
+    break the symmetry between copies by default, exactly (``split_noise=0.5``): plain copies
+    would stay identical forever and add no capacity."""
     widths = _widths(model)
     i = min(range(len(widths)), key=widths.__getitem__)
     return Net2WiderConfig(
@@ -575,7 +582,7 @@ def _widen_layers(
     round_to: int = 8,
     noise_std: float = 0.0,
     seed: int = 0,
-    split_noise: float = 0.0,
+    split_noise: float = 0.5,
 ) -> Net2WiderConfig:
     """Net2WiderNet on the given layers (indices or names, e.g. saturated ones). Names of
     tensors that are not hidden layers / blocks (the output ``head``, e.g. as reported by

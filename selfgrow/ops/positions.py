@@ -128,7 +128,7 @@ class ExtendPositionsConfig(OpConfig):
     ``"interpolate"`` or ``"tile"``); RoPE models only record the new length. EXACT on
     sequences of length ``<= L`` (and for RoPE at every length); new rows are brand-new
     coordinates for the optimizer. Sources: Beltagy et al. 2020 (Longformer: copied position
-    tables); Chen et al. 2023 (position interpolation); GROWTH-MATH.md, sequence length.
+    tables); Chen et al. 2023 (position interpolation); docs/GROWTH-MATH.md, sequence length.
     """
 
     name: ClassVar[str] = "extend_positions"
