@@ -15,7 +15,11 @@ Rules (see GROWTH-MATH.md; staged training, Shen et al. 2022):
   ``s = grad_scale``; step counts are copied;
 * brand-new coordinates inside a grown tensor: first moments 0, second moments the mean of the
   source tensor's second moment (a zero ``v`` with an already-corrected bias would make the
-  first update about 3x too large);
+  first update about 3x too large). With Adam/AdamW that ``v`` is a placeholder: at their
+  first gradient the new coordinates get ``v = c * mean(g_new**2)`` with ``c`` solved, as for
+  brand-new tensors below, so that their first update has the RMS of the tensor's own last
+  normalised update. (With ``m = 0`` and the old ``v``, the first update of new coordinates
+  came out 2-10x smaller than that of the old coordinates, whose ``m`` carries momentum);
 * brand-new tensors join the param group of their nearest sibling by name (longest common
   dotted prefix). With Adam/AdamW their state is initialised at their first gradient so that
   their first update has the RMS of the sibling's last normalised update (``m = 0``,
@@ -33,6 +37,7 @@ Supported: Adam, AdamW (incl. amsgrad), SGD (with or without momentum, Nesterov)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -54,6 +59,11 @@ SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 #: 0-dim tensor target_rms; the marker state also holds the sibling's ``step`` (Adam's
 #: ``load_state_dict`` expects a step in every non-empty state)
 LAZY_INIT_KEY = "selfgrow_lazy_init"
+#: state keys marking brand-new COORDINATES of a grown tensor under Adam, resolved at the first
+#: gradient: a per-coordinate tensor (nonzero = new; bool, or float after a state_dict
+#: round trip) and a 0-dim float64 target RMS of the first update (in units of lr)
+NEW_COORDS_KEY = "selfgrow_new_coords"
+NEW_COORDS_RMS_KEY = "selfgrow_new_coords_rms"
 
 
 @dataclass
@@ -104,7 +114,10 @@ class MigrationReport:
     kept: int = 0  # untouched tensors (state objects kept)
     fresh: int = 0  # brand-new tensors (empty state)
     zero_init: int = 0  # brand-new coordinates inside carried tensors
-    rule: str = "by-name; copies m*s, v*s^2; new coords m=0, v=mean(v_old)"
+    rule: str = (
+        "by-name; copies m*s, v*s^2; new coords m=0, v=mean(v_old) (Adam: v sized at the "
+        "first gradient to the tensor's update RMS)"
+    )
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -140,14 +153,15 @@ class MigrationPlan:
             g["params"] = params
             if names is not None:
                 g["param_names"] = names
-        if any(LAZY_INIT_KEY in st for st in self.states.values()):
+        if any(LAZY_INIT_KEY in st or NEW_COORDS_KEY in st for st in self.states.values()):
             install_hooks(opt)
         return self.report
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Raise IncompatibleOptimizerError if the optimizer's state cannot be migrated."""
-    known = FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | SCALAR_KEYS | {LAZY_INIT_KEY}
+    known = FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | SCALAR_KEYS | {
+        LAZY_INIT_KEY, NEW_COORDS_KEY, NEW_COORDS_RMS_KEY}
     for st in optimizer.state.values():
         for k, v in st.items():
             if k in known or not isinstance(v, torch.Tensor) or v.dim() == 0:
@@ -233,7 +247,8 @@ def plan_migration(
                 continue  # the source was not optimized: neither is its growth
             assignment[name] = where[src]
             st_old = optimizer.state.get(src, {})
-            states[p] = _migrate_state(st_old, m, p, report)
+            group = optimizer.param_groups[where[src]]
+            states[p] = _migrate_state(st_old, m, p, report, group)
             report.migrated += 1
         else:
             sib = _sibling(name, optimized_old) if optimized_old else None
@@ -262,17 +277,23 @@ def plan_migration(
     return MigrationPlan(optimizer, groups, group_names, remove, states, report)
 
 
-def _migrate_state(st_old: dict, m: ParamMap, p: nn.Parameter, report: MigrationReport) -> dict:
+def _migrate_state(
+    st_old: dict, m: ParamMap, p: nn.Parameter, report: MigrationReport, group: dict
+) -> dict:
     if LAZY_INIT_KEY in st_old:  # grown again before its first step: still brand-new
         return {k: v.clone() for k, v in st_old.items()}
     new: dict = {}
     s = m.grad_scale
     new_mask_count = 0
+    mask = torch.zeros((), dtype=torch.bool)
     for k, v in st_old.items():
         if not isinstance(v, torch.Tensor) or v.dim() == 0:
             new[k] = v.clone() if isinstance(v, torch.Tensor) else v
             continue
         vals, mask = m.gather(v, p.shape)
+        if k == NEW_COORDS_KEY:  # still pending from an earlier growth: stays pending
+            new[k] = ((vals != 0) | mask).contiguous()
+            continue
         if k in FIRST_MOMENT_KEYS:
             vals = vals * _as(s, vals)
             vals = vals.masked_fill(mask, 0.0)
@@ -284,7 +305,27 @@ def _migrate_state(st_old: dict, m: ParamMap, p: nn.Parameter, report: Migration
         new_mask_count = int(mask.sum())
         new[k] = vals
     report.zero_init += new_mask_count
+    if new_mask_count and NEW_COORDS_KEY not in new:
+        r = _normalised_update_rms(st_old, group)
+        if r is not None:
+            new[NEW_COORDS_KEY] = mask.contiguous()
+            new[NEW_COORDS_RMS_KEY] = torch.tensor(r, dtype=torch.float64)
     return new
+
+
+def _normalised_update_rms(st: dict, group: dict) -> float | None:
+    """RMS of Adam's last normalised update ``m_hat / (sqrt(v_hat) + eps)`` of a state, or
+    None when the group is not Adam-like or the state has not been stepped."""
+    if not (_is_adam_like(group) and "exp_avg" in st and "exp_avg_sq" in st and "step" in st):
+        return None
+    b1, b2 = group["betas"]
+    t = float(st["step"])
+    if t <= 0:
+        return None
+    m_hat = st["exp_avg"].double() / (1 - b1**t)
+    v_hat = st["exp_avg_sq"].double() / (1 - b2**t)
+    r = float((m_hat / (v_hat.sqrt() + group["eps"])).pow(2).mean().sqrt())
+    return r if r > 0 and math.isfinite(r) else None
 
 
 def _as(s: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
@@ -314,14 +355,8 @@ def _lazy_state(optimizer: torch.optim.Optimizer, sibling: nn.Parameter, group: 
     """State for a brand-new tensor: a marker (Adam-like optimizers whose sibling has been
     stepped) or empty (everything else: the optimizer initialises it itself)."""
     st = optimizer.state.get(sibling, {})
-    if not (_is_adam_like(group) and "exp_avg" in st and "exp_avg_sq" in st and "step" in st):
-        return {}
-    b1, b2 = group["betas"]
-    t = float(st["step"])
-    m_hat = st["exp_avg"].double() / (1 - b1**t)
-    v_hat = st["exp_avg_sq"].double() / (1 - b2**t)
-    r = float((m_hat / (v_hat.sqrt() + group["eps"])).pow(2).mean().sqrt())
-    if not (r > 0 and torch.isfinite(torch.tensor(r))):
+    r = _normalised_update_rms(st, group)
+    if r is None:
         return {}
     return {"step": st["step"].clone(), LAZY_INIT_KEY: torch.tensor(r, dtype=torch.float64)}
 
@@ -336,13 +371,13 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
     for group in optimizer.param_groups:
         for p in group["params"]:
             st = optimizer.state.get(p)
-            if not st or LAZY_INIT_KEY not in st or p.grad is None:
+            if not st or p.grad is None:
                 continue
-            t, r = float(st["step"]), float(st[LAZY_INIT_KEY])
-            b1, b2 = group["betas"]
-            bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-            a = ((1 - b1) * bc2**0.5 / (bc1 * r)) ** 2
-            c = max((a - (1 - b2)) / b2, 0.0)
+            if NEW_COORDS_KEY in st:
+                _init_new_coords(st, p.grad.detach(), group)
+            if LAZY_INIT_KEY not in st:
+                continue
+            c = _lazy_c(float(st["step"]), float(st[LAZY_INIT_KEY]), group)
             g = p.grad.detach()
             new = {
                 "step": st["step"].clone(),
@@ -352,6 +387,34 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
             if group.get("amsgrad"):
                 new["max_exp_avg_sq"] = new["exp_avg_sq"].clone()
             optimizer.state[p] = new
+
+
+def _lazy_c(t: float, r: float, group: dict) -> float:
+    """``c`` such that Adam's next update with ``m = 0``, ``v = c g^2`` at step ``t`` has
+    normalised size ``r`` (see :func:`_lazy_init_pre_step`)."""
+    b1, b2 = group["betas"]
+    bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+    a = ((1 - b1) * bc2**0.5 / (bc1 * r)) ** 2
+    return max((a - (1 - b2)) / b2, 0.0)
+
+
+def _init_new_coords(st: dict, g: torch.Tensor, group: dict) -> None:
+    """Resolve a NEW_COORDS marker in place: ``v = c * mean(g_new**2)`` on the new coordinates
+    (one value per tensor, so their relative gradient sizes are kept; RMS of the first update
+    = the tensor's last normalised update RMS). Coordinates stay at the placeholder ``v`` when
+    the new coordinates have no gradient at all."""
+    mask = st.pop(NEW_COORDS_KEY).to(device=g.device) != 0
+    r = float(st.pop(NEW_COORDS_RMS_KEY))
+    if "exp_avg_sq" not in st or not bool(mask.any()):
+        return
+    g2 = g.double().pow(2)[mask].mean()
+    if not bool(g2 > 0):
+        return
+    v = st["exp_avg_sq"]
+    value = (_lazy_c(float(st["step"]), r, group) * g2).to(v.dtype)
+    st["exp_avg_sq"] = torch.where(mask, value, v)
+    if "max_exp_avg_sq" in st:
+        st["max_exp_avg_sq"] = torch.where(mask, value, st["max_exp_avg_sq"])
 
 
 def install_hooks(optimizer: torch.optim.Optimizer) -> None:
