@@ -284,7 +284,8 @@ def _migrate_state(
         return {k: v.clone() for k, v in st_old.items()}
     new: dict = {}
     s = m.grad_scale
-    new_mask_count = 0
+    scaled = not (isinstance(s, (int, float)) and s == 1.0)
+    n_new = _count_new(m, p.shape)  # from the index vectors: no pass over the tensor
     mask = torch.zeros((), dtype=torch.bool)
     for k, v in st_old.items():
         if not isinstance(v, torch.Tensor) or v.dim() == 0:
@@ -292,25 +293,39 @@ def _migrate_state(
             continue
         vals, mask = m.gather(v, p.shape)
         if k == NEW_COORDS_KEY:  # still pending from an earlier growth: stays pending
-            new[k] = ((vals != 0) | mask).contiguous()
+            new[k] = ((vals != 0) | mask).contiguous() if n_new else (vals != 0)
             continue
+        # one fresh tensor per key, then in place (gather returns ``v`` itself when nothing
+        # is re-indexed: never write into the old state, a rollback must find it intact)
+        vals = vals.clone() if vals is v else vals.contiguous()
         if k in FIRST_MOMENT_KEYS:
-            vals = vals * _as(s, vals)
-            vals = vals.masked_fill(mask, 0.0)
+            if scaled:
+                vals.mul_(_as(s, vals))
+            if n_new:
+                vals.masked_fill_(mask, 0.0)
         elif k in SECOND_MOMENT_KEYS:
-            vals = vals * _as(s, vals) ** 2
-            if bool(mask.any()):
-                vals = torch.where(mask, v.mean(), vals)
-        vals = vals.contiguous()
-        new_mask_count = int(mask.sum())
+            if scaled:
+                vals.mul_(_as(s, vals) ** 2)
+            if n_new:
+                vals.masked_fill_(mask, v.mean())
         new[k] = vals
-    report.zero_init += new_mask_count
-    if new_mask_count and NEW_COORDS_KEY not in new:
+    report.zero_init += n_new
+    if n_new and NEW_COORDS_KEY not in new:
         r = _normalised_update_rms(st_old, group)
         if r is not None:
             new[NEW_COORDS_KEY] = mask.contiguous()
             new[NEW_COORDS_RMS_KEY] = torch.tensor(r, dtype=torch.float64)
     return new
+
+
+def _count_new(m: ParamMap, shape: torch.Size) -> int:
+    """Number of brand-new coordinates (an index of -1 on any dimension) of ``m``."""
+    total, kept = 1, 1
+    for d, size in enumerate(shape):
+        total *= int(size)
+        idx = m.index[d] if d < len(m.index) else None
+        kept *= int(size) if idx is None else int((idx >= 0).sum())
+    return total - kept
 
 
 def _normalised_update_rms(st: dict, group: dict) -> float | None:

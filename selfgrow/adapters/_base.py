@@ -562,14 +562,15 @@ def regrid(
         out = out.index_select(d, idx.clamp(min=0))
         shape = [1] * nd
         shape[d] = m.size
-        if m.value_scale is not None:
-            out = out * m.value_scale.to(device=out.device, dtype=out.dtype).view(shape)
+        if m.value_scale is not None and not bool((m.value_scale == 1).all()):
+            # ``out`` is the fresh result of index_select: scale it in place (one pass less)
+            out.mul_(m.value_scale.to(device=out.device, dtype=out.dtype).view(shape))
         new_mask = new_mask | (m.index < 0).view(shape)
         index[d] = m.index
         if m.grad_scale is not None:
             gscale = gscale * m.grad_scale.double().view(shape)
-    new_mask = new_mask.expand(out.shape).to(out.device)
-    if bool(new_mask.any()):
+    if bool(new_mask.any()):  # on the broadcastable mask: no pass over the tensor
+        new_mask = new_mask.expand(out.shape).to(out.device)
         out = torch.where(new_mask, fill(tuple(out.shape), out.dtype, out.device), out)
     if isinstance(gscale, torch.Tensor):
         gscale = gscale.to(dtype=torch.float32)
