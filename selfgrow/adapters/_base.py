@@ -71,7 +71,7 @@ from torch import nn
 
 from ..errors import GrowthConfigError, IncompatibleModelError
 from ..ops._surgery import Transaction
-from ..optim import ParamMap
+from ..optim import ParamMap, gather_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,7 +559,7 @@ def regrid(
     nd = t.dim()
     for d, m in sorted(axes.items()):
         idx = m.index.to(out.device)
-        out = out.index_select(d, idx.clamp(min=0))
+        out = gather_dim(out, d, idx)
         shape = [1] * nd
         shape[d] = m.size
         if m.value_scale is not None and not bool((m.value_scale == 1).all()):
