@@ -66,6 +66,8 @@ NEW_COORDS_KEY = "selfgrow_new_coords"
 NEW_COORDS_RMS_KEY = "selfgrow_new_coords_rms"
 
 
+#: elements sampled (evenly strided) to estimate a tensor's normalised Adam update RMS
+RMS_SAMPLE = 1 << 16
 #: gather by concatenating slices when the index has at most this many runs
 MAX_RUNS = 32
 
@@ -374,9 +376,15 @@ def _normalised_update_rms(st: dict, group: dict) -> float | None:
     t = float(st["step"])
     if t <= 0:
         return None
-    m_hat = st["exp_avg"].double() / (1 - b1**t)
-    v_hat = st["exp_avg_sq"].double() / (1 - b2**t)
-    r = float((m_hat / (v_hat.sqrt() + group["eps"])).pow(2).mean().sqrt())
+    m, v = st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1)
+    if m.numel() == 0:
+        return None
+    if m.numel() > RMS_SAMPLE:  # an RMS estimate: an evenly strided sample is plenty
+        stride = (m.numel() // RMS_SAMPLE) | 1  # odd: no aliasing with row lengths
+        m, v = m[::stride], v[::stride]
+    u = v.double().sqrt_().mul_(1.0 / math.sqrt(1 - b2**t)).add_(group["eps"])
+    u = torch.div(m.double(), u, out=u).mul_(1.0 / (1 - b1**t))
+    r = float(u.pow_(2).mean().sqrt())
     return r if r > 0 and math.isfinite(r) else None
 
 
