@@ -94,15 +94,15 @@ def gather_dim(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
         return t.index_select(dim, index.clamp(min=0))
     ends = starts[1:] + [n]
     first = index[starts].tolist()
-    parts = []
+    shape = list(t.shape)
+    shape[dim] = n
+    out = t.new_empty(shape)
     for a, b, i0 in zip(starts, ends, first, strict=True):
         if i0 < 0:
-            shape = list(t.shape)
-            shape[dim] = b - a
-            parts.append(t.new_zeros(shape))
+            out.narrow(dim, a, b - a).zero_()
         else:
-            parts.append(t.narrow(dim, i0, b - a))
-    return torch.cat(parts, dim) if len(parts) > 1 else parts[0].clone()
+            out.narrow(dim, a, b - a).copy_(t.narrow(dim, i0, b - a))
+    return out
 
 
 @dataclass
