@@ -5,6 +5,17 @@ Growth operators (``grow_``, ``list_operators``), optimizer-state migration
 a growth event log, and an Avalanche plugin (:mod:`selfgrow.continual`).
 """
 
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .control import (
+    Budget,
+    FixedSchedule,
+    GrowthController,
+    LossPlateau,
+    ReplayForgetting,
+    Rule,
+    RulePolicy,
+    Stabilizer,
+)
 from .errors import (
     BudgetExceededError,
     DataUnavailableError,
@@ -20,7 +31,18 @@ from .ops import OpConfig, get_operator, grow_, list_operators, make_config, reg
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
+    "Checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
     "BudgetExceededError",
+    "FixedSchedule",
+    "GrowthController",
+    "LossPlateau",
+    "ReplayForgetting",
+    "Rule",
+    "RulePolicy",
+    "Stabilizer",
     "DataUnavailableError",
     "GrowthConfigError",
     "GrowthEvent",
@@ -38,11 +60,3 @@ __all__ = [
     "read_events",
     "register_operator",
 ]
-
-
-def __getattr__(name: str):  # lazy: the controller pulls in more modules
-    if name in ("GrowthController",):
-        from .control.controller import GrowthController
-
-        return GrowthController
-    raise AttributeError(f"module 'selfgrow' has no attribute {name!r}")

@@ -13,13 +13,13 @@ Rules (see GROWTH-MATH.md; staged training, Shen et al. 2022):
 * untouched parameters keep their state objects (bit-identical) and their group;
 * copied coordinates: first moments ``m' = m * s``, second moments ``v' = v * s**2`` where
   ``s = grad_scale``; step counts are copied;
-* brand-new coordinates inside a grown tensor: first moments 0, second moments the mean of the
-  source tensor's second moment (a zero ``v`` with an already-corrected bias would make the
-  first update about 3x too large). With Adam/AdamW that ``v`` is a placeholder: at their
-  first gradient the new coordinates get ``v = c * mean(g_new**2)`` with ``c`` solved, as for
-  brand-new tensors below, so that their first update has the RMS of the tensor's own last
-  normalised update. (With ``m = 0`` and the old ``v``, the first update of new coordinates
-  came out 2-10x smaller than that of the old coordinates, whose ``m`` carries momentum);
+* brand-new coordinates inside a grown tensor: first moments 0; second moments (Adam/AdamW,
+  plain RMSprop) set at the tensor's first gradient after growth to ``c * g**2``, with ``c``
+  solved so that the new coordinates' update RMS equals that of the tensor's old coordinates
+  in the same step. A zero ``v`` with an already-corrected bias would make the first update
+  about 3x too large; the mean of the old ``v`` (GROWTH-MATH's example, kept as the fallback
+  until that first gradient) makes it 7-25x too small when the new coordinates' gradients
+  are smaller than the old ones' (zero fan-out units, fresh heads, new position rows);
 * brand-new tensors join the param group of their nearest sibling by name (longest common
   dotted prefix). With Adam/AdamW their state is initialised at their first gradient so that
   their first update has the RMS of the sibling's last normalised update (``m = 0``,
@@ -55,26 +55,23 @@ SCALAR_KEYS = frozenset({"step"})
 
 SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 
-#: state key marking a brand-new tensor whose Adam state is set at its first gradient; value:
-#: 0-dim tensor target_rms; the marker state also holds the sibling's ``step`` (Adam's
-#: ``load_state_dict`` expects a step in every non-empty state)
+#: state key marking state to be set at the first gradient; value: 0-dim tensor target RMS
+#: (NaN: take it from the tensor's old coordinates). A brand-new tensor's marker state also
+#: holds the sibling's ``step`` (Adam's ``load_state_dict`` expects a step in every state).
 LAZY_INIT_KEY = "selfgrow_lazy_init"
-#: state keys marking brand-new COORDINATES of a grown tensor under Adam, resolved at the first
-#: gradient: a per-coordinate tensor (nonzero = new; bool, or float after a state_dict
-#: round trip) and a 0-dim float64 target RMS of the first update (in units of lr)
-NEW_COORDS_KEY = "selfgrow_new_coords"
-NEW_COORDS_RMS_KEY = "selfgrow_new_coords_rms"
+#: bool mask (param shape) of new coordinates inside a grown tensor awaiting their first gradient
+LAZY_MASK_KEY = "selfgrow_lazy_mask"
 
 
 #: elements sampled (evenly strided) to estimate a tensor's normalised Adam update RMS
 RMS_SAMPLE = 1 << 16
-#: gather by concatenating slices when the index has at most this many runs
+#: gather by copying slices when the index has at most this many runs
 MAX_RUNS = 32
 
 
 def gather_dim(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """``t.index_select(dim, index.clamp(min=0))`` where only entries ``index >= 0`` matter:
-    new coordinates (``-1``) get arbitrary values. Always a new tensor.
+    new coordinates (``-1``) get arbitrary values (zeros here). Always a new tensor.
 
     Growth indices are mostly a few runs of consecutive coordinates (tiling
     ``[0..C-1, 0..C-1]``, appending ``[0..C-1, -1, ...]``); those are copied as slices,
@@ -84,6 +81,10 @@ def gather_dim(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     n = index.numel()
     if n == 0 or index.dim() != 1:
         return t.index_select(dim, index.clamp(min=0))
+    if int(index.max()) >= t.shape[dim]:
+        raise IndexError(
+            f"index {int(index.max())} out of range for dimension {dim} of size {t.shape[dim]}"
+        )
     new = index < 0
     key = index - torch.arange(n, device=index.device)
     brk = torch.zeros(n, dtype=torch.bool, device=index.device)
@@ -153,10 +154,7 @@ class MigrationReport:
     kept: int = 0  # untouched tensors (state objects kept)
     fresh: int = 0  # brand-new tensors (empty state)
     zero_init: int = 0  # brand-new coordinates inside carried tensors
-    rule: str = (
-        "by-name; copies m*s, v*s^2; new coords m=0, v=mean(v_old) (Adam: v sized at the "
-        "first gradient to the tensor's update RMS)"
-    )
+    rule: str = "by-name; copies m*s, v*s^2; new coords m=0, v=mean(v_old)"
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -192,15 +190,14 @@ class MigrationPlan:
             g["params"] = params
             if names is not None:
                 g["param_names"] = names
-        if any(LAZY_INIT_KEY in st or NEW_COORDS_KEY in st for st in self.states.values()):
+        if any(LAZY_INIT_KEY in st for st in self.states.values()):
             install_hooks(opt)
         return self.report
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Raise IncompatibleOptimizerError if the optimizer's state cannot be migrated."""
-    known = FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | SCALAR_KEYS | {
-        LAZY_INIT_KEY, NEW_COORDS_KEY, NEW_COORDS_RMS_KEY}
+    known = FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | SCALAR_KEYS | {LAZY_INIT_KEY, LAZY_MASK_KEY}
     for st in optimizer.state.values():
         for k, v in st.items():
             if k in known or not isinstance(v, torch.Tensor) or v.dim() == 0:
@@ -286,8 +283,9 @@ def plan_migration(
                 continue  # the source was not optimized: neither is its growth
             assignment[name] = where[src]
             st_old = optimizer.state.get(src, {})
-            group = optimizer.param_groups[where[src]]
-            states[p] = _migrate_state(st_old, m, p, report, group)
+            states[p] = _migrate_state(
+                st_old, m, p, report, optimizer.param_groups[where[src]]
+            )
             report.migrated += 1
         else:
             sib = _sibling(name, optimized_old) if optimized_old else None
@@ -319,20 +317,20 @@ def plan_migration(
 def _migrate_state(
     st_old: dict, m: ParamMap, p: nn.Parameter, report: MigrationReport, group: dict
 ) -> dict:
-    if LAZY_INIT_KEY in st_old:  # grown again before its first step: still brand-new
-        return {k: v.clone() for k, v in st_old.items()}
+    if LAZY_INIT_KEY in st_old and LAZY_MASK_KEY not in st_old:
+        return {k: v.clone() for k, v in st_old.items()}  # brand-new, grown again: still new
     new: dict = {}
     s = m.grad_scale
     scaled = not (isinstance(s, (int, float)) and s == 1.0)
     n_new = _count_new(m, p.shape)  # from the index vectors: no pass over the tensor
-    mask = torch.zeros((), dtype=torch.bool)
+    new_mask: torch.Tensor | None = None
     for k, v in st_old.items():
-        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        if k == LAZY_INIT_KEY or not isinstance(v, torch.Tensor) or v.dim() == 0:
             new[k] = v.clone() if isinstance(v, torch.Tensor) else v
             continue
-        vals, mask = m.gather(v, p.shape)
-        if k == NEW_COORDS_KEY:  # still pending from an earlier growth: stays pending
-            new[k] = ((vals != 0) | mask).contiguous() if n_new else (vals != 0)
+        vals, new_mask = m.gather(v, p.shape)
+        if k == LAZY_MASK_KEY:  # new coordinates of an earlier growth, not yet stepped
+            new[k] = vals | new_mask
             continue
         # one fresh tensor per key, then in place (gather returns ``v`` itself when nothing
         # is re-indexed: never write into the old state, a rollback must find it intact)
@@ -341,19 +339,19 @@ def _migrate_state(
             if scaled:
                 vals.mul_(_as(s, vals))
             if n_new:
-                vals.masked_fill_(mask, 0.0)
+                vals.masked_fill_(new_mask, 0.0)
         elif k in SECOND_MOMENT_KEYS:
             if scaled:
                 vals.mul_(_as(s, vals) ** 2)
-            if n_new:
-                vals.masked_fill_(mask, v.mean())
+            if n_new:  # fallback until the first gradient (see _lazy_init_pre_step)
+                vals.masked_fill_(new_mask, v.mean())
         new[k] = vals
-    report.zero_init += n_new
-    if n_new and NEW_COORDS_KEY not in new:
-        r = _normalised_update_rms(st_old, group)
-        if r is not None:
-            new[NEW_COORDS_KEY] = mask.contiguous()
-            new[NEW_COORDS_RMS_KEY] = torch.tensor(r, dtype=torch.float64)
+    if new_mask is not None and n_new:
+        report.zero_init += n_new
+        if _lazy_capable(group) and any(k in SECOND_MOMENT_KEYS for k in new):
+            prev = new.get(LAZY_MASK_KEY)
+            new[LAZY_MASK_KEY] = new_mask.contiguous() if prev is None else prev | new_mask
+            new[LAZY_INIT_KEY] = torch.tensor(float("nan"), dtype=torch.float64)
     return new
 
 
@@ -365,27 +363,6 @@ def _count_new(m: ParamMap, shape: torch.Size) -> int:
         idx = m.index[d] if d < len(m.index) else None
         kept *= int(size) if idx is None else int((idx >= 0).sum())
     return total - kept
-
-
-def _normalised_update_rms(st: dict, group: dict) -> float | None:
-    """RMS of Adam's last normalised update ``m_hat / (sqrt(v_hat) + eps)`` of a state, or
-    None when the group is not Adam-like or the state has not been stepped."""
-    if not (_is_adam_like(group) and "exp_avg" in st and "exp_avg_sq" in st and "step" in st):
-        return None
-    b1, b2 = group["betas"]
-    t = float(st["step"])
-    if t <= 0:
-        return None
-    m, v = st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1)
-    if m.numel() == 0:
-        return None
-    if m.numel() > RMS_SAMPLE:  # an RMS estimate: an evenly strided sample is plenty
-        stride = (m.numel() // RMS_SAMPLE) | 1  # odd: no aliasing with row lengths
-        m, v = m[::stride], v[::stride]
-    u = v.double().sqrt_().mul_(1.0 / math.sqrt(1 - b2**t)).add_(group["eps"])
-    u = torch.div(m.double(), u, out=u).mul_(1.0 / (1 - b1**t))
-    r = float(u.pow_(2).mean().sqrt())
-    return r if r > 0 and math.isfinite(r) else None
 
 
 def _as(s: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
@@ -415,66 +392,98 @@ def _lazy_state(optimizer: torch.optim.Optimizer, sibling: nn.Parameter, group: 
     """State for a brand-new tensor: a marker (Adam-like optimizers whose sibling has been
     stepped) or empty (everything else: the optimizer initialises it itself)."""
     st = optimizer.state.get(sibling, {})
-    r = _normalised_update_rms(st, group)
-    if r is None:
+    if not (_is_adam_like(group) and "exp_avg" in st and "exp_avg_sq" in st and "step" in st):
+        return {}
+    b1, b2 = group["betas"]
+    t = float(st["step"])
+    m, v = st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1)
+    if m.numel() > RMS_SAMPLE:  # an RMS estimate: an evenly strided sample is plenty
+        stride = (m.numel() // RMS_SAMPLE) | 1  # odd: no aliasing with row lengths
+        m, v = m[::stride], v[::stride]
+    m_hat = m.double() / (1 - b1**t)
+    v_hat = v.double() / (1 - b2**t)
+    r = float((m_hat / (v_hat.sqrt() + group["eps"])).pow(2).mean().sqrt())
+    if not (r > 0 and math.isfinite(r)):
         return {}
     return {"step": st["step"].clone(), LAZY_INIT_KEY: torch.tensor(r, dtype=torch.float64)}
 
 
-def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwargs: object) -> None:
-    """Optimizer step pre-hook: turn markers into Adam state using each tensor's gradient.
-
-    With ``m = 0`` and ``v = c g^2`` at sibling step ``t``, Adam's next update on a coordinate
-    is ``lr * (1-b1) / bc1 * sqrt(bc2) / sqrt(b2 c + 1 - b2)`` (bc = bias corrections at
-    ``t+1``); ``c`` is chosen so that this equals the sibling's last normalised update RMS.
-    """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if not st or p.grad is None:
-                continue
-            if NEW_COORDS_KEY in st:
-                _init_new_coords(st, p.grad.detach(), group)
-            if LAZY_INIT_KEY not in st:
-                continue
-            c = _lazy_c(float(st["step"]), float(st[LAZY_INIT_KEY]), group)
-            g = p.grad.detach()
-            new = {
-                "step": st["step"].clone(),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": (g * g * c).to(p.dtype).clone(memory_format=torch.preserve_format),
-            }
-            if group.get("amsgrad"):
-                new["max_exp_avg_sq"] = new["exp_avg_sq"].clone()
-            optimizer.state[p] = new
+def _is_rmsprop(group: dict) -> bool:
+    return "alpha" in group and not group.get("centered", False)
 
 
-def _lazy_c(t: float, r: float, group: dict) -> float:
-    """``c`` such that Adam's next update with ``m = 0``, ``v = c g^2`` at step ``t`` has
-    normalised size ``r`` (see :func:`_lazy_init_pre_step`)."""
-    b1, b2 = group["betas"]
+def _lazy_capable(group: dict) -> bool:
+    return _is_adam_like(group) or _is_rmsprop(group)
+
+
+def _adam_c(r: float, t: float, b1: float, b2: float) -> float:
+    """``c`` such that ``m = 0, v = c g^2`` at step ``t`` gives a next update of RMS ``r`` (in
+    units of lr): the update is ``(1-b1)/bc1 * sqrt(bc2) / sqrt(b2 c + 1 - b2)``."""
     bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
     a = ((1 - b1) * bc2**0.5 / (bc1 * r)) ** 2
     return max((a - (1 - b2)) / b2, 0.0)
 
 
-def _init_new_coords(st: dict, g: torch.Tensor, group: dict) -> None:
-    """Resolve a NEW_COORDS marker in place: ``v = c * mean(g_new**2)`` on the new coordinates
-    (one value per tensor, so their relative gradient sizes are kept; RMS of the first update
-    = the tensor's last normalised update RMS). Coordinates stay at the placeholder ``v`` when
-    the new coordinates have no gradient at all."""
-    mask = st.pop(NEW_COORDS_KEY).to(device=g.device) != 0
-    r = float(st.pop(NEW_COORDS_RMS_KEY))
-    if "exp_avg_sq" not in st or not bool(mask.any()):
-        return
-    g2 = g.double().pow(2)[mask].mean()
-    if not bool(g2 > 0):
-        return
-    v = st["exp_avg_sq"]
-    value = (_lazy_c(float(st["step"]), r, group) * g2).to(v.dtype)
-    st["exp_avg_sq"] = torch.where(mask, value, v)
-    if "max_exp_avg_sq" in st:
-        st["max_exp_avg_sq"] = torch.where(mask, value, st["max_exp_avg_sq"])
+def _rms(x: torch.Tensor) -> float:
+    return float(x.double().pow(2).mean().sqrt()) if x.numel() else float("nan")
+
+
+def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwargs: object) -> None:
+    """Optimizer step pre-hook: give coordinates awaiting their first gradient their state.
+
+    * Brand-new tensors (Adam/AdamW): ``m = 0`` and ``v = c g^2`` at the sibling's step ``t``,
+      with ``c`` from :func:`_adam_c` so the update RMS equals the sibling's last normalised
+      update RMS.
+    * New coordinates inside a grown tensor (Adam/AdamW, RMSprop): the same construction, with
+      the target RMS taken from THIS step's update of the tensor's old coordinates (computed
+      from their state and the current gradient), so old and new coordinates move alike.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st or LAZY_INIT_KEY not in st or p.grad is None:
+                continue
+            g = p.grad.detach()
+            mask = st.get(LAZY_MASK_KEY)
+            if mask is None:  # brand-new tensor (Adam-like only)
+                t, r = float(st["step"]), float(st[LAZY_INIT_KEY])
+                b1, b2 = group["betas"]
+                c = _adam_c(r, t, b1, b2)
+                new = {
+                    "step": st["step"].clone(),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": (g * g * c).to(p.dtype),
+                }
+                if group.get("amsgrad"):
+                    new["max_exp_avg_sq"] = new["exp_avg_sq"].clone()
+                optimizer.state[p] = new
+                continue
+            new = {k: v for k, v in st.items() if k not in (LAZY_INIT_KEY, LAZY_MASK_KEY)}
+            old = ~mask
+            eps = group["eps"]
+            if _is_adam_like(group) and "exp_avg_sq" in new:
+                t = float(new["step"])
+                b1, b2 = group["betas"]
+                bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+                m1 = b1 * new["exp_avg"][old] + (1 - b1) * g[old]
+                v1 = b2 * new["exp_avg_sq"][old] + (1 - b2) * g[old] ** 2
+                r = _rms((m1 / bc1) / ((v1 / bc2).sqrt() + eps))
+                if r > 0 and r == r:
+                    c = _adam_c(r, t, b1, b2)
+                    new["exp_avg"] = new["exp_avg"].masked_fill(mask, 0.0)
+                    v_new = (g * g * c).to(p.dtype)
+                    new["exp_avg_sq"] = torch.where(mask, v_new, new["exp_avg_sq"])
+                    if "max_exp_avg_sq" in new:
+                        new["max_exp_avg_sq"] = torch.where(mask, v_new, new["max_exp_avg_sq"])
+            elif _is_rmsprop(group) and "square_avg" in new:
+                a = group["alpha"]
+                v1 = a * new["square_avg"][old] + (1 - a) * g[old] ** 2
+                r = _rms(g[old] / (v1.sqrt() + eps))
+                if r > 0 and r == r:
+                    c = max((1 / r**2 - (1 - a)) / a, 0.0)
+                    v_new = (g * g * c).to(p.dtype)
+                    new["square_avg"] = torch.where(mask, v_new, new["square_avg"])
+            optimizer.state[p] = new
 
 
 def install_hooks(optimizer: torch.optim.Optimizer) -> None:

@@ -115,3 +115,105 @@ def check_grads(model: nn.Module, args: tuple) -> None:
             assert p.grad is not None or "pooler" in n, n
             if p.grad is not None:
                 assert torch.isfinite(p.grad).all(), n
+
+
+# --------------------------------------------------------------------------- shared helpers
+# (FFN / heads / positions / compound operator tests)
+def snapshot(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Deep copy of the state dict, the config (if any) and the optimizer state."""
+    cfg = getattr(model, "config", None)
+    return dict(
+        sd={k: v.clone() for k, v in model.state_dict().items()},
+        cfg=copy.deepcopy(cfg.__dict__) if cfg is not None else None,
+        opt=copy.deepcopy(opt.state_dict()) if opt is not None else None,
+        params=[id(p) for p in model.parameters()],
+    )
+
+
+def assert_unchanged(model: nn.Module, snap: dict[str, Any],
+                     opt: torch.optim.Optimizer | None = None) -> None:
+    """Model (tensors, config, parameter objects) and optimizer are bit-identical to ``snap``."""
+    sd = model.state_dict()
+    assert sd.keys() == snap["sd"].keys()
+    assert all(torch.equal(sd[k], snap["sd"][k]) for k in sd)
+    assert [id(p) for p in model.parameters()] == snap["params"]
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        assert cfg.__dict__ == snap["cfg"]
+    if opt is not None:
+        now = opt.state_dict()
+        assert now["param_groups"] == snap["opt"]["param_groups"]
+        assert now["state"].keys() == snap["opt"]["state"].keys()
+        for k, st in now["state"].items():
+            for name, v in st.items():
+                ref = snap["opt"]["state"][k][name]
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(ref)), (k, name)
+
+
+def _proj_loss(model: nn.Module, args: tuple, c0: int, proj: torch.Tensor) -> torch.Tensor:
+    y = output(model, args, c0) if isinstance(model, nn.TransformerEncoder) else run(model, args)
+    if not is_lm(model) and y.shape[-1] != c0:  # widened stream: read the mean of the copies
+        y = y.reshape(*y.shape[:-1], -1, c0).mean(-2)
+    return (y * proj).sum()
+
+
+def check_grad_scales(family: str, config: Any, seed: int = 0, rtol: float = 1e-7) -> int:
+    """Apply ``config`` to a randomised fp64 ``family`` model and check the documented
+    ParamMaps against real gradients: for every grown parameter, new grad == gathered old grad
+    * grad_scale on non-new coordinates; parameters without a map keep their gradient.
+
+    Returns:
+        number of parameters checked.
+    """
+    from selfgrow.ops import Transaction
+
+    torch.manual_seed(seed)
+    model = randomize_(FAMILIES[family](), seed=seed).double().eval()
+    args = make_input(model, dtype=torch.float64, seed=seed)
+    c0 = get_adapter(model).dims().d_model
+    out = run(model, args)
+    proj = torch.randn(out.shape[:-1] + (out.shape[-1] if is_lm(model) else c0,),
+                       dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    _proj_loss(model, args, c0, proj).backward()
+    old = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with Transaction() as tx:
+        res = get_operator(config).apply(model, config, tx)
+    _proj_loss(model, args, c0, proj).backward()
+    checked = 0
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        pm = res.param_maps.get(name)
+        if pm is None:
+            if name in old and old[name].shape == p.shape:
+                torch.testing.assert_close(p.grad, old[name], rtol=rtol, atol=1e-10, msg=name)
+                checked += 1
+            continue
+        if pm.source is None or pm.source not in old:
+            continue
+        want, new_mask = pm.gather(old[pm.source], p.shape)
+        gs = pm.grad_scale if isinstance(pm.grad_scale, float) else pm.grad_scale.double()
+        want = want * gs
+        keep = ~new_mask
+        torch.testing.assert_close(p.grad[keep], want.expand(p.shape)[keep], rtol=rtol,
+                                   atol=1e-10, msg=name)
+        checked += 1
+    return checked
+
+
+def check_exact_sg(cfg_kw: dict[str, Any], config: Any, seed: int, T: int = 4,
+                   tol: float = FP64_TOL) -> nn.Module:
+    """Property-test body: a randomised fp64 GrowableTransformer built from ``cfg_kw`` keeps
+    its output (max rel error <= tol) under ``config``; config and modules agree after."""
+    from selfgrow.models.transformer import GrowableTransformer, TransformerConfig
+
+    model = randomize_(GrowableTransformer(TransformerConfig(**cfg_kw)), seed=seed).double()
+    model.eval()
+    x = torch.randint(0, cfg_kw["vocab_size"], (2, T),
+                      generator=torch.Generator().manual_seed(seed))
+    ev = grow_(model, config, probe=x)
+    assert ev.preservation["exact_expected"], (cfg_kw, config)
+    assert ev.preservation["max_rel"] <= tol, (cfg_kw, config, ev.preservation)
+    get_adapter(model).check()
+    return model

@@ -61,6 +61,9 @@ EXAMPLES: dict[str, dict[str, ConfigFactory]] = {
         "first": lambda m: Net2WiderConfig(layer=0, new_width=_widths(m)[0] + 5),
         "into_head": lambda m: Net2WiderConfig(layer=1, new_width=2 * _widths(m)[1] + 1),
         "widen_layers": lambda m: resolve_action("widen_layers", m, layers=[0, 1], round_to=1),
+        "split_noise": lambda m: Net2WiderConfig(
+            layer=0, new_width=2 * _widths(m)[0] + 3, split_noise=0.5, seed=1
+        ),
     },
     "net2deeper": {
         "first": lambda m: Net2DeeperConfig(layer=0),
@@ -69,7 +72,9 @@ EXAMPLES: dict[str, dict[str, ConfigFactory]] = {
 }
 
 
-def _bad_split_outgoing(w: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _bad_split_outgoing(
+    w: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor, *args: Any
+) -> torch.Tensor:
     return w.index_select(1, idx.to(w.device))  # forgets to divide by the copy count
 
 
@@ -239,6 +244,35 @@ def test_net2wider_noise_is_inexact_and_says_so(family: str):
     err, event = grow_and_measure(model, cfg, _inputs(64) * 3, optimizer=opt)
     assert event.preservation["exact_expected"] is False
     assert not is_exact(err, torch.float32)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_net2wider_split_noise_breaks_symmetry_exactly(family: str):
+    """Exact symmetry breaking: twins of a unit get unequal outgoing shares (summing to 1), so
+    the function is preserved but their incoming weights receive different gradients."""
+
+    def twin_grad_gap(split_noise: float) -> tuple[float, float]:
+        model, _ = trained(family)
+        w = _widths(model)[0]
+        cfg = Net2WiderConfig(layer=0, new_width=2 * w, split_noise=split_noise, seed=2)
+        err, event = grow_and_measure(model, cfg, _inputs(64) * 3)
+        assert event.preservation["exact_expected"] is True
+        model.zero_grad()
+        F.cross_entropy(model(_inputs(32)), torch.arange(32) % 10).backward()
+        name = "hidden.0.weight" if isinstance(model, GrowableMLP) else "blocks.0.conv.weight"
+        g = dict(model.named_parameters())[name].grad
+        new_w = dict(model.named_parameters())[name].detach()
+        gaps = []
+        for k in range(w, 2 * w):  # each copy vs the unit it copies
+            j = int(((new_w[:w] - new_w[k]).flatten(1).abs().sum(1)).argmin())
+            gaps.append(float((g[k] - g[j]).abs().max()))
+        return err, max(gaps)
+
+    err, gap = twin_grad_gap(0.5)
+    assert is_exact(err, torch.float32), err
+    assert gap > 1e-6, "split noise did not break the symmetry"
+    err0, gap0 = twin_grad_gap(0.0)  # control: plain Net2WiderNet keeps twins identical
+    assert is_exact(err0, torch.float32) and gap0 < 1e-7, gap0
 
 
 def test_net2wider_cnn_with_batchnorm_is_exact_in_train_mode_too():
@@ -430,6 +464,9 @@ def test_action_errors_name_valid_choices():
         resolve_action("widen_layers", model, layers=["head.weight"])
     with pytest.raises(GrowthConfigError, match="out of range|valid"):
         resolve_action("widen_layers", model, layers=[5])
+    # saturated-layer lists may name the head (GradientSaturation does): it is skipped
+    cfg = resolve_action("widen_layers", model, layers=["head.weight", "hidden.1.weight"])
+    assert cfg.layer == (1,)
     with pytest.raises(GrowthConfigError, match="non-empty"):
         resolve_action("widen_layers", model, layers=[])
     with pytest.raises(GrowthConfigError, match="factor"):

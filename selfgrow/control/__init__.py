@@ -9,6 +9,7 @@ Public API::
 
 from .actions import list_actions, register_action, resolve_action
 from .controller import GrowthController
+from .distributed import DistributedGrowthController
 from .policies import Budget, Decision, Policy, PolicyContext, Rule, RulePolicy
 from .schedules import FixedSchedule
 from .signals import (
@@ -29,6 +30,7 @@ __all__ = [
     "Budget",
     "CapacityProbe",
     "Decision",
+    "DistributedGrowthController",
     "ExpertOverload",
     "FixedSchedule",
     "GradientSaturation",

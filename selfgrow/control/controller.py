@@ -346,10 +346,19 @@ class GrowthController:
         return self.policy.decide(states, self._context())
 
     # --- internals ----------------------------------------------------------------------------
+    def _n_params(self) -> int:
+        """Parameter count, cached until the next growth through this controller (or a
+        change of ``self.model``)."""
+        key = (id(self.model), self.n_growths)
+        if getattr(self, "_n_params_key", None) != key:
+            self._n_params_key = key
+            self._n_params_val = count_params(self.model)
+        return self._n_params_val
+
     def _context(self) -> PolicyContext:
         return PolicyContext(
             step=self.step,
-            n_params=count_params(self.model),
+            n_params=self._n_params(),
             n_growths=self.n_growths,
             last_growth_step=self.last_growth_step,
             last_attempt_step=self.last_attempt_step,

@@ -82,6 +82,19 @@ def _check_int(what: str, value: int, lo: int) -> None:
         raise GrowthConfigError(f"{what}={value!r} is out of range; valid: an integer >= {lo}")
 
 
+def _grad_weight_ratios(weights: list[torch.Tensor]) -> list[float]:
+    """``|grad| / |w|`` per tensor with a single device->host transfer (no per-layer sync)."""
+    try:
+        g = torch.stack([torch.linalg.vector_norm(w.grad.detach().float()) for w in weights])
+        n = torch.stack([torch.linalg.vector_norm(w.detach().float()) for w in weights])
+        return (g / (n + 1e-12)).tolist()
+    except RuntimeError:  # tensors on several devices: one transfer per tensor
+        return [
+            float(w.grad.detach().float().norm()) / (float(w.detach().float().norm()) + 1e-12)
+            for w in weights
+        ]
+
+
 def _float(x: Any) -> float:
     if isinstance(x, torch.Tensor):
         return float(x.detach().float().mean()) if x.numel() != 1 else float(x.detach())
@@ -494,8 +507,7 @@ class GradientSaturation(Signal):
         beta = 1.0 - 1.0 / self.history
         scores: dict[str, float] = {}
         saturated: list[str] = []
-        for name, w in layers:
-            r = float(w.grad.detach().float().norm()) / (float(w.detach().float().norm()) + 1e-12)
+        for (name, _), r in zip(layers, _grad_weight_ratios([w for _, w in layers]), strict=True):
             if not math.isfinite(r):
                 continue
             q = self._recent.setdefault(name, deque(maxlen=self.window))

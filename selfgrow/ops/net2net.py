@@ -104,14 +104,28 @@ def _copy_counts(idx: torch.Tensor, old: int) -> torch.Tensor:
     return torch.bincount(idx, minlength=old).to(torch.float64)
 
 
-def _split_outgoing(w: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _split_outgoing(
+    w: torch.Tensor,
+    idx: torch.Tensor,
+    counts: torch.Tensor,
+    split_noise: float = 0.0,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
     """Outgoing weights of the widened layer: ``w`` (out, old, *k) -> (out, new, *k) with
-    column ``j`` = ``w[:, idx[j]] / counts[idx[j]]`` (every copy, original included, carries an
-    equal share of the unit's output)."""
-    scale = (1.0 / counts[idx]).to(device=w.device, dtype=w.dtype)
-    shape = [1] * w.dim()
-    shape[1] = -1
-    return w.index_select(1, idx.to(w.device)) * scale.view(shape)
+    column ``j`` = ``w[:, idx[j]] * share[:, j]``; ``share = 1/counts[idx[j]]`` (every copy,
+    original included, carries an equal share of the unit's output) plus, when
+    ``split_noise > 0``, noise of shape (out, new) centred over each unit's copies so that
+    every unit's shares still sum to 1 per output row (exact)."""
+    share = (1.0 / counts[idx]).view(1, -1).expand(w.shape[0], -1)
+    if split_noise > 0:
+        eps = torch.randn(share.shape, generator=gen, dtype=torch.float64) * split_noise
+        group_sum = torch.zeros(w.shape[0], counts.numel(), dtype=torch.float64)
+        group_sum.index_add_(1, idx, eps)
+        eps = eps - (group_sum / counts)[:, idx]
+        share = share + eps
+    shape = [w.shape[0], -1] + [1] * (w.dim() - 2)
+    scale = share.to(device=w.device, dtype=w.dtype).reshape(shape)
+    return w.index_select(1, idx.to(w.device)) * scale
 
 
 def _identity_matrix(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -158,6 +172,11 @@ class Net2WiderConfig(OpConfig):
             must exceed the current width.
         noise_std: std of Gaussian noise added to the incoming weights of the new copies to
             break symmetry; 0 (default) keeps the operator exact, > 0 makes it inexact.
+        split_noise: symmetry breaking that stays EXACT: the outgoing weight of every copy of
+            a unit is its share ``1/c`` plus centred Gaussian noise of this std, drawn per
+            (output, copy) and re-centred so the shares of each unit's copies still sum to 1
+            for every output (the copies have identical activations, so the sum is what the
+            next layer sees). Twins then receive different gradients and separate.
         seed: seed of the choice of units to copy and of the noise.
     """
 
@@ -167,6 +186,7 @@ class Net2WiderConfig(OpConfig):
     new_width: int | tuple[int, ...] = 0
     noise_std: float = 0.0
     seed: int = 0
+    split_noise: float = 0.0
 
     def targets(self) -> dict[int, int]:
         """``{layer: new_width}`` (validated types and lengths)."""
@@ -245,11 +265,12 @@ class Net2WiderNet(Operator):
                     f"new_width {new} for {_layer_prefix(model)}.{layer} must exceed its "
                     f"current width {widths[layer]} (Net2WiderNet only grows)"
                 )
-        noise = config.noise_std
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)):
-            raise GrowthConfigError(f"noise_std must be a float, got {noise!r}")
-        if not (math.isfinite(noise) and noise >= 0):
-            raise GrowthConfigError(f"noise_std must be finite and >= 0, got {noise}")
+        for field_name in ("noise_std", "split_noise"):
+            noise = getattr(config, field_name)
+            if isinstance(noise, bool) or not isinstance(noise, (int, float)):
+                raise GrowthConfigError(f"{field_name} must be a float, got {noise!r}")
+            if not (math.isfinite(noise) and noise >= 0):
+                raise GrowthConfigError(f"{field_name} must be finite and >= 0, got {noise}")
         if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
             raise GrowthConfigError(f"seed must be an int >= 0, got {config.seed!r}")
 
@@ -277,7 +298,9 @@ class Net2WiderNet(Operator):
             index: list[torch.Tensor | None] = [None] * t.dim()
             grad_scale: float | torch.Tensor = 1.0
             if e.cols is not None:
-                t = _split_outgoing(t, e.cols, _copy_counts(e.cols, e.col_old))
+                t = _split_outgoing(
+                    t, e.cols, _copy_counts(e.cols, e.col_old), config.split_noise, gen
+                )
                 index[1] = e.cols
             if e.rows is not None:
                 t = t.index_select(0, e.rows.to(t.device))
@@ -526,12 +549,17 @@ def _widen(
     round_to: int = 8,
     noise_std: float = 0.0,
     seed: int = 0,
+    split_noise: float = 0.0,
 ) -> Net2WiderConfig:
     """Net2WiderNet on the narrowest hidden layer / block (the first one on ties)."""
     widths = _widths(model)
     i = min(range(len(widths)), key=widths.__getitem__)
     return Net2WiderConfig(
-        layer=i, new_width=grown_width(widths[i], factor, round_to), noise_std=noise_std, seed=seed
+        layer=i,
+        new_width=grown_width(widths[i], factor, round_to),
+        noise_std=noise_std,
+        seed=seed,
+        split_noise=split_noise,
     )
 
 
@@ -547,17 +575,29 @@ def _widen_layers(
     round_to: int = 8,
     noise_std: float = 0.0,
     seed: int = 0,
+    split_noise: float = 0.0,
 ) -> Net2WiderConfig:
-    """Net2WiderNet on the given layers (indices or names, e.g. saturated ones)."""
+    """Net2WiderNet on the given layers (indices or names, e.g. saturated ones). Names of
+    tensors that are not hidden layers / blocks (the output ``head``, e.g. as reported by
+    GradientSaturation) are skipped; GrowthConfigError if nothing widenable remains."""
     if isinstance(layers, (str, int)) or not layers:
         raise GrowthConfigError(f"layers must be a non-empty list of names/indices, got {layers!r}")
-    idx = sorted({resolve_layer(model, layer) for layer in layers})
+    head = [x for x in layers if isinstance(x, str) and x.split(".")[0] == "head"]
+    rest = [x for x in layers if x not in head]
+    if not rest:
+        raise GrowthConfigError(
+            f"none of {list(layers)!r} is a widenable hidden layer / block of "
+            f"{type(model).__name__} (the output head keeps its width); valid: "
+            + ", ".join(f"{_layer_prefix(model)}.{i}" for i in range(len(_widths(model))))
+        )
+    idx = sorted({resolve_layer(model, layer) for layer in rest})
     widths = _widths(model)
     return Net2WiderConfig(
         layer=tuple(idx),
         new_width=tuple(grown_width(widths[i], factor, round_to) for i in idx),
         noise_std=noise_std,
         seed=seed,
+        split_noise=split_noise,
     )
 
 

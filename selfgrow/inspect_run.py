@@ -1,0 +1,325 @@
+"""``selfgrow inspect RUN_DIR``: growth timeline, run summary and an optional PNG plot.
+
+Reads what ``selfgrow run`` (or any loop with a GrowthController and a log_dir) writes:
+``events.jsonl`` (growth events; corrupt or truncated lines are reported by number and
+skipped), ``summary.json`` (optional), ``metrics.jsonl`` (optional scalars: loss, parameter
+count, signal values, evaluations).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from .events import BadLine, GrowthEvent, read_events
+from .events.record import _jsonable
+
+
+@dataclass
+class RunRecord:
+    """Everything ``inspect`` found in a run directory."""
+
+    run_dir: Path
+    events: list[GrowthEvent] = field(default_factory=list)
+    bad_lines: list[BadLine] = field(default_factory=list)
+    has_events_file: bool = False
+    summary: dict[str, Any] | None = None
+    summary_error: str | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    bad_metric_lines: list[int] = field(default_factory=list)
+
+    @property
+    def growths(self) -> list[GrowthEvent]:
+        return [e for e in self.events if e.kind == "growth"]
+
+
+class RunDirError(Exception):
+    """The run directory is missing or is not a directory."""
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    """Read a run directory tolerantly.
+
+    Raises:
+        RunDirError: ``run_dir`` does not exist or is not a directory.
+    """
+    d = Path(run_dir)
+    if not d.exists():
+        raise RunDirError(f"run directory {str(d)!r} does not exist")
+    if not d.is_dir():
+        raise RunDirError(f"{str(d)!r} is not a directory")
+    rec = RunRecord(run_dir=d)
+    ev_path = d / "events.jsonl"
+    if ev_path.is_file():
+        rec.has_events_file = True
+        rec.events, rec.bad_lines = read_events(ev_path)
+    s_path = d / "summary.json"
+    if s_path.is_file():
+        try:
+            rec.summary = json.loads(s_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            rec.summary_error = f"summary.json unreadable: {e}"
+    m_path = d / "metrics.jsonl"
+    if m_path.is_file():
+        with open(m_path, encoding="utf-8", errors="replace") as fh:
+            for i, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    rec.bad_metric_lines.append(i)
+                    continue
+                if isinstance(row, dict):
+                    rec.metrics.append(row)
+                else:
+                    rec.bad_metric_lines.append(i)
+    return rec
+
+
+def _num(v: Any, fmt: str = "{:.4g}") -> str:
+    if isinstance(v, bool) or v is None:
+        return "-"
+    if isinstance(v, (int, float)):
+        return fmt.format(v) if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def timeline_rows(events: list[GrowthEvent], include_skipped: bool = False) -> list[dict[str, Any]]:
+    """One dict per growth (and, optionally, skipped/anomaly) event, in log order."""
+    rows = []
+    for e in events:
+        if e.kind != "growth" and not include_skipped:
+            continue
+        trig = e.trigger or {}
+        act = e.action or {}
+        pres = e.preservation or {}
+        cfg = (act.get("config") or {}).get("data") or {}
+        rows.append({
+            "seq": e.seq,
+            "kind": e.kind,
+            "step": e.step,
+            "epoch": e.epoch,
+            "experience": e.experience,
+            "signal": trig.get("signal"),
+            "value": trig.get("value"),
+            "threshold": trig.get("threshold"),
+            "action": act.get("name"),
+            "operator": act.get("op") or act.get("name"),
+            "operator_config": cfg,
+            "params_before": e.params_before,
+            "params_after": e.params_after,
+            "preservation_max_abs": pres.get("max_abs"),
+            "preservation_max_rel": pres.get("max_rel"),
+            "exact_expected": pres.get("exact_expected"),
+            "reason": e.reason,
+        })
+    return rows
+
+
+def format_timeline(rows: list[dict[str, Any]]) -> str:
+    """Aligned text table of :func:`timeline_rows`."""
+    header = ["#", "kind", "step", "exp", "trigger", "value (threshold)", "operator",
+              "params before -> after", "preservation max_abs (rel)"]
+    table = [header]
+    for r in rows:
+        cfg = r["operator_config"]
+        brief = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("seed", "noise_std"))
+        op = f"{r['operator']}({brief})" if brief else str(r["operator"])
+        table.append([
+            str(r["seq"]),
+            r["kind"],
+            _num(r["step"], "{}"),
+            _num(r["experience"], "{}"),
+            str(r["signal"] or "-"),
+            f"{_num(r['value'])} ({_num(r['threshold'])})",
+            op,
+            f"{r['params_before']:,} -> {r['params_after']:,}",
+            f"{_num(r['preservation_max_abs'], '{:.2e}')} "
+            f"({_num(r['preservation_max_rel'], '{:.2e}')})",
+        ])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    out = []
+    for n, row in enumerate(table):
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human summary: benchmark, data source and the variants' table."""
+    from .continual.runner import format_summary_table
+
+    lines = []
+    bench = summary.get("benchmark") or {}
+    src = summary.get("data_source") or bench.get("data_source") or {}
+    if bench:
+        lines.append(
+            f"benchmark: {bench.get('name')} ({bench.get('n_experiences')} experiences), "
+            f"strategy: {summary.get('strategy')}, model: {summary.get('model')}, "
+            f"lr: {summary.get('lr')}, epochs/experience: {summary.get('epochs')}"
+        )
+    if src:
+        lines.append(
+            f"data: {src.get('dataset')} via {src.get('package')} {src.get('version')} "
+            f"({src.get('n_train')} train / {src.get('n_test')} test, split seed "
+            f"{src.get('split_seed')})"
+        )
+    if summary.get("variants"):
+        lines.append("")
+        lines.append(format_summary_table(summary))
+    if summary.get("wall_seconds_total") is not None:
+        lines.append(f"\ntotal wall time: {summary['wall_seconds_total']:.1f} s")
+    return "\n".join(lines)
+
+
+def _series(metrics: list[dict[str, Any]], *keys: str) -> tuple[list[float], list[float]]:
+    for key in keys:
+        xs = [float(r["step"]) for r in metrics if key in r and "step" in r]
+        ys = [float(r[key]) for r in metrics if key in r and "step" in r]
+        if xs:
+            return xs, ys
+    return [], []
+
+
+def plot_run(rec: RunRecord, path: str | Path) -> Path:
+    """Write a PNG: parameters over steps with growth events marked, the training loss, and
+    average accuracy on seen experiences after each experience (every variant in the summary).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(9, 10), constrained_layout=True)
+    ax_p, ax_l, ax_a = axes
+    growths = rec.growths
+    evals = [r for r in rec.metrics if r.get("kind") == "eval"]
+
+    # parameters over steps
+    xs, ys = _series(rec.metrics, "selfgrow/n_params", "model/params")
+    if growths:  # exact steps from the event log; the scalar log is sampled
+        last = max([float(r.get("step", 0)) for r in rec.metrics] + [float(growths[-1].step or 0)])
+        xs, ys = [0.0], [float(growths[0].params_before)]
+        for e in growths:
+            xs += [float(e.step or 0), float(e.step or 0)]
+            ys += [float(e.params_before), float(e.params_after)]
+        xs.append(last)
+        ys.append(float(growths[-1].params_after))
+    if xs:
+        ax_p.step(xs, ys, where="post", color="tab:blue", label="parameters")
+    for e in growths:
+        sig = (e.trigger or {}).get("signal") or "manual"
+        ax_p.axvline(float(e.step or 0), color="tab:red", ls="--", lw=1)
+        ax_p.annotate(
+            f"{sig}\n{(e.action or {}).get('op') or (e.action or {}).get('name')}",
+            (float(e.step or 0), float(e.params_after)),
+            fontsize=7, xytext=(3, 3), textcoords="offset points", color="tab:red",
+        )
+    ax_p.set_xlabel("optimizer step")
+    ax_p.set_ylabel("parameters")
+    ax_p.set_title(f"growth timeline ({len(growths)} growth events)")
+
+    # loss curve
+    lx, ly = _series(rec.metrics, "train/loss", "loss")
+    if lx:
+        ax_l.plot(lx, ly, color="tab:gray", lw=1, label="training loss")
+    for e in growths:
+        ax_l.axvline(float(e.step or 0), color="tab:red", ls="--", lw=1)
+    for r in evals:
+        ax_l.axvline(float(r.get("step", 0)), color="tab:green", ls=":", lw=1)
+    ax_l.set_xlabel("optimizer step")
+    ax_l.set_ylabel("loss")
+    ax_l.set_title("training loss (red: growth, green: end of experience)")
+    if not lx:
+        ax_l.text(0.5, 0.5, "no loss recorded (metrics.jsonl missing)", ha="center",
+                  transform=ax_l.transAxes)
+
+    # accuracy per experience
+    variants = (rec.summary or {}).get("variants") or {}
+    from .continual.runner import VARIANT_LABELS
+
+    for key, v in variants.items():
+        acc = v.get("avg_accuracy_per_exp") or []
+        if acc:
+            ax_a.plot(range(1, len(acc) + 1), acc, marker="o", label=VARIANT_LABELS.get(key, key))
+    if not variants and evals:
+        acc = [
+            sum(a for a in r["accuracy"][: r["experience"] + 1])
+            / (r["experience"] + 1)
+            for r in evals
+        ]
+        ax_a.plot(range(1, len(acc) + 1), acc, marker="o", label="grown")
+    n_points = max((len(line.get_xdata()) for line in ax_a.lines), default=0)
+    if n_points:
+        ax_a.set_xticks(range(1, n_points + 1))
+    ax_a.set_xlabel("after training experience")
+    ax_a.set_ylabel("avg test accuracy (seen classes)")
+    ax_a.set_ylim(0, 1.02)
+    ax_a.set_title("accuracy per experience")
+    if ax_a.lines:
+        ax_a.legend(loc="lower left", fontsize=8)
+    fig.suptitle(f"selfgrow run {rec.run_dir.name}")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def inspect_main(
+    run_dir: str,
+    as_json: bool = False,
+    plot: str | None = None,
+    include_skipped: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Entry point of ``selfgrow inspect``; returns the exit code (2: no such run dir)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        rec = load_run(run_dir)
+    except RunDirError as e:
+        print(f"error: {e}", file=err)
+        return 2
+    for b in rec.bad_lines:
+        print(f"warning: events.jsonl line {b.lineno} skipped ({b.error}): {b.text[:80]}",
+              file=err)
+    if rec.bad_metric_lines:
+        print(f"warning: metrics.jsonl lines {rec.bad_metric_lines[:10]} skipped", file=err)
+    if rec.summary_error:
+        print(f"warning: {rec.summary_error}", file=err)
+    rows = timeline_rows(rec.events, include_skipped=include_skipped)
+    plot_path = plot_run(rec, plot) if plot else None
+    if as_json:
+        doc = {
+            "run_dir": str(rec.run_dir),
+            "timeline": rows,
+            "events": [e.to_dict() for e in rec.events],
+            "bad_lines": [{"lineno": b.lineno, "error": b.error} for b in rec.bad_lines],
+            "summary": rec.summary,
+            "plot": str(plot_path) if plot_path else None,
+        }
+        print(json.dumps(_jsonable(doc), indent=2, allow_nan=False), file=out)
+        return 0
+    print(f"run: {rec.run_dir}", file=out)
+    if not rec.has_events_file:
+        print("no events.jsonl in this run directory", file=out)
+    else:
+        n_skip = sum(1 for e in rec.events if e.kind == "skipped")
+        n_anom = sum(1 for e in rec.events if e.kind == "anomaly")
+        print(f"\ngrowth timeline ({len(rec.growths)} growths, {n_skip} skipped decisions, "
+              f"{n_anom} anomalies; --all shows skipped ones):", file=out)
+        print(format_timeline(rows) if rows else "(no growth events)", file=out)
+    if rec.summary:
+        print("\nsummary:", file=out)
+        print(format_summary(rec.summary), file=out)
+    if plot_path:
+        print(f"\nplot written to {plot_path}", file=out)
+    return 0
