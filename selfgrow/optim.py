@@ -330,7 +330,7 @@ def _migrate_state(
             continue
         vals, new_mask = m.gather(v, p.shape)
         if k == LAZY_MASK_KEY:  # new coordinates of an earlier growth, not yet stepped
-            new[k] = vals | new_mask
+            new[k] = (vals != 0) | new_mask  # (a float mask after a state_dict round trip)
             continue
         # one fresh tensor per key, then in place (gather returns ``v`` itself when nothing
         # is re-indexed: never write into the old state, a rollback must find it intact)
@@ -445,6 +445,8 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
                 continue
             g = p.grad.detach()
             mask = st.get(LAZY_MASK_KEY)
+            if mask is not None:  # bool, or float after Optimizer.load_state_dict's cast
+                mask = mask.to(device=g.device) != 0
             if mask is None:  # brand-new tensor (Adam-like only)
                 t, r = float(st["step"]), float(st[LAZY_INIT_KEY])
                 b1, b2 = group["betas"]
