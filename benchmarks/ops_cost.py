@@ -180,7 +180,7 @@ def worker(op: str, n_layers: int) -> dict[str, Any]:
 
     grown_params = _nbytes(list(model.parameters()))
     grown_state = _nbytes(_state_tensors(opt))
-    floor_grown = _copy_floor(model, opt)
+    floor_grown = _copy_floor(model, opt, reps=3)
     return dict(
         op=op, kwargs={k: repr(v) for k, v in kw.items()}, exact=exact,
         params_before=n_before, params_after=sum(p.numel() for p in model.parameters()),
