@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from selfgrow.control import estimate_memory, flops_per_sample, round_width
+from selfgrow.control.sizing import measure_peak_memory
 from selfgrow.errors import GrowthConfigError
 from selfgrow.ops._registry import default_probe_fn
 
@@ -28,30 +28,7 @@ def test_round_width_rejects(n, multiple):
 
 
 def _measured_peak(model: nn.Module, x: torch.Tensor) -> int:
-    """Peak bytes of a steady-state Adam step on CPU: tensors alive before the step
-    (params, input, optimizer state) plus the peak of the profiler's allocation events."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        model(x).float().pow(2).mean().backward()
-        opt.step()
-
-    step()
-    opt.zero_grad(set_to_none=True)
-    base = sum(p.numel() * p.element_size() for p in model.parameters())
-    base += x.numel() * x.element_size()
-    base += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                if isinstance(v, torch.Tensor))
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    cur = peak = 0
-    for _, nb in events:
-        cur += nb
-        peak = max(peak, cur)
-    return base + peak
+    return measure_peak_memory(model, x)
 
 
 REFERENCE = [
@@ -75,6 +52,33 @@ def test_estimate_memory_within_15_percent_of_measured_peak(name, make, shape, b
     assert est["params"] == est["grads"] == 4 * n and est["optimizer"] == 8 * n
     measured = _measured_peak(model, torch.randn(batch, *shape))
     assert 0.85 <= est["total"] / measured <= 1.15, (est, measured)
+
+
+def _selfgrow_reference():
+    from selfgrow.models import build_model
+    from selfgrow.models.cnn import CNNConfig
+    from selfgrow.models.mlp import MLPConfig
+    from selfgrow.models.transformer import TransformerConfig
+
+    return [
+        ("GrowableMLP", build_model(MLPConfig(in_features=784, hidden=(256, 128), n_classes=10)),
+         {"input_shape": (784,)}, torch.randn(64, 784)),
+        ("GrowableCNN", build_model(CNNConfig(in_channels=1, image_size=28, channels=(16, 32),
+                                              n_classes=10, pool_after=(0, 1))),
+         {"input_shape": (1, 28, 28)}, torch.randn(32, 1, 28, 28)),
+        ("GrowableTransformer", build_model(TransformerConfig(
+            vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16,
+            d_ff=256, max_seq_len=64)),
+         {"seq_len": 64, "vocab_size": 256}, torch.randint(0, 256, (8, 64))),
+    ]
+
+
+def test_estimate_memory_of_selfgrow_reference_models_within_15_percent():
+    torch.manual_seed(0)
+    for name, model, spec, x in _selfgrow_reference():
+        est = estimate_memory(model, "adam", batch_size=x.shape[0], **spec)
+        measured = measure_peak_memory(model, x)
+        assert 0.85 <= est["total"] / measured <= 1.15, (name, est, measured)
 
 
 def test_estimate_memory_scales_and_validates():
