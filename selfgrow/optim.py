@@ -37,6 +37,7 @@ Supported: Adam, AdamW (incl. amsgrad), SGD (with or without momentum, Nesterov)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -60,6 +61,49 @@ SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 LAZY_INIT_KEY = "selfgrow_lazy_init"
 #: bool mask (param shape) of new coordinates inside a grown tensor awaiting their first gradient
 LAZY_MASK_KEY = "selfgrow_lazy_mask"
+
+
+#: elements sampled (evenly strided) to estimate a tensor's normalised Adam update RMS
+RMS_SAMPLE = 1 << 16
+#: gather by copying slices when the index has at most this many runs
+MAX_RUNS = 32
+
+
+def gather_dim(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, index.clamp(min=0))`` where only entries ``index >= 0`` matter:
+    new coordinates (``-1``) get arbitrary values (zeros here). Always a new tensor.
+
+    Growth indices are mostly a few runs of consecutive coordinates (tiling
+    ``[0..C-1, 0..C-1]``, appending ``[0..C-1, -1, ...]``); those are copied as slices,
+    which on CPU is 5-10x faster than ``index_select`` along an inner dimension. Other
+    indices (random Net2Net picks) fall back to ``index_select``.
+    """
+    n = index.numel()
+    if n == 0 or index.dim() != 1:
+        return t.index_select(dim, index.clamp(min=0))
+    if int(index.max()) >= t.shape[dim]:
+        raise IndexError(
+            f"index {int(index.max())} out of range for dimension {dim} of size {t.shape[dim]}"
+        )
+    new = index < 0
+    key = index - torch.arange(n, device=index.device)
+    brk = torch.zeros(n, dtype=torch.bool, device=index.device)
+    brk[0] = True
+    brk[1:] = (new[1:] != new[:-1]) | (~new[1:] & (key[1:] != key[:-1]))
+    starts = torch.nonzero(brk).flatten().tolist()
+    if len(starts) > MAX_RUNS:
+        return t.index_select(dim, index.clamp(min=0))
+    ends = starts[1:] + [n]
+    first = index[starts].tolist()
+    shape = list(t.shape)
+    shape[dim] = n
+    out = t.new_empty(shape)
+    for a, b, i0 in zip(starts, ends, first, strict=True):
+        if i0 < 0:
+            out.narrow(dim, a, b - a).zero_()
+        else:
+            out.narrow(dim, a, b - a).copy_(t.narrow(dim, i0, b - a))
+    return out
 
 
 @dataclass
@@ -90,7 +134,7 @@ class ParamMap:
             if idx is None:
                 continue
             idx = idx.to(old.device)
-            out = out.index_select(d, idx.clamp(min=0))
+            out = gather_dim(out, d, idx)
             shape = [1] * len(new_shape)
             shape[d] = idx.numel()
             mask = mask | (idx < 0).view(shape)
@@ -277,30 +321,48 @@ def _migrate_state(
         return {k: v.clone() for k, v in st_old.items()}  # brand-new, grown again: still new
     new: dict = {}
     s = m.grad_scale
+    scaled = not (isinstance(s, (int, float)) and s == 1.0)
+    n_new = _count_new(m, p.shape)  # from the index vectors: no pass over the tensor
     new_mask: torch.Tensor | None = None
     for k, v in st_old.items():
         if k == LAZY_INIT_KEY or not isinstance(v, torch.Tensor) or v.dim() == 0:
             new[k] = v.clone() if isinstance(v, torch.Tensor) else v
             continue
-        vals, mask = m.gather(v, p.shape)
-        new_mask = mask
+        vals, new_mask = m.gather(v, p.shape)
         if k == LAZY_MASK_KEY:  # new coordinates of an earlier growth, not yet stepped
-            vals = vals | mask
-        elif k in FIRST_MOMENT_KEYS:
-            vals = vals * _as(s, vals)
-            vals = vals.masked_fill(mask, 0.0)
+            new[k] = (vals != 0) | new_mask  # (a float mask after a state_dict round trip)
+            continue
+        # one fresh tensor per key, then in place (gather returns ``v`` itself when nothing
+        # is re-indexed: never write into the old state, a rollback must find it intact)
+        vals = vals.clone() if vals is v else vals.contiguous()
+        if k in FIRST_MOMENT_KEYS:
+            if scaled:
+                vals.mul_(_as(s, vals))
+            if n_new:
+                vals.masked_fill_(new_mask, 0.0)
         elif k in SECOND_MOMENT_KEYS:
-            vals = vals * _as(s, vals) ** 2
-            if bool(mask.any()):  # fallback until the first gradient (see _lazy_init_pre_step)
-                vals = torch.where(mask, v.mean(), vals)
-        new[k] = vals.contiguous()
-    if new_mask is not None and bool(new_mask.any()):
-        report.zero_init += int(new_mask.sum())
+            if scaled:
+                vals.mul_(_as(s, vals) ** 2)
+            if n_new:  # fallback until the first gradient (see _lazy_init_pre_step)
+                vals.masked_fill_(new_mask, v.mean())
+        new[k] = vals
+    if new_mask is not None and n_new:
+        report.zero_init += n_new
         if _lazy_capable(group) and any(k in SECOND_MOMENT_KEYS for k in new):
             prev = new.get(LAZY_MASK_KEY)
-            new[LAZY_MASK_KEY] = new_mask.clone() if prev is None else prev | new_mask
+            new[LAZY_MASK_KEY] = new_mask.contiguous() if prev is None else prev | new_mask
             new[LAZY_INIT_KEY] = torch.tensor(float("nan"), dtype=torch.float64)
     return new
+
+
+def _count_new(m: ParamMap, shape: torch.Size) -> int:
+    """Number of brand-new coordinates (an index of -1 on any dimension) of ``m``."""
+    total, kept = 1, 1
+    for d, size in enumerate(shape):
+        total *= int(size)
+        idx = m.index[d] if d < len(m.index) else None
+        kept *= int(size) if idx is None else int((idx >= 0).sum())
+    return total - kept
 
 
 def _as(s: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor | float:
@@ -334,10 +396,14 @@ def _lazy_state(optimizer: torch.optim.Optimizer, sibling: nn.Parameter, group: 
         return {}
     b1, b2 = group["betas"]
     t = float(st["step"])
-    m_hat = st["exp_avg"].double() / (1 - b1**t)
-    v_hat = st["exp_avg_sq"].double() / (1 - b2**t)
+    m, v = st["exp_avg"].reshape(-1), st["exp_avg_sq"].reshape(-1)
+    if m.numel() > RMS_SAMPLE:  # an RMS estimate: an evenly strided sample is plenty
+        stride = (m.numel() // RMS_SAMPLE) | 1  # odd: no aliasing with row lengths
+        m, v = m[::stride], v[::stride]
+    m_hat = m.double() / (1 - b1**t)
+    v_hat = v.double() / (1 - b2**t)
     r = float((m_hat / (v_hat.sqrt() + group["eps"])).pow(2).mean().sqrt())
-    if not (r > 0 and torch.isfinite(torch.tensor(r))):
+    if not (r > 0 and math.isfinite(r)):
         return {}
     return {"step": st["step"].clone(), LAZY_INIT_KEY: torch.tensor(r, dtype=torch.float64)}
 
@@ -379,6 +445,8 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
                 continue
             g = p.grad.detach()
             mask = st.get(LAZY_MASK_KEY)
+            if mask is not None:  # bool, or float after Optimizer.load_state_dict's cast
+                mask = mask.to(device=g.device) != 0
             if mask is None:  # brand-new tensor (Adam-like only)
                 t, r = float(st["step"]), float(st[LAZY_INIT_KEY])
                 b1, b2 = group["betas"]

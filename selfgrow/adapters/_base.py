@@ -71,7 +71,7 @@ from torch import nn
 
 from ..errors import GrowthConfigError, IncompatibleModelError
 from ..ops._surgery import Transaction
-from ..optim import ParamMap
+from ..optim import ParamMap, gather_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +451,11 @@ def zeros_fill(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+#: a fill whose values do not depend on the position (``elementwise = True``) may be called
+#: with the shape ``(n_new,)`` of the new coordinates only (see :func:`regrid`)
+zeros_fill.elementwise = True  # type: ignore[attr-defined]
+
+
 def normal_fill(std: float, generator: torch.Generator | None = None) -> Fill:
     """Fill brand-new coordinates with N(0, std^2) (drawn on CPU, fp64, for determinism)."""
 
@@ -458,6 +463,7 @@ def normal_fill(std: float, generator: torch.Generator | None = None) -> Fill:
         t = torch.randn(shape, generator=generator, dtype=torch.float64) * std
         return t.to(device=device, dtype=dtype)
 
+    fill.elementwise = True  # type: ignore[attr-defined]
     return fill
 
 
@@ -559,18 +565,27 @@ def regrid(
     nd = t.dim()
     for d, m in sorted(axes.items()):
         idx = m.index.to(out.device)
-        out = out.index_select(d, idx.clamp(min=0))
+        out = gather_dim(out, d, idx)
         shape = [1] * nd
         shape[d] = m.size
-        if m.value_scale is not None:
-            out = out * m.value_scale.to(device=out.device, dtype=out.dtype).view(shape)
+        if m.value_scale is not None and not bool((m.value_scale == 1).all()):
+            # ``out`` is the fresh result of index_select: scale it in place (one pass less)
+            out.mul_(m.value_scale.to(device=out.device, dtype=out.dtype).view(shape))
         new_mask = new_mask | (m.index < 0).view(shape)
         index[d] = m.index
         if m.grad_scale is not None:
             gscale = gscale * m.grad_scale.double().view(shape)
-    new_mask = new_mask.expand(out.shape).to(out.device)
-    if bool(new_mask.any()):
-        out = torch.where(new_mask, fill(tuple(out.shape), out.dtype, out.device), out)
+    if bool(new_mask.any()):  # on the broadcastable mask: no pass over the tensor
+        new_mask = new_mask.expand(out.shape).to(out.device)
+        if getattr(fill, "elementwise", False):
+            # i.i.d. fills: draw only the new coordinates (row-major order), in place
+            kept = 1
+            for d, size in enumerate(out.shape):
+                kept *= int((axes[d].index >= 0).sum()) if d in axes else int(size)
+            vals = fill((out.numel() - kept,), out.dtype, out.device)
+            out = out.masked_scatter_(new_mask, vals)
+        else:
+            out = torch.where(new_mask, fill(tuple(out.shape), out.dtype, out.device), out)
     if isinstance(gscale, torch.Tensor):
         gscale = gscale.to(dtype=torch.float32)
     return out.contiguous(), ParamMap(source=None, index=tuple(index), grad_scale=gscale)

@@ -53,6 +53,7 @@ Yao et al. 2023 (masked structural growth: depth mask ramp for post-LN).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -429,8 +430,11 @@ class GInterleave(_DepthOp):
 
     def slots(self, ad: TransformerAdapter, config: Any) -> list[Slot]:
         _check_factor(config.factor)
-        if config.noise < 0:
-            raise GrowthConfigError(f"noise must be >= 0, got {config.noise}")
+        noise = config.noise
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (
+            math.isfinite(noise) and noise >= 0
+        ):
+            raise GrowthConfigError(f"noise must be a finite number >= 0, got {noise!r}")
         return [Slot(i, "old" if r == 0 else "copy", noise=config.noise if r else 0.0)
                 for i in range(len(ad.layers())) for r in range(config.factor)]
 

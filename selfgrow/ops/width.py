@@ -54,6 +54,7 @@ count; Chen et al. 2016 Net2WiderNet, bert2BERT FPI), ``"zero"`` (zero padding) 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -161,6 +162,15 @@ def _regrid_masks(tx: Transaction, model: nn.Module, index: torch.Tensor, new_va
             tx.set_buffer(m, "mask", new)
 
 
+def _check_nonneg(field: str, value: float) -> None:
+    """GrowthConfigError unless ``value`` is a finite real >= 0 (NaN noise would silently
+    fill the grown weights with NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value >= 0
+    ):
+        raise GrowthConfigError(f"{field} must be a finite number >= 0, got {value!r}")
+
+
 def _validate_common(model: nn.Module, new_d: int) -> TransformerAdapter:
     ad = get_adapter(model)
     ad.check()
@@ -206,8 +216,7 @@ class WidenDModel(Operator):
             raise GrowthConfigError("expected WidenDModelConfig")
         if not isinstance(config.factor, int) or config.factor < 2:
             raise GrowthConfigError(f"factor must be an integer >= 2, got {config.factor!r}")
-        if config.noise < 0:
-            raise GrowthConfigError(f"noise must be >= 0, got {config.noise}")
+        _check_nonneg("noise", config.noise)
         ad = get_adapter(model)
         _validate_common(model, ad.dims().d_model * config.factor)
 
@@ -270,6 +279,7 @@ class WidenDModelPad(Operator):
             raise GrowthConfigError("expected WidenDModelPadConfig")
         if config.mode not in PAD_MODES:
             raise GrowthConfigError(choices_message("mode", config.mode, PAD_MODES))
+        _check_nonneg("init_std", config.init_std)
         _validate_common(model, config.new_d)
 
     def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
@@ -362,6 +372,7 @@ class WidenDModelMasked(Operator):
             raise GrowthConfigError("expected WidenDModelMaskedConfig")
         if config.init not in ("zero", "random"):
             raise GrowthConfigError(choices_message("init", config.init, ("zero", "random")))
+        _check_nonneg("init_std", config.init_std)
         ad = get_adapter(model)
         if not ad.supports_norm_mask:
             raise IncompatibleModelError(
