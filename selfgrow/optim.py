@@ -8,7 +8,7 @@ original's output downstream). :func:`plan_migration` computes the new optimizer
 without touching the optimizer; :meth:`MigrationPlan.apply` swaps it in, keeping the same
 optimizer object (so LR schedulers keep working).
 
-Rules (see GROWTH-MATH.md; staged training, Shen et al. 2022):
+Rules (docs/GROWTH-MATH.md, docs/optimizer-after-growth.md; staged training, Shen et al. 2022):
 
 * untouched parameters keep their state objects (bit-identical) and their group;
 * copied coordinates: first moments ``m' = m * s``, second moments ``v' = v * s**2`` where
@@ -48,7 +48,8 @@ from .errors import IncompatibleOptimizerError
 
 #: state keys that behave like a first moment (scale by s; new coordinates 0)
 FIRST_MOMENT_KEYS = frozenset({"exp_avg", "momentum_buffer", "grad_avg"})
-#: state keys that behave like a second moment (scale by s**2; new coordinates mean of old)
+#: state keys that behave like a second moment (scale by s**2; new coordinates: set at the
+#: first gradient, mean of the old values until then)
 SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
 #: scalar bookkeeping copied as is
 SCALAR_KEYS = frozenset({"step"})
@@ -154,7 +155,10 @@ class MigrationReport:
     kept: int = 0  # untouched tensors (state objects kept)
     fresh: int = 0  # brand-new tensors (empty state)
     zero_init: int = 0  # brand-new coordinates inside carried tensors
-    rule: str = "by-name; copies m*s, v*s^2; new coords m=0, v=mean(v_old)"
+    rule: str = (
+        "by-name; copies m*s, v*s^2; new coords and new tensors m=0, v set at the first "
+        "gradient to match the old coordinates' update RMS"
+    )
 
     def as_dict(self) -> dict[str, object]:
         return {

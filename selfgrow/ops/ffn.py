@@ -39,7 +39,8 @@ with zero contribution): new units get random incoming rows (N(0, init_std^2), b
 and zero outgoing columns: EXACT (the new units add ``0 * a``). The incoming rows receive no
 gradient until the outgoing columns move away from zero, which they do at the first step
 (their gradient is ``a_u * dL/dy``, non-zero for random incoming rows). ParamMap: every new
-coordinate is brand-new (index -1: ``m = 0``, ``v`` = mean of the old ``v``).
+coordinate is brand-new (index -1: ``m = 0``, ``v`` set at its first gradient; see
+:mod:`selfgrow.optim`).
 
 Per-layer selection (``ffn_net2wider(layers=[...])``): every supported family stores ONE FFN
 width in its config, so every block must end with the same d_ff (otherwise a model built from
@@ -249,7 +250,7 @@ class FFNZeroFanoutConfig(OpConfig):
     outgoing columns in every layer: d_ff F -> ``new_d_ff``.
 
     EXACT (the new units contribute ``0 * act(.)``); new coordinates are brand-new for the
-    optimizer (m = 0, v = mean of the old v). Sources: docs/GROWTH-MATH.md (zero fan-out);
+    optimizer (m = 0, v set at the first gradient). Sources: docs/GROWTH-MATH.md (zero fan-out);
     related: Yao et al. 2023 (masked structural growth: new units start with zero
     contribution); Chen et al. 2016 (Net2Net, the copying alternative).
     """
