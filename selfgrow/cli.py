@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", choices=MODELS, default=d.model)
     r.add_argument("--mem-size", type=int, default=d.mem_size, help="replay buffer (samples)")
     r.add_argument("--epochs", type=int, default=d.epochs, help="epochs per experience")
-    r.add_argument("--batch-size", type=int, default=d.batch_size)
+    r.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
     r.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (all variants)")
-    r.add_argument("--seed", type=int, default=d.seed)
+    r.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of data split, initialisation and data order (>= 0)")
     r.add_argument("--width", type=int, default=d.width, help="hidden width of the small MLP")
     r.add_argument("--channels", type=int, default=d.channels,
                    help="channels of the small CNN")
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="growth action when the loss plateaus (e.g. widen, deepen)")
     r.add_argument("--on-forgetting", default=d.on_forgetting,
                    help="growth action when replay accuracy drops (e.g. widen, deepen)")
-    r.add_argument("--max-growths", type=int, default=d.max_growths)
+    r.add_argument("--max-growths", type=int, default=d.max_growths,
+                   help="at most this many growths")
     r.add_argument("--name", default=None,
                    help="run name (default BENCHMARK-MODEL-STRATEGY; -1, -2 ... if taken): "
                         f"{RUN_NAME_RULE}")
