@@ -1,8 +1,9 @@
 """Command line: ``selfgrow run`` (continual benchmark with growth and baselines) and
 ``selfgrow inspect RUN_DIR`` (growth timeline, summary, plot).
 
-Exit codes: 0 success, 2 bad usage (unknown benchmark / strategy / model / action, missing
-run directory, missing data package; nothing is written), 1 unexpected failure.
+Exit codes: 0 success, 2 bad usage (unknown benchmark / strategy / model / action, value out
+of range, bad --name, unusable --runs-dir, missing or non-run directory, bad --plot file,
+missing data package; nothing is written), 1 unexpected failure.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _quiet_warnings() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .continual.benchmarks import list_benchmarks
-    from .continual.runner import MODELS, STRATEGIES, RunSpec
+    from .continual.runner import MODELS, RUN_NAME_RULE, STRATEGIES, RunSpec
 
     d = RunSpec()
     p = argparse.ArgumentParser(
@@ -49,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", choices=MODELS, default=d.model)
     r.add_argument("--mem-size", type=int, default=d.mem_size, help="replay buffer (samples)")
     r.add_argument("--epochs", type=int, default=d.epochs, help="epochs per experience")
-    r.add_argument("--batch-size", type=int, default=d.batch_size)
+    r.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
     r.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (all variants)")
-    r.add_argument("--seed", type=int, default=d.seed)
+    r.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of data split, initialisation and data order (>= 0)")
     r.add_argument("--width", type=int, default=d.width, help="hidden width of the small MLP")
     r.add_argument("--channels", type=int, default=d.channels,
                    help="channels of the small CNN")
@@ -59,16 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="growth action when the loss plateaus (e.g. widen, deepen)")
     r.add_argument("--on-forgetting", default=d.on_forgetting,
                    help="growth action when replay accuracy drops (e.g. widen, deepen)")
-    r.add_argument("--max-growths", type=int, default=d.max_growths)
+    r.add_argument("--max-growths", type=int, default=d.max_growths,
+                   help="at most this many growths")
     r.add_argument("--name", default=None,
-                   help="run name (default BENCHMARK-MODEL-STRATEGY; -1, -2 ... if taken)")
-    r.add_argument("--runs-dir", default="runs")
+                   help="run name (default BENCHMARK-MODEL-STRATEGY; -1, -2 ... if taken): "
+                        f"{RUN_NAME_RULE}")
+    r.add_argument("--runs-dir", default="runs",
+                   help="directory holding the runs (created if missing; default runs)")
     r.add_argument("--no-baselines", action="store_true", help="train the growing model only")
     r.add_argument("--device", default=d.device, help="cpu, cuda or auto")
     r.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: fastest for these small models, "
                         "and far faster than 2+ on a busy machine)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are only drawn when stderr is a terminal)")
 
     i = sub.add_parser(
         "inspect",
@@ -77,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("run_dir", metavar="RUN_DIR")
     i.add_argument("--json", action="store_true", help="machine-readable output")
-    i.add_argument("--plot", metavar="FILE.png", default=None)
+    i.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="write a plot (.png, .pdf or .svg) into an existing directory")
     i.add_argument("--all", action="store_true", help="include skipped decisions and anomalies")
     return p
 
@@ -85,12 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(a: argparse.Namespace) -> int:
     import torch
 
-    from .continual.runner import RunSpec, run_experiment
+    from .continual.runner import RunSpec, check_run_name, check_runs_dir, run_experiment
 
     if a.threads < 1:
         print(f"selfgrow run: error: --threads must be >= 1, got {a.threads}", file=sys.stderr)
         return 2
-    torch.set_num_threads(a.threads)
+    if a.name is not None:
+        check_run_name(a.name)
+    check_runs_dir(a.runs_dir)
     spec = RunSpec(
         benchmark=a.benchmark,
         strategy=a.strategy,
@@ -108,6 +117,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
         on_forgetting=a.on_forgetting,
         max_growths=a.max_growths,
     )
+    spec.validate()  # before torch.set_num_threads: bad usage changes nothing
+    torch.set_num_threads(a.threads)
     run_dir, _ = run_experiment(spec, runs_dir=a.runs_dir, name=a.name,
                                 progress=not a.no_progress)
     print(f"\nrun directory: {run_dir}")

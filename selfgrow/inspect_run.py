@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,29 @@ class RunRecord:
 
 
 class RunDirError(Exception):
-    """The run directory is missing or is not a directory."""
+    """The run directory is missing, is not a directory, or holds no selfgrow run files."""
+
+
+RUN_FILES = ("events.jsonl", "summary.json", "config.json")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def check_plot_path(path: str | Path) -> str | None:
+    """Why ``path`` cannot take a plot (``None`` if it can): the suffix must be one of
+    :data:`PLOT_SUFFIXES` and the parent directory must already exist and be writable
+    (nothing is created)."""
+    p = Path(path)
+    if p.suffix.lower() not in PLOT_SUFFIXES:
+        return (f"--plot {str(p)!r}: unsupported file type {p.suffix or '(none)'!r}; "
+                f"use {', '.join(PLOT_SUFFIXES)}")
+    parent = p.parent
+    if not parent.is_dir():
+        return f"--plot {str(p)!r}: directory {str(parent)!r} does not exist"
+    if p.is_dir():
+        return f"--plot {str(p)!r} is a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--plot {str(p)!r}: directory {str(parent)!r} is not writable"
+    return None
 
 
 def load_run(run_dir: str | Path) -> RunRecord:
@@ -52,6 +75,11 @@ def load_run(run_dir: str | Path) -> RunRecord:
         raise RunDirError(f"run directory {str(d)!r} does not exist")
     if not d.is_dir():
         raise RunDirError(f"{str(d)!r} is not a directory")
+    if not any((d / f).is_file() for f in RUN_FILES):
+        raise RunDirError(
+            f"{str(d)!r} is not a selfgrow run directory (no events.jsonl, summary.json or "
+            "config.json)"
+        )
     rec = RunRecord(run_dir=d)
     ev_path = d / "events.jsonl"
     if ev_path.is_file():
@@ -187,10 +215,30 @@ def _series(metrics: list[dict[str, Any]], *keys: str) -> tuple[list[float], lis
     return [], []
 
 
+def _last_step(rec: RunRecord) -> float | None:
+    steps = [float(r["step"]) for r in rec.metrics
+             if isinstance(r.get("step"), (int, float)) and not isinstance(r.get("step"), bool)]
+    steps += [float(e.step) for e in rec.events if e.step is not None]
+    return max(steps) if steps else None
+
+
 def plot_run(rec: RunRecord, path: str | Path) -> Path:
-    """Write a PNG: parameters over steps with growth events marked, the training loss, and
-    average accuracy on seen experiences after each experience (every variant in the summary).
-    """
+    """Write the figure of :func:`build_figure` to ``path`` (.png, .pdf or .svg; the parent
+    directory must exist)."""
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(rec)
+    out = Path(path)
+    try:
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+    return out
+
+
+def build_figure(rec: RunRecord) -> Any:
+    """Parameters over steps with growth events marked, the training loss, and average
+    accuracy on seen experiences after each experience (every variant in the summary)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,14 +251,22 @@ def plot_run(rec: RunRecord, path: str | Path) -> Path:
 
     # parameters over steps
     xs, ys = _series(rec.metrics, "selfgrow/n_params", "model/params")
+    last_known = _last_step(rec)
     if growths:  # exact steps from the event log; the scalar log is sampled
-        last = max([float(r.get("step", 0)) for r in rec.metrics] + [float(growths[-1].step or 0)])
+        last = max(last_known or 0.0, float(growths[-1].step or 0))
         xs, ys = [0.0], [float(growths[0].params_before)]
         for e in growths:
             xs += [float(e.step or 0), float(e.step or 0)]
             ys += [float(e.params_before), float(e.params_after)]
         xs.append(last)
         ys.append(float(growths[-1].params_after))
+    elif not xs and rec.events:  # no growth, no scalars: the events still know the size
+        first = rec.events[0]
+        xs = [0.0, max(last_known or 0.0, 0.0)]
+        ys = [float(first.params_before), float(rec.events[-1].params_after)]
+    elif xs and last_known is not None and last_known > xs[-1]:
+        xs.append(last_known)
+        ys.append(ys[-1])
     if xs:
         ax_p.step(xs, ys, where="post", color="tab:blue", label="parameters")
     for e in growths:
@@ -261,15 +317,16 @@ def plot_run(rec: RunRecord, path: str | Path) -> Path:
     ax_a.set_xlabel("after training experience")
     ax_a.set_ylabel("avg test accuracy (seen classes)")
     ax_a.set_ylim(0, 1.02)
-    ax_a.set_title("accuracy per experience")
     if ax_a.lines:
+        ax_a.set_title("accuracy per experience")
         ax_a.legend(loc="lower left", fontsize=8)
+    else:
+        ax_a.set_title("accuracy per experience: no accuracy data was recorded")
+        ax_a.text(0.5, 0.5, "no accuracy data was recorded\n(no summary.json variants and no "
+                  "eval rows in metrics.jsonl)", ha="center", va="center",
+                  transform=ax_a.transAxes)
     fig.suptitle(f"selfgrow run {rec.run_dir.name}")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def inspect_main(
@@ -280,9 +337,15 @@ def inspect_main(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """Entry point of ``selfgrow inspect``; returns the exit code (2: no such run dir)."""
+    """Entry point of ``selfgrow inspect``; returns the exit code (2: no such run dir, not a
+    run dir, or a ``plot`` path that cannot be written; nothing is written then)."""
     out = out or sys.stdout
     err = err or sys.stderr
+    if plot:
+        why = check_plot_path(plot)
+        if why:
+            print(f"error: {why}", file=err)
+            return 2
     try:
         rec = load_run(run_dir)
     except RunDirError as e:
@@ -296,7 +359,11 @@ def inspect_main(
     if rec.summary_error:
         print(f"warning: {rec.summary_error}", file=err)
     rows = timeline_rows(rec.events, include_skipped=include_skipped)
-    plot_path = plot_run(rec, plot) if plot else None
+    try:
+        plot_path = plot_run(rec, plot) if plot else None
+    except OSError as e:
+        print(f"error: --plot {plot!r} cannot be written ({e.strerror or e})", file=err)
+        return 2
     if as_json:
         doc = {
             "run_dir": str(rec.run_dir),

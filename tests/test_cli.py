@@ -38,12 +38,29 @@ def test_run_tiny_with_baselines(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "final avg acc" in out and "fixed small" in out and "exp 5/5" in out
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["spec"]["benchmark"] == "split-digits"
+    # the baselines log the grown run's training scalars too, so the three compare in TB
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for variant in ("grown", "fixed_small", "fixed_grown"):
+        acc = EventAccumulator(str(d / "tb" / variant))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {"train/loss", "model/params", "eval/avg_acc_seen"} <= tags, (variant, tags)
+    acc = EventAccumulator(str(d / "tb" / "fixed_grown"))
+    acc.Reload()
+    assert {e.value for e in acc.Scalars("model/params")} == {float(big["final_params"])}
 
 
-def test_run_no_baselines_and_no_overwrite(tmp_path: Path) -> None:
+def test_run_no_baselines_and_no_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     runs = tmp_path / "runs"
     args = [*TINY, "--runs-dir", str(runs), "--name", "same", "--no-baselines"]
-    assert main(args) == 0
+    # without --no-progress: stderr is not a terminal here, so no bars are drawn
+    assert main([a for a in args if a != "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "%|" not in captured.err and "\r" not in captured.err
+    assert "exp 5/5" in captured.out
     before = (runs / "same" / "summary.json").read_text()
     assert main(args) == 0
     assert (runs / "same-1" / "summary.json").is_file()
@@ -60,6 +77,13 @@ def test_run_no_baselines_and_no_overwrite(tmp_path: Path) -> None:
         (["--model", "resnet"], ["cnn", "mlp"]),
         (["--on-plateau", "explode"], ["deepen", "widen"]),
         (["--device", "tpu"], ["auto", "cpu", "cuda"]),
+        (["--seed", "-1"], ["seed=-1", ">= 0"]),
+        (["--name", "../escape"], ["single path component", "not starting with '.'"]),
+        (["--name", "."], ["single path component"]),
+        (["--name", ".hidden"], ["not starting with '.'"]),
+        (["--name", "a/b"], ["single path component"]),
+        (["--name", ""], ["single path component"]),
+        (["--name", "sp ace"], ["letters, digits"]),
     ],
 )
 def test_bad_names_exit_2_and_write_nothing(
@@ -72,9 +96,45 @@ def test_bad_names_exit_2_and_write_nothing(
         code = e.code
     assert code == 2
     err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # argparse prints its usage above the message
+    assert last.startswith("selfgrow run: error:") and "Traceback" not in err
     for w in words:
-        assert w in err
+        assert w in last
     assert not runs.exists()
+    assert list(tmp_path.iterdir()) == []  # nothing outside runs/ either
+
+
+def test_runs_dir_unusable_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "afile"
+    f.write_text("x")
+    bad = [f, f / "sub"]
+    if Path("/proc/self").exists():  # Linux: exists as a directory, but nothing can be made
+        bad.append(Path("/proc/nope"))
+    for runs in bad:
+        assert main([*TINY, "--runs-dir", str(runs), "--name", "t"]) == 2, runs
+        err = capsys.readouterr().err
+        assert "--runs-dir" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+    assert f.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert not Path("/proc/nope").exists()
+
+
+def test_run_help_lists_every_option_in_readme() -> None:
+    """The README's option list of ``selfgrow run`` names every option of ``--help``."""
+    import re
+
+    from selfgrow.cli import build_parser
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.is_file():
+        pytest.skip("no README.md next to the tests")
+    text = readme.read_text(encoding="utf-8")
+    p = build_parser()
+    run = next(a for a in p._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+               if a.prog.endswith(" run"))
+    opts = {s for a in run._actions for s in a.option_strings if s.startswith("--")} - {"--help"}
+    missing = sorted(o for o in opts if not re.search(re.escape(o) + r"(?![\w-])", text))
+    assert not missing, missing
 
 
 def test_python_dash_m_help() -> None:

@@ -78,6 +78,7 @@ def test_json(run_dir: Path) -> None:
 
 
 def test_plot_writes_png(run_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
     png = tmp_path / "out" / "g.png"
     code, out, _ = _run(str(run_dir), plot=str(png))
     assert code == 0 and png.is_file()
@@ -108,3 +109,61 @@ def test_cli_inspect_entry(run_dir: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["inspect", str(run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["timeline"]
     assert main(["inspect", str(run_dir.parent / "missing")]) == 2
+
+
+@pytest.mark.parametrize("name", ["x.txt", "x", "missing/dir/x.png"])
+def test_bad_plot_path_exit_2_writes_nothing(run_dir: Path, tmp_path: Path, name: str) -> None:
+    out_dir = tmp_path / "plots"
+    out_dir.mkdir()
+    code, out, err = _run(str(run_dir), plot=str(out_dir / name))
+    assert code == 2 and not out
+    assert len(err.strip().splitlines()) == 1 and "--plot" in err
+    assert list(out_dir.iterdir()) == []  # missing directories are not created
+    if name.endswith(".png"):
+        assert "does not exist" in err
+    else:
+        assert ".png, .pdf, .svg" in err
+
+
+def test_plot_into_unwritable_place_exit_2(run_dir: Path) -> None:
+    if not Path("/proc/self").exists():
+        pytest.skip("needs Linux /proc")
+    code, out, err = _run(str(run_dir), plot="/proc/x.png")
+    assert code == 2 and not out and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "/proc/x.png" in err
+
+
+@pytest.mark.parametrize("suffix", [".pdf", ".svg"])
+def test_plot_other_formats(run_dir: Path, tmp_path: Path, suffix: str) -> None:
+    f = tmp_path / f"g{suffix}"
+    assert _run(str(run_dir), plot=str(f))[0] == 0 and f.stat().st_size > 1000
+
+
+def test_not_a_run_dir_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "other.txt").write_text("x")
+    code, out, err = _run(str(tmp_path))
+    assert code == 2 and not out
+    assert "not a selfgrow run directory (no events.jsonl, summary.json or config.json)" in err
+    from selfgrow.cli import main
+
+    assert main(["inspect", str(tmp_path)]) == 2
+
+
+def test_events_only_dir_and_its_plot(tmp_path: Path) -> None:
+    """A plain GrowthController log_dir (events.jsonl only) is a run: the plot says there is
+    no accuracy data and the parameter line reaches the last event, not the last growth."""
+    from selfgrow.inspect_run import build_figure, load_run
+
+    d = tmp_path / "ctrl"
+    sink = JsonlSink(d / "events.jsonl", fsync=False)
+    sink.emit(_event(0, 40))
+    sink.emit(_event(1, 300, kind="skipped"))
+    sink.close()
+    code, out, err = _run(str(d))
+    assert code == 0 and "1 growths" in out and not err
+    fig = build_figure(load_run(d))
+    ax_p, _, ax_a = fig.axes
+    assert "no accuracy data was recorded" in ax_a.get_title()
+    assert max(ax_p.lines[0].get_xdata()) == 300
+    png = tmp_path / "g.png"
+    assert _run(str(d), plot=str(png))[0] == 0 and png.is_file()

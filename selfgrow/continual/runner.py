@@ -22,6 +22,8 @@ import json
 import math
 import os
 import platform
+import re
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -124,6 +126,7 @@ class RunSpec:
             if a not in actions:
                 raise GrowthConfigError(choices_message(f"growth action ({what})", a, actions))
         for what, v, lo in (
+            ("seed", self.seed, 0),
             ("epochs", self.epochs, 1),
             ("batch_size", self.batch_size, 1),
             ("mem_size", self.mem_size, 1),
@@ -202,6 +205,33 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+RUN_NAME_RULE = (
+    "a single path component of letters, digits, '-', '_' and '.', not starting with '.'"
+)
+_RUN_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def check_run_name(name: str) -> None:
+    """Raise :class:`GrowthConfigError` unless ``name`` is a safe run-directory name."""
+    if not _RUN_NAME_RE.fullmatch(name):
+        raise GrowthConfigError(f"--name {name!r} is not valid; it must be {RUN_NAME_RULE}")
+
+
+def check_runs_dir(runs_dir: str | os.PathLike[str]) -> None:
+    """Raise :class:`GrowthConfigError` if ``runs_dir`` is an existing non-directory or lies
+    under one (checked without creating anything)."""
+    p = Path(runs_dir)
+    if p.exists() and not p.is_dir():
+        raise GrowthConfigError(f"--runs-dir {str(p)!r} exists and is not a directory")
+    for parent in p.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise GrowthConfigError(
+                    f"--runs-dir {str(p)!r} cannot be created: {str(parent)!r} is not a directory"
+                )
+            break
+
+
 def unique_run_dir(runs_dir: str | os.PathLike[str], name: str) -> Path:
     """``runs_dir/name``, or ``name-1``, ``name-2`` ... if taken (never overwrites)."""
     base = Path(runs_dir)
@@ -266,7 +296,9 @@ def training_flops_per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     return fc.get_total_flops() / max(int(x.shape[0]), 1)
 
 
-def _make_recorder_plugin(on_epoch: Callable[[Any], None]) -> Any:
+def _make_recorder_plugin(
+    on_epoch: Callable[[Any], None], on_iteration: Callable[[Any], None] | None = None
+) -> Any:
     from avalanche.core import SupervisedPlugin
 
     class _Recorder(SupervisedPlugin):
@@ -277,6 +309,7 @@ def _make_recorder_plugin(on_epoch: Callable[[Any], None]) -> Any:
             self.samples: dict[str, int] = {}
             self.flops_per_sample: dict[str, float] = {}
             self.last_loss = float("nan")
+            self.iterations = 0
 
         def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
             key = _arch_key(strategy.model)
@@ -288,6 +321,9 @@ def _make_recorder_plugin(on_epoch: Callable[[Any], None]) -> Any:
 
         def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
             self.last_loss = float(strategy.loss.detach())
+            self.iterations += 1
+            if on_iteration is not None:
+                on_iteration(strategy)
 
         def after_training_epoch(self, strategy: Any, **kwargs: Any) -> None:
             on_epoch(self)
@@ -333,6 +369,16 @@ def _metric(metrics: dict[str, Any], prefix: str, suffix: str = "") -> float:
 
 
 ACC_EXP = "Top1_Acc_Exp/eval_phase/test_stream"
+BASELINE_LOG_EVERY = 5  # the grown run's GrowthPlugin(log_every=5)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream"
 STREAM_FORGET = "StreamForgetting/eval_phase/test_stream"
 
@@ -374,11 +420,13 @@ def train_variant(
         loggers=[tb_logger],
     )
     n_exps = bench.n_experiences
+    # bars only on a terminal: piped / redirected stderr gets the plain per-experience lines
+    use_bar = bool(progress) and _isatty(sys.stderr)
     bar = tqdm(
         total=n_exps * spec.epochs,
         desc=f"{VARIANT_LABELS[variant]:>18}",
         unit="ep",
-        disable=not progress,
+        disable=not use_bar,
         dynamic_ncols=True,
         leave=True,
     )
@@ -387,13 +435,26 @@ def train_variant(
         bar.update(1)
         bar.set_postfix(loss=f"{rec.last_loss:.3f}", params=count_params(strategy.model))
 
-    recorder = _make_recorder_plugin(on_epoch)
-    plugins: list[Any] = [recorder]
     ctrl = None
     gplugin = None
     sinks: list[Any] = []
+    on_iteration = None
     if grow:
         ctrl, gplugin, sinks = _make_controller(model, optimizer, spec, bench, run_dir, device)
+    else:
+        # the baselines' training scalars, with the grown run's tags and logging period
+        base_tb = TensorBoardSink(tb_dir)
+        sinks = [base_tb]
+
+        def on_iteration(strat: Any) -> None:
+            n = recorder.iterations
+            if n % BASELINE_LOG_EVERY == 0 and math.isfinite(recorder.last_loss):
+                base_tb.log_scalars(n, {"train/loss": recorder.last_loss,
+                                        "model/params": float(count_params(strat.model))})
+
+    recorder = _make_recorder_plugin(on_epoch, on_iteration)
+    plugins: list[Any] = [recorder]
+    if gplugin is not None:
         plugins.insert(0, gplugin)
     if spec.strategy == "replay":
         plugins.append(
@@ -435,17 +496,17 @@ def train_variant(
                 f"avg(seen)={res.avg_accuracy_per_exp[-1]:.3f} "
                 f"params={count_params(strategy.model)}"
             )
-            if progress:
+            if use_bar:
                 bar.write(msg)
             else:
                 print_fn(msg)
+            step_now = gplugin.step if gplugin else recorder.iterations
             for s in sinks:
                 if isinstance(s, ScalarJsonlSink):
-                    s.log_row({"kind": "eval", "step": gplugin.step if gplugin else 0,
+                    s.log_row({"kind": "eval", "step": step_now,
                                "experience": i, "accuracy": row})
                 elif isinstance(s, TensorBoardSink):
-                    s.log_scalars(gplugin.step if gplugin else i, {"eval/avg_acc_seen":
-                                                                    res.avg_accuracy_per_exp[-1]})
+                    s.log_scalars(step_now, {"eval/avg_acc_seen": res.avg_accuracy_per_exp[-1]})
     finally:
         # Avalanche 0.6 calls its own deprecated storage-policy API every experience and
         # resets the warning filters to print it each time: swallow those, show the rest once
@@ -579,13 +640,23 @@ def run_experiment(
         ``(run_dir, summary)``.
 
     Raises:
-        GrowthConfigError: bad spec (raised before anything is written).
+        GrowthConfigError: bad spec, bad ``name`` or unusable ``runs_dir`` (raised before
+            anything is written).
         DataUnavailableError: a data package is missing (before anything is written).
     """
     spec.validate()
+    if name is not None:
+        check_run_name(name)
+    check_runs_dir(runs_dir)
     bench = build_benchmark(spec.benchmark, seed=spec.seed)
     run_dir = unique_run_dir(runs_dir, name or f"{spec.benchmark}-{spec.model}-{spec.strategy}")
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as e:
+        raise GrowthConfigError(
+            f"--runs-dir {str(runs_dir)!r}: cannot create the run directory {str(run_dir)!r} "
+            f"({e.strerror or e})"
+        ) from e
     t_start = time.perf_counter()
     config = {
         "spec": dataclasses.asdict(spec),
