@@ -19,7 +19,9 @@ Usage::
     python benchmarks/controller_overhead.py            # full run (a few minutes)
     python benchmarks/controller_overhead.py --quick    # smoke run (< 3 minutes on 1 core)
 
-Writes ``benchmarks/results/controller_overhead.{md,json}`` (``--out`` to change).
+Writes ``benchmarks/results/controller_overhead.{md,json}`` (``--quick``:
+``controller_overhead_quick.{md,json}``, so a smoke run never replaces the full result;
+``--out`` to change the folder).
 """
 
 from __future__ import annotations
@@ -230,8 +232,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "controller_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "controller_overhead.md").write_text(_markdown(result))
+    stem = "controller_overhead_quick" if args.quick else "controller_overhead"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(_markdown(result))
     log(f"overhead {overhead * 100:+.2f}% (observe {obs * 1e3:.3f} ms = "
         f"{result['observe_fraction_of_step'] * 100:.2f}% of a step); target <= "
         f"{TARGET_OVERHEAD * 100:.0f}%")

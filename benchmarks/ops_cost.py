@@ -35,7 +35,8 @@ Usage::
     python benchmarks/ops_cost.py --quick              # 4 layers, d_model 768 (< 3 min)
     python benchmarks/ops_cost.py --quick --ops identity_insert,widen_d_model
 
-Writes ``benchmarks/results/ops_cost.{md,json}`` (``--out`` to change) with the command,
+Writes ``benchmarks/results/ops_cost.{md,json}`` (``--quick``: ``ops_cost_quick``;
+``--out`` to change) with the command,
 machine info and pass/fail per target.
 """
 
@@ -300,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"{QUICK_LAYERS} layers instead of {FULL['n_layers']} (< 3 minutes)")
     ap.add_argument("--layers", type=int, default=None, help="override the number of layers")
     ap.add_argument("--ops", default="", help="comma-separated operator names (default: all)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ops_cost"),
-                    help="output path without extension (.md and .json are written)")
+    ap.add_argument("--out", default=None,
+                    help="output path without extension (.md and .json are written); default "
+                    "benchmarks/results/ops_cost (full run) or ops_cost_quick (--quick)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per operator")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -350,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
            "floor. Peak extra memory: VmHWM after a reset minus RSS before `grow_`, malloc "
            "pinned to mmap for >= 64 KiB (see the module docstring).\n")
     print(doc)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else (
+        ROOT / "benchmarks" / "results" / ("ops_cost_quick" if args.quick else "ops_cost")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(doc)
     out.with_suffix(".json").write_text(json.dumps(dict(

@@ -627,7 +627,11 @@ def load_checkpoint(
     try:
         payload = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        why = str(e) or "empty or not a checkpoint"
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {why}"
+            " (not a file written by selfgrow.save_checkpoint, or truncated)"
+        ) from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a selfgrow checkpoint")
     if payload.get("format_version", 0) > FORMAT_VERSION:

@@ -137,7 +137,7 @@ def timeline_rows(events: list[GrowthEvent], include_skipped: bool = False) -> l
             "value": trig.get("value"),
             "threshold": trig.get("threshold"),
             "action": act.get("name"),
-            "operator": act.get("op") or act.get("name"),
+            "operator": act.get("op") or act.get("name") or ("-" if e.kind == "anomaly" else None),
             "operator_config": cfg,
             "params_before": e.params_before,
             "params_after": e.params_after,
@@ -381,8 +381,9 @@ def inspect_main(
     else:
         n_skip = sum(1 for e in rec.events if e.kind == "skipped")
         n_anom = sum(1 for e in rec.events if e.kind == "anomaly")
+        hint = "" if include_skipped else "; --all shows skipped ones"
         print(f"\ngrowth timeline ({len(rec.growths)} growths, {n_skip} skipped decisions, "
-              f"{n_anom} anomalies; --all shows skipped ones):", file=out)
+              f"{n_anom} anomalies{hint}):", file=out)
         print(format_timeline(rows) if rows else "(no growth events)", file=out)
     if rec.summary:
         print("\nsummary:", file=out)

@@ -608,3 +608,12 @@ def test_signals_taking_turns_under_one_limit_log_one_skip():
         ctrl.observe(loss=loss, **kw)
     evs = [(e.kind, e.step, e.trigger["signal"]) for e in ctrl.events]
     assert evs == [("growth", 31, "loss_plateau"), ("skipped", 42, "loss_plateau")]
+
+
+def test_memory_budget_without_memory_spec_fails_at_construction():
+    from selfgrow.control import Budget, FixedSchedule
+
+    m, opt = _setup()
+    with pytest.raises(GrowthConfigError, match="memory_spec"):
+        GrowthController(m, opt, policy=FixedSchedule([(2, "widen")],
+                                                      budget=Budget(max_memory_bytes=1000)))

@@ -195,3 +195,14 @@ def test_bad_model_and_unrelated_optimizer_are_refused_before_change():
     with pytest.raises(IncompatibleOptimizerError, match="none of the model"):
         grow_(m, _DupConfig(unit=0), optimizer=other)
     assert _same(before, _snapshot(m, opt))
+
+
+def test_preservation_error_compares_old_features_of_a_widened_output():
+    from selfgrow.ops._registry import preservation_error
+
+    y = torch.randn(3, 5, 4)
+    same = preservation_error(y, torch.cat([y, y], dim=-1))
+    assert same["max_abs"] == 0.0 and "first 4 of 8" in same["compared"]
+    off = preservation_error(y, torch.cat([y + 1e-3, y], dim=-1))  # control: a real change
+    assert off["max_abs"] > 9e-4
+    assert preservation_error(y, y[:2])["max_rel"] == float("inf")

@@ -88,3 +88,14 @@ def test_negative_control_unsynchronised_growth_rng_is_detected(tmp_path):
 def test_policy_error_on_rank_zero_raises_on_every_rank_instead_of_hanging(tmp_path):
     with pytest.raises(Exception, match="policy exploded|policy failed on rank 0"):
         _spawn(tmp_path / "explode", explode_at=3)
+
+
+def test_fingerprint_handles_zero_dim_buffers():
+    from selfgrow.control.distributed import model_fingerprint
+    from selfgrow.models.transformer import GrowableTransformer, TransformerConfig
+
+    bn = torch.nn.BatchNorm1d(3)  # num_batches_tracked is 0-dim
+    a = model_fingerprint(bn)
+    bn.num_batches_tracked += 1
+    assert model_fingerprint(bn) != a
+    assert len(model_fingerprint(GrowableTransformer(TransformerConfig()))) == 64

@@ -355,3 +355,24 @@ def test_make_signal_by_name():
         make_signal("loss_plato")
     with pytest.raises(GrowthConfigError, match="bad arguments"):
         make_signal("loss_plateau", windw=7)
+
+
+def test_gradient_saturation_does_not_fire_on_healthy_training():
+    """Regression: when the window first filled, the slow mean equalled the short one and the
+    score was 1.0 >= threshold on every layer, in perfectly healthy training."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 1))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    sig = GradientSaturation(window=10)
+    sig.bind(m)
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    fired = []
+    for step in range(1, 61):
+        opt.zero_grad()
+        (m(x).squeeze(-1) - y).pow(2).mean().backward()
+        sig.update(step, {})
+        if sig.triggered:
+            fired.append(step)
+        opt.step()
+    assert fired == [], fired

@@ -244,6 +244,15 @@ class GrowthController:
                         raise GrowthConfigError(
                             f"rule {rule.signal!r} -> {rule.action!r}: {e}"
                         ) from None
+        budget = getattr(pol, "budget", None) if pol is not None else None
+        if budget is not None and budget.max_memory_bytes is not None:
+            spec = self.memory_spec
+            if not (spec.get("make_input") or spec.get("input_shape") or spec.get("seq_len")):
+                raise GrowthConfigError(
+                    "Budget(max_memory_bytes=...) needs memory_spec=dict(batch_size=..., "
+                    "input_shape=(...) or seq_len=...) to estimate the training memory "
+                    "(see selfgrow.control.estimate_memory)"
+                )
         if provides is not None:
             have = set(provides) | {"loss"}
             for s in self.signals:

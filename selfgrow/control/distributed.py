@@ -149,8 +149,8 @@ def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the names, shapes, dtypes and bytes of every parameter and buffer."""
     h = hashlib.sha256()
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        c = t.detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(c.shape)}|{c.dtype}|".encode())
+        c = t.detach().cpu().contiguous().reshape(-1)  # 0-dim buffers (BN counters, ramps)
+        h.update(f"{name}|{tuple(t.shape)}|{c.dtype}|".encode())
         h.update(c.view(torch.uint8).numpy().tobytes() if c.numel() else b"")
     return h.hexdigest()
 
@@ -513,7 +513,7 @@ class DistributedGrowthController:
 
 
 # ---------------------------------------------------------------------------------------------
-# demo: torchrun --standalone --nproc_per_node=2 -m selfgrow.control.distributed
+# demo: torchrun --standalone --nproc_per_node=2 -m selfgrow.ddp_demo
 # ---------------------------------------------------------------------------------------------
 def _demo(argv: Sequence[str] | None = None) -> None:
     """A GrowableMLP learning a random teacher on every rank's own synthetic batches, widened
@@ -526,7 +526,7 @@ def _demo(argv: Sequence[str] | None = None) -> None:
     from .schedules import FixedSchedule
     from .signals import LossPlateau
 
-    ap = argparse.ArgumentParser(prog="python -m selfgrow.control.distributed")
+    ap = argparse.ArgumentParser(prog="torchrun ... -m selfgrow.ddp_demo")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--log-dir", default=None, help="directory for events.jsonl (rank 0)")
     ap.add_argument("--checkpoint", default=None, help="write a checkpoint here at the end")

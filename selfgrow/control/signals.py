@@ -423,7 +423,7 @@ class GradientSaturation(Signal):
     in healthy training relative gradients decay (score < 1); a layer whose relative
     gradient stops decaying, and is above ``min_ratio``, is *saturated* (it keeps asking for
     change it cannot make). ``value`` = max score; triggered when at least one layer has
-    ``score >= threshold`` after ``window`` updates. ``state()["layers"]`` lists the saturated
+    ``score >= threshold`` after ``2 * window`` updates. ``state()["layers"]`` lists the saturated
     layers (module names) for actions such as ``widen_layers``.
 
     Args:
@@ -519,7 +519,9 @@ class GradientSaturation(Signal):
             self._slow[name] = r if prev is None else (
                 prev + (r - prev) / n if n <= self.history else beta * prev + (1 - beta) * r
             )
-            if n < self.window:
+            # score only once the slow mean covers twice the short window: before that the two
+            # means share most of their samples and the score is ~1 by construction
+            if n < 2 * self.window:
                 continue
             short = sum(q) / len(q)
             score = short / max(self._slow[name], 1e-30)

@@ -202,14 +202,35 @@ def eval_output(model: nn.Module, fn: ProbeFn) -> torch.Tensor:
             m.train(t)
 
 
-def preservation_error(before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
-    """``max_abs = max|after - before|``, ``max_rel = max_abs / max|before|`` (fp64 math)."""
+def preservation_error(before: torch.Tensor, after: torch.Tensor) -> dict[str, Any]:
+    """``max_abs = max|after - before|``, ``max_rel = max_abs / max|before|`` (fp64 math).
+
+    When growth widened the output's last dimension (e.g. ``widen_d_model`` on a model whose
+    output is the residual stream), the old features are compared with the first
+    ``before.shape[-1]`` features of the new output, and ``compared`` says so. Any other shape
+    change gives ``inf`` errors and ``compared="shape changed"``.
+    """
+    note: dict[str, Any] = {}
     if before.shape != after.shape:
-        return {"max_abs": float("inf"), "max_rel": float("inf")}
+        widened = (
+            before.dim() == after.dim()
+            and before.dim() > 0
+            and before.shape[:-1] == after.shape[:-1]
+            and after.shape[-1] > before.shape[-1]
+        )
+        if not widened:
+            return {
+                "max_abs": float("inf"),
+                "max_rel": float("inf"),
+                "compared": f"shape changed {tuple(before.shape)} -> {tuple(after.shape)}",
+            }
+        d, big = before.shape[-1], after.shape[-1]
+        after = after[..., :d]
+        note["compared"] = f"first {d} of {big} output features"
     diff = (after.double() - before.double()).abs()
     max_abs = float(diff.max()) if diff.numel() else 0.0
     scale = float(before.double().abs().max()) if before.numel() else 0.0
-    return {"max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-30)}
+    return {"max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-30), **note}
 
 
 def count_params(model: nn.Module) -> int:
