@@ -416,8 +416,10 @@ def test_failed_growth_is_logged_and_starts_cooldown():
     ctrl = GrowthController(
         m, opt,
         signals=[LossPlateau(window=10, min_rel_drop=0.01, ema=0.0)],
-        policy=RulePolicy([Rule("loss_plateau", "widen", kwargs={"n": 50})], cooldown=30),
+        policy=RulePolicy([Rule("loss_plateau", "widen", kwargs={"n": 1})], cooldown=30),
     )
+    # valid when built (checked then); invalid by the time it fires
+    ctrl.policy.rules[0].kwargs["n"] = 50
     for loss in _plateau_trace(70):
         ctrl.observe(loss=loss)
     skipped = [e for e in ctrl.events if e.kind == "skipped"]
@@ -556,10 +558,11 @@ def test_invalid_growth_under_budget_is_logged_not_raised():
     m, opt = _setup()
     ctrl = GrowthController(
         m, opt, signals=[LossPlateau(window=10, min_rel_drop=0.01, ema=0.0)],
-        policy=RulePolicy([Rule("loss_plateau", "widen", kwargs={"n": 50})],
+        policy=RulePolicy([Rule("loss_plateau", "widen", kwargs={"n": 1})],
                           budget=Budget(max_memory_bytes=1e9), cooldown=100),
         memory_spec={"input_shape": (4,)},
     )
+    ctrl.policy.rules[0].kwargs["n"] = 50  # becomes invalid after construction
     for loss in _plateau_trace(40):
         ctrl.observe(loss=loss)
     assert [(e.step, e.extra["blocked"]) for e in ctrl.events] == [(31, "error"), (32, "cooldown")]
@@ -617,3 +620,14 @@ def test_memory_budget_without_memory_spec_fails_at_construction():
     with pytest.raises(GrowthConfigError, match="memory_spec"):
         GrowthController(m, opt, policy=FixedSchedule([(2, "widen")],
                                                       budget=Budget(max_memory_bytes=1000)))
+
+
+def test_rule_argument_values_are_validated_against_the_model_at_construction():
+    from selfgrow.models.transformer import GrowableTransformer, TransformerConfig
+
+    m = GrowableTransformer(TransformerConfig())
+    opt = torch.optim.Adam(m.parameters())
+    with pytest.raises(GrowthConfigError, match="widen"):  # widen_d_model wants an int factor
+        GrowthController(m, opt, signals=[LossPlateau(window=5)],
+                         policy=RulePolicy([Rule("loss_plateau", "widen",
+                                                 kwargs={"factor": 2.5})]))

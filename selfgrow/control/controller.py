@@ -39,7 +39,14 @@ from ..errors import (
 )
 from ..events.jsonl import JsonlSink
 from ..events.record import GrowthEvent
-from ..ops._registry import OpConfig, ProbeFn, count_params, default_probe_fn, grow_
+from ..ops._registry import (
+    OpConfig,
+    ProbeFn,
+    count_params,
+    default_probe_fn,
+    get_operator,
+    grow_,
+)
 from .actions import list_actions, resolve_action
 from .policies import Action, Decision, Policy, PolicyContext
 from .signals import Signal
@@ -239,7 +246,8 @@ class GrowthController:
             for rule in getattr(pol, "rules", []):
                 if isinstance(rule.action, str) and not rule.from_state:
                     try:
-                        resolve_action(rule.action, self.model, **rule.kwargs)
+                        cfg = resolve_action(rule.action, self.model, **rule.kwargs)
+                        get_operator(cfg).validate(self.model, cfg)
                     except GrowthConfigError as e:
                         raise GrowthConfigError(
                             f"rule {rule.signal!r} -> {rule.action!r}: {e}"
