@@ -44,7 +44,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .core import MAX_RUNS, ParamMap, gather_dim  # noqa: F401 - re-exported
 from .errors import IncompatibleOptimizerError
+
+#: elements sampled (evenly strided) to estimate a tensor's normalised Adam update RMS
+RMS_SAMPLE = 1 << 16
 
 #: state keys that behave like a first moment (scale by s; new coordinates 0)
 FIRST_MOMENT_KEYS = frozenset({"exp_avg", "momentum_buffer", "grad_avg"})
@@ -62,89 +66,6 @@ SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
 LAZY_INIT_KEY = "selfgrow_lazy_init"
 #: bool mask (param shape) of new coordinates inside a grown tensor awaiting their first gradient
 LAZY_MASK_KEY = "selfgrow_lazy_mask"
-
-
-#: elements sampled (evenly strided) to estimate a tensor's normalised Adam update RMS
-RMS_SAMPLE = 1 << 16
-#: gather by copying slices when the index has at most this many runs
-MAX_RUNS = 32
-
-
-def gather_dim(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """``t.index_select(dim, index.clamp(min=0))`` where only entries ``index >= 0`` matter:
-    new coordinates (``-1``) get arbitrary values (zeros here). Always a new tensor.
-
-    Growth indices are mostly a few runs of consecutive coordinates (tiling
-    ``[0..C-1, 0..C-1]``, appending ``[0..C-1, -1, ...]``); those are copied as slices,
-    which on CPU is 5-10x faster than ``index_select`` along an inner dimension. Other
-    indices (random Net2Net picks) fall back to ``index_select``.
-    """
-    n = index.numel()
-    if n == 0 or index.dim() != 1:
-        return t.index_select(dim, index.clamp(min=0))
-    if int(index.max()) >= t.shape[dim]:
-        raise IndexError(
-            f"index {int(index.max())} out of range for dimension {dim} of size {t.shape[dim]}"
-        )
-    new = index < 0
-    key = index - torch.arange(n, device=index.device)
-    brk = torch.zeros(n, dtype=torch.bool, device=index.device)
-    brk[0] = True
-    brk[1:] = (new[1:] != new[:-1]) | (~new[1:] & (key[1:] != key[:-1]))
-    starts = torch.nonzero(brk).flatten().tolist()
-    if len(starts) > MAX_RUNS:
-        return t.index_select(dim, index.clamp(min=0))
-    ends = starts[1:] + [n]
-    first = index[starts].tolist()
-    shape = list(t.shape)
-    shape[dim] = n
-    out = t.new_empty(shape)
-    for a, b, i0 in zip(starts, ends, first, strict=True):
-        if i0 < 0:
-            out.narrow(dim, a, b - a).zero_()
-        else:
-            out.narrow(dim, a, b - a).copy_(t.narrow(dim, i0, b - a))
-    return out
-
-
-@dataclass
-class ParamMap:
-    """How one parameter of the grown model derives from a parameter of the old model.
-
-    Attributes:
-        source: name of the old parameter (in ``model.named_parameters()`` before growth), or
-            ``None`` for a brand-new tensor (fresh optimizer state).
-        index: one entry per dimension of the NEW tensor: ``None`` (dimension unchanged) or a
-            LongTensor of length ``new.shape[d]`` whose entries are the old index copied into
-            that position, or ``-1`` for a brand-new coordinate.
-        grad_scale: float or tensor broadcastable to the new shape: the gradient this
-            coordinate will receive relative to its source coordinate's gradient (``1/c`` for a
-            copy whose output is split among ``c`` twins).
-    """
-
-    source: str | None
-    index: tuple[torch.Tensor | None, ...] = ()
-    grad_scale: float | torch.Tensor = 1.0
-
-    def gather(self, old: torch.Tensor, new_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(values, new_mask)``: ``old`` gathered into ``new_shape`` and a bool mask
-        of the brand-new coordinates (values there are arbitrary)."""
-        out = old
-        mask = torch.zeros((), dtype=torch.bool, device=old.device)
-        for d, idx in enumerate(self.index):
-            if idx is None:
-                continue
-            idx = idx.to(old.device)
-            out = gather_dim(out, d, idx)
-            shape = [1] * len(new_shape)
-            shape[d] = idx.numel()
-            mask = mask | (idx < 0).view(shape)
-        if tuple(out.shape) != tuple(new_shape):
-            raise ValueError(
-                f"ParamMap from {self.source!r} gives shape {tuple(out.shape)}, "
-                f"expected {tuple(new_shape)}"
-            )
-        return out, mask.expand(new_shape)
 
 
 @dataclass

@@ -134,7 +134,7 @@ def test_negative_control_naive_map_composition():
     # points past the original tensor (rows f, f+1 exist only after step 1) and its
     # grad_scale says 1/2, 1, 1/2 for the three copies of unit 1
     naive = ParamMap(m1[m2[name].source].source, m2[name].index, m2[name].grad_scale)
-    with pytest.raises(IndexError):
+    with pytest.raises(GrowthConfigError):
         naive.gather(old[name], new.shape)
     rows = [1, f + 1, f + 2]
     naive_want = old[name][1] * naive.grad_scale.flatten()[rows].double()[:, None]

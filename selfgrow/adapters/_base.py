@@ -17,7 +17,7 @@ and works on its canonical views:
 Writing weights goes through :func:`set_projection` / :func:`resize_params`, which handle fused
 (``nn.MultiheadAttention.in_proj_weight``) and transposed (GPT-2 ``Conv1D``) storage and
 produce the :class:`~selfgrow.optim.ParamMap` for optimizer migration. Everything is done
-through a :class:`~selfgrow.ops._surgery.Transaction`, so a failure rolls back.
+through a :class:`~selfgrow.core.Transaction`, so a failure rolls back.
 
 Canonical meaning of the views (pre-LN: ``h + f(norm(h))``; post-LN: ``norm(h + f(h))``)::
 
@@ -62,16 +62,25 @@ from __future__ import annotations
 
 import abc
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import GrowthConfigError, IncompatibleModelError
-from ..ops._surgery import Transaction
-from ..optim import ParamMap, gather_dim
+from ..core import (  # noqa: F401 - re-exported for adapter authors
+    AxisMap,
+    Fill,
+    ParamMap,
+    Roles,
+    Transaction,
+    normal_fill,
+    register_unique,
+    regrid,
+    zeros_fill,
+)
+from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +269,57 @@ class LayerView:
 # ---------------------------------------------------------------------------------------------
 # the adapter base class and registry
 # ---------------------------------------------------------------------------------------------
-class TransformerAdapter(abc.ABC):
+class Adapter(abc.ABC):
+    """How selfgrow sees one model family (the base of every adapter kind).
+
+    An adapter is a light, stateless wrapper built per operation with
+    ``get_adapter(model)``. Subclasses set ``family`` (a short, unique name used in errors and
+    checkpoints) and ``kind`` (``"transformer"`` or ``"classifier"``: which operators and
+    controller actions apply), implement :meth:`matches`, and are registered with
+    :func:`register_adapter`.
+
+    Checkpoints: :meth:`arch_spec` describes the CURRENT (possibly grown) architecture as
+    JSON-serialisable data and :meth:`build_from_spec` rebuilds an untrained model of exactly
+    that shape, so ``save_checkpoint`` / ``load_checkpoint`` work for the family with no
+    registration by the user.
+    """
+
+    family: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    @abc.abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """True if this adapter handles ``model``."""
+
+    def arch_spec(self) -> dict[str, Any]:
+        """JSON-serialisable description of the current architecture (see
+        :meth:`build_from_spec`).
+
+        Raises:
+            IncompatibleModelError: the family cannot be checkpointed by selfgrow.
+        """
+        raise IncompatibleModelError(
+            f"{self.family} models cannot be described for a selfgrow checkpoint; save the "
+            f"weights with the family's own tools"
+        )
+
+    @classmethod
+    def build_from_spec(cls, spec: dict[str, Any]) -> nn.Module:
+        """An untrained model of the architecture described by ``spec`` (from
+        :meth:`arch_spec`); weights are then loaded from the checkpoint.
+
+        Raises:
+            IncompatibleModelError: the family cannot be rebuilt by selfgrow.
+            GrowthConfigError: the spec is malformed.
+        """
+        raise IncompatibleModelError(f"{cls.family} models cannot be rebuilt from a spec")
+
+
+class TransformerAdapter(Adapter):
     """How growth operators find and edit the parts of one transformer family.
 
     Subclasses set ``family`` (a short name used in errors) and implement the abstract
@@ -268,20 +327,11 @@ class TransformerAdapter(abc.ABC):
     wrapper: build one per operation with ``get_adapter(model)``.
     """
 
-    family: ClassVar[str] = ""
+    kind: ClassVar[str] = "transformer"
     #: the family can ramp new post-LN blocks in (depth mask ramp, exact at m = 0)
     supports_ramp: ClassVar[bool] = False
     #: the family supports masked normalisation (``widen_d_model_masked``)
     supports_norm_mask: ClassVar[bool] = False
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    # --- recognition -------------------------------------------------------------------------
-    @classmethod
-    @abc.abstractmethod
-    def matches(cls, model: nn.Module) -> bool:
-        """True if this adapter handles ``model``."""
 
     # --- structure ---------------------------------------------------------------------------
     @property
@@ -401,198 +451,100 @@ class TransformerAdapter(abc.ABC):
                     )
 
 
-AdapterCls = type[TransformerAdapter]
-_ADAPTERS: list[AdapterCls] = []
+AdapterCls = type[Adapter]
+_ADAPTERS: dict[str, AdapterCls] = {}
+ADAPTER_KINDS = ("classifier", "transformer")
+_ADD_FAMILY_HINT = (
+    "To support it: subclass selfgrow.adapters.TransformerAdapter or ClassifierAdapter and "
+    "decorate it with @selfgrow.adapters.register_adapter, or teach the controller one action "
+    "with selfgrow.control.register_action(ModelClass, 'widen')(fn) (see docs/extending.md)"
+)
 
 
-def register_adapter(cls: AdapterCls) -> AdapterCls:
-    """Class decorator adding an adapter; later registrations are tried first."""
-    if not cls.family:
-        raise GrowthConfigError(f"{cls.__name__} must set the class variable 'family'")
-    _ADAPTERS[:] = [a for a in _ADAPTERS if a.family != cls.family]
-    _ADAPTERS.insert(0, cls)
-    return cls
+def register_adapter(cls: AdapterCls | None = None, *, override: bool = False) -> Any:
+    """Class decorator adding an adapter (``@register_adapter`` or
+    ``@register_adapter(override=True)``). Adapters registered later are tried first.
+
+    Raises:
+        GrowthConfigError: ``family`` or ``kind`` unset/unknown, or ``family`` already taken
+            by another adapter (pass ``override=True`` to replace it on purpose).
+    """
+
+    def deco(c: AdapterCls) -> AdapterCls:
+        if not c.family:
+            raise GrowthConfigError(f"{c.__name__} must set the class variable 'family'")
+        if c.kind not in ADAPTER_KINDS:
+            raise GrowthConfigError(choices_message(f"adapter kind of {c.__name__}", c.kind,
+                                                    ADAPTER_KINDS))
+        register_unique(_ADAPTERS, c.family, c, "adapter family", override=override)
+        # most recent first: move the key to the end and iterate reversed
+        _ADAPTERS[c.family] = _ADAPTERS.pop(c.family)
+        return c
+
+    return deco(cls) if cls is not None else deco
 
 
-def supported_families() -> list[str]:
+def supported_families(kind: str | None = None) -> list[str]:
+    """Registered adapter families (of one ``kind`` if given), most recent first."""
     _load_builtin()
-    return [a.family for a in _ADAPTERS]
+    return [f for f, a in reversed(_ADAPTERS.items()) if kind is None or a.kind == kind]
 
 
 def _load_builtin() -> None:
-    from . import hf, selfgrow_transformer, torch_encoder  # noqa: F401
+    import importlib
+    import pkgutil
+
+    from . import __path__ as p
+
+    for m in pkgutil.iter_modules(p):
+        if not m.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{m.name}")
 
 
-def get_adapter(model: nn.Module) -> TransformerAdapter:
-    """The adapter for ``model``'s family.
+def find_adapter(model: nn.Module, kind: str | None = None) -> Adapter | None:
+    """The adapter for ``model`` (of ``kind`` if given), or None when no family matches."""
+    _load_builtin()
+    for a in reversed(list(_ADAPTERS.values())):
+        if (kind is None or a.kind == kind) and a.matches(model):
+            return a(model)
+    return None
+
+
+def adapter_class(family: str) -> AdapterCls:
+    """The adapter class registered under ``family`` (used to rebuild checkpoints).
 
     Raises:
-        IncompatibleModelError: no registered adapter matches; the message lists the supported
-            families and how to add one.
+        GrowthConfigError: unknown family (lists the registered ones).
     """
     _load_builtin()
-    for cls in _ADAPTERS:
-        if cls.matches(model):
-            return cls(model)
+    cls = _ADAPTERS.get(family)
+    if cls is None:
+        raise GrowthConfigError(choices_message("adapter family", family, list(_ADAPTERS)))
+    return cls
+
+
+def get_adapter(model: nn.Module, kind: str = "transformer") -> Any:
+    """The adapter of ``kind`` for ``model``'s family (a :class:`TransformerAdapter` by
+    default).
+
+    Raises:
+        IncompatibleModelError: no registered adapter of that kind matches; the message lists
+            the supported families and how to add one.
+    """
+    if kind not in ADAPTER_KINDS:
+        raise GrowthConfigError(choices_message("adapter kind", kind, ADAPTER_KINDS))
+    ad = find_adapter(model, kind)
+    if ad is not None:
+        return ad
     raise IncompatibleModelError(
-        f"no transformer adapter for {type(model).__name__}; supported families: "
-        f"{', '.join(a.family for a in _ADAPTERS)}. To add one, subclass "
-        f"selfgrow.adapters.TransformerAdapter and decorate it with @register_adapter"
+        f"no {kind} adapter for {type(model).__name__}; supported {kind} families: "
+        f"{', '.join(supported_families(kind))}. {_ADD_FAMILY_HINT}"
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # index maps and writing weights
 # ---------------------------------------------------------------------------------------------
-Fill = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
-
-
-def zeros_fill(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
-#: a fill whose values do not depend on the position (``elementwise = True``) may be called
-#: with the shape ``(n_new,)`` of the new coordinates only (see :func:`regrid`)
-zeros_fill.elementwise = True  # type: ignore[attr-defined]
-
-
-def normal_fill(std: float, generator: torch.Generator | None = None) -> Fill:
-    """Fill brand-new coordinates with N(0, std^2), drawn on CPU for determinism: in fp64 for
-    fp64 models, in fp32 otherwise (half the cost of an fp64 draw on large models)."""
-
-    def fill(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        draw = torch.float64 if dtype == torch.float64 else torch.float32
-        t = torch.randn(shape, generator=generator, dtype=draw) * std
-        return t.to(device=device, dtype=dtype)
-
-    fill.elementwise = True  # type: ignore[attr-defined]
-    return fill
-
-
-@dataclass
-class AxisMap:
-    """How one dimension of a tensor grows.
-
-    Attributes:
-        index: LongTensor (new_size,): old coordinate copied into each new position, -1 for a
-            brand-new coordinate.
-        value_scale: None or tensor (new_size,) multiplying the copied values along this axis
-            (e.g. ``1 / count`` for a weight reading a duplicated stream).
-        grad_scale: None or tensor (new_size,): gradient of the new coordinate relative to its
-            source's gradient along this axis (multiplied over axes for the ParamMap).
-    """
-
-    index: torch.Tensor
-    value_scale: torch.Tensor | None = None
-    grad_scale: torch.Tensor | None = None
-
-    @property
-    def size(self) -> int:
-        return int(self.index.numel())
-
-    @staticmethod
-    def identity(n: int) -> AxisMap:
-        return AxisMap(torch.arange(n))
-
-    @staticmethod
-    def concat(parts: Iterable[tuple[int, AxisMap]]) -> AxisMap:
-        """Join segment maps of a fused axis: ``parts`` = ``(old_offset, map)`` in new order."""
-        idx, vs, gs = [], [], []
-        for off, m in parts:
-            idx.append(torch.where(m.index >= 0, m.index + off, m.index))
-            vs.append(m.value_scale if m.value_scale is not None else torch.ones(m.size))
-            gs.append(m.grad_scale if m.grad_scale is not None else torch.ones(m.size))
-        return AxisMap(torch.cat(idx), torch.cat(vs).double(), torch.cat(gs).double())
-
-
-@dataclass
-class Roles:
-    """Reader / writer AxisMaps of one growing axis (residual stream, attention inner dim,
-    FFN units), built from one index map by :meth:`from_index`.
-
-    With ``count[j]`` = number of new coordinates copying the same old coordinate as j:
-
-    * ``write`` (a tensor producing the axis: its rows / a norm gain / embedding columns):
-      values copied, ``grad_scale = 1 / count`` (each copy's output is shared by ``count``
-      twins downstream, so it receives ``g / count``);
-    * ``read`` (a tensor consuming the axis: its input columns): values divided by
-      ``count`` (the copies' contributions add up to the old one), ``grad_scale = 1`` (it
-      multiplies the same input and feeds an unchanged output).
-    """
-
-    read: AxisMap
-    write: AxisMap
-    index: torch.Tensor
-    count: torch.Tensor
-
-    @staticmethod
-    def from_index(index: torch.Tensor, old: int) -> Roles:
-        """index: (new,) old coordinate per new position, -1 = brand new."""
-        cnt_old = torch.bincount(index[index >= 0], minlength=old).double()
-        cnt = torch.where(index >= 0, cnt_old[index.clamp(min=0)], torch.ones(()).double())
-        inv = 1.0 / cnt
-        return Roles(
-            read=AxisMap(index, value_scale=inv, grad_scale=torch.ones_like(inv)),
-            write=AxisMap(index, value_scale=None, grad_scale=inv),
-            index=index,
-            count=cnt,
-        )
-
-    def tied_final(self) -> AxisMap:
-        """Final norm feeding a tied head: values / count, gradient unchanged."""
-        return AxisMap(self.index, value_scale=1.0 / self.count,
-                       grad_scale=torch.ones_like(self.count))
-
-
-def regrid(
-    t: torch.Tensor,
-    axes: dict[int, AxisMap],
-    fill: Fill = zeros_fill,
-) -> tuple[torch.Tensor, ParamMap]:
-    """Gather ``t`` along the given axes, scale values, fill new coordinates.
-
-    Args:
-        t: old tensor (any shape).
-        axes: ``{dim: AxisMap}``; dims not listed are unchanged.
-        fill: values of brand-new coordinates (those with -1 on any listed axis).
-
-    Returns:
-        ``(new_tensor, ParamMap)`` with ``source`` unset (the caller sets it), index per dim
-        and ``grad_scale`` as a broadcastable tensor (or 1.0).
-    """
-    out = t.detach()
-    new_mask = torch.zeros((), dtype=torch.bool)
-    index: list[torch.Tensor | None] = [None] * t.dim()
-    gscale: torch.Tensor | float = 1.0
-    nd = t.dim()
-    for d, m in sorted(axes.items()):
-        idx = m.index.to(out.device)
-        out = gather_dim(out, d, idx)
-        shape = [1] * nd
-        shape[d] = m.size
-        if m.value_scale is not None and not bool((m.value_scale == 1).all()):
-            # ``out`` is the fresh result of index_select: scale it in place (one pass less)
-            out.mul_(m.value_scale.to(device=out.device, dtype=out.dtype).view(shape))
-        new_mask = new_mask | (m.index < 0).view(shape)
-        index[d] = m.index
-        if m.grad_scale is not None:
-            gscale = gscale * m.grad_scale.double().view(shape)
-    if bool(new_mask.any()):  # on the broadcastable mask: no pass over the tensor
-        new_mask = new_mask.expand(out.shape).to(out.device)
-        if getattr(fill, "elementwise", False):
-            # i.i.d. fills: draw only the new coordinates (row-major order), in place
-            kept = 1
-            for d, size in enumerate(out.shape):
-                kept *= int((axes[d].index >= 0).sum()) if d in axes else int(size)
-            vals = fill((out.numel() - kept,), out.dtype, out.device)
-            out = out.masked_scatter_(new_mask, vals)
-        else:
-            out = torch.where(new_mask, fill(tuple(out.shape), out.dtype, out.device), out)
-    if isinstance(gscale, torch.Tensor):
-        gscale = gscale.to(dtype=torch.float32)
-    return out.contiguous(), ParamMap(source=None, index=tuple(index), grad_scale=gscale)
-
-
 def set_param(tx: Transaction, model: nn.Module, name: str, value: torch.Tensor) -> None:
     """Replace parameter ``name`` (dotted) of ``model`` by ``value`` through ``tx``; keeps
     requires_grad, device and dtype of the old parameter. Tied parameters (the same tensor

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError
-from ..ops._surgery import Transaction
 from ._base import (
     EmbRef,
     LayerView,

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError
 from ..models.transformer import GrowableTransformer, Norm
-from ..ops._surgery import Transaction
 from ._base import (
     EmbRef,
     LayerView,

@@ -30,6 +30,7 @@ from avalanche.evaluation.metric_results import MetricValue
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..core import count_params, eval_mode
 from ..errors import GrowthConfigError
 from ..events.record import GrowthEvent
 
@@ -144,20 +145,15 @@ class GrowthPlugin(SupervisedPlugin):
 
     @torch.no_grad()
     def _accuracy(self, model: nn.Module, device: Any) -> dict[int, float]:
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            out: dict[int, float] = {}
+        out: dict[int, float] = {}
+        with eval_mode(model):
             for e, (x, y) in sorted(self._stored.items()):
                 correct = 0
                 for i in range(0, len(y), 256):
                     logits = model(x[i : i + 256].to(device))
                     correct += int((logits.argmax(-1).cpu() == y[i : i + 256]).sum())
                 out[e] = correct / max(len(y), 1)
-            return out
-        finally:
-            for m, t in modes:
-                m.train(t)
+        return out
 
     def _publish(self, strategy: Any, name: str, value: float) -> None:
         ev = getattr(strategy, "evaluator", None)
@@ -233,7 +229,7 @@ class GrowthPlugin(SupervisedPlugin):
             **metrics,
         )
         if self.step % self.log_every == 0 and math.isfinite(loss):
-            self._log({"train/loss": loss, "model/params": float(_n_params(strategy.model))})
+            self._log({"train/loss": loss, "model/params": float(count_params(strategy.model))})
         if ev is not None:
             self._after_decision(strategy, ev)
 
@@ -280,10 +276,6 @@ class GrowthPlugin(SupervisedPlugin):
             flush = getattr(s, "flush", None)
             if flush is not None:
                 flush()
-
-
-def _n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def check_optimizer_matches(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import count_params
 from ..errors import GrowthConfigError, choices_message
 from .benchmarks import BENCHMARKS, Benchmark, build_benchmark
 
@@ -199,10 +200,6 @@ def build_small_model(
             )
         )
     raise GrowthConfigError(choices_message("model", kind, MODELS))
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 RUN_NAME_RULE = (

@@ -1,9 +1,13 @@
-"""Abstract growth actions ("widen", "deepen", ...) resolved to a concrete operator config for
-a given model family.
+"""The control layer's one action table: abstract growth actions ("widen", "deepen", ...)
+resolved to a concrete operator config for a live model.
 
-Policies speak in actions; each model family registers how an action becomes an operator
-config for a live model (e.g. "widen" on a GrowableMLP -> Net2WiderNet on its narrowest hidden
-layer). Lookup follows the model class's MRO.
+Policies speak in actions. Resolution order for ``resolve_action(action, model)``:
+
+1. a function registered for the model's class (or a base class, by MRO) with
+   :func:`register_action` (users teaching the controller their own models);
+2. else the built-in action of the model's adapter kind (:func:`register_family_action`):
+   every family :func:`selfgrow.adapters.get_adapter` understands gets the actions of its
+   kind with no registration (HF BERT / GPT-2 / LLaMA, ``nn.TransformerEncoder``, ...).
 
 Standard action names: ``widen``, ``deepen``, ``widen_ffn``, ``add_heads``, ``add_expert``,
 ``extend_context``, ``widen_layers`` (widen specific layers, e.g. saturated ones).
@@ -11,60 +15,129 @@ Standard action names: ``widen``, ``deepen``, ``widen_ffn``, ``add_heads``, ``ad
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from ..errors import GrowthConfigError, IncompatibleModelError
-from ..ops._registry import OpConfig
+from ..adapters import ADAPTER_KINDS, find_adapter, supported_families
+from ..core import register_unique
+from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
+from ..ops import OpConfig
 
 ActionFn = Callable[..., OpConfig]
 _ACTIONS: dict[tuple[type, str], ActionFn] = {}
+_FAMILY_ACTIONS: dict[tuple[str, str], ActionFn] = {}
 
 
-def register_action(model_cls: type[nn.Module], action: str) -> Callable[[ActionFn], ActionFn]:
-    """Decorator: ``@register_action(GrowableMLP, "widen") def f(model, **kw) -> OpConfig``."""
+def register_action(
+    model_cls: type[nn.Module], action: str, *, override: bool = False
+) -> Callable[[ActionFn], ActionFn]:
+    """Decorator: ``@register_action(MyModel, "widen") def f(model, **kw) -> OpConfig``.
+
+    Raises:
+        GrowthConfigError: ``(model_cls, action)`` is already registered to another function
+            (pass ``override=True`` to replace it), or ``model_cls`` is not a class.
+    """
+    if not isinstance(model_cls, type):
+        raise GrowthConfigError(f"register_action needs a model class, got {model_cls!r}")
 
     def deco(fn: ActionFn) -> ActionFn:
-        _ACTIONS[(model_cls, action)] = fn
+        register_unique(_ACTIONS, (model_cls, action), fn,
+                        f"action for {model_cls.__name__}", override=override)
+        return fn
+
+    return deco
+
+
+def register_family_action(
+    kind: str, action: str, *, override: bool = False
+) -> Callable[[ActionFn], ActionFn]:
+    """Decorator registering the built-in ``action`` of every family of adapter ``kind``.
+
+    Raises:
+        GrowthConfigError: unknown kind, or the action is already registered for it.
+    """
+    if kind not in ADAPTER_KINDS:
+        raise GrowthConfigError(choices_message("adapter kind", kind, ADAPTER_KINDS))
+
+    def deco(fn: ActionFn) -> ActionFn:
+        register_unique(_FAMILY_ACTIONS, (kind, action), fn, f"{kind} action",
+                        override=override)
         return fn
 
     return deco
 
 
 def _load() -> None:
-    from ..models._registry import _load as load_models
-    from ..ops._registry import _load_builtin
+    from . import family_actions  # noqa: F401 - registers the built-in actions
 
-    load_models()
-    _load_builtin()
+
+def _own_actions(model: nn.Module) -> dict[str, ActionFn]:
+    mro = type(model).__mro__
+    found: dict[str, ActionFn] = {}
+    for cls in reversed(mro):  # most derived last, so it wins
+        for (c, a), fn in _ACTIONS.items():
+            if c is cls:
+                found[a] = fn
+    return found
+
+
+def _family_actions(model: nn.Module) -> dict[str, ActionFn]:
+    ad = find_adapter(model)
+    if ad is None:
+        return {}
+    return {a: fn for (k, a), fn in _FAMILY_ACTIONS.items() if k == ad.kind}
+
+
+def available_actions(model: nn.Module) -> dict[str, ActionFn]:
+    """``{action: function}`` for ``model``: its class's registered actions over the built-in
+    actions of its adapter kind."""
+    _load()
+    return {**_family_actions(model), **_own_actions(model)}
 
 
 def list_actions(model: nn.Module) -> list[str]:
-    """Actions available for this model's family."""
-    _load()
-    mro = type(model).__mro__
-    return sorted({a for (cls, a) in _ACTIONS if cls in mro})
+    """Actions available for this model, sorted."""
+    return sorted(available_actions(model))
+
+
+def unsupported_model_message(model: nn.Module) -> str:
+    """Why ``model`` has no actions, naming the supported families and how to add one."""
+    return (
+        f"{type(model).__name__} is not a family selfgrow understands; supported: "
+        f"{', '.join(supported_families())} (and selfgrow's own models). Teach the controller "
+        f"with selfgrow.control.register_action({type(model).__name__}, 'widen')(fn) where "
+        f"fn(model, **kwargs) returns an operator config, or add an adapter "
+        f"(selfgrow.adapters.register_adapter); see docs/extending.md"
+    )
 
 
 def resolve_action(action: str, model: nn.Module, **kwargs: Any) -> OpConfig:
     """Turn an action into an operator config for ``model``.
 
     Raises:
-        IncompatibleModelError: no family of this model registers the action (lists those
-            that it does).
-        GrowthConfigError: the action's function rejects the arguments.
+        IncompatibleModelError: the model offers no such action (lists those it offers, or
+            the supported families when it offers none).
+        GrowthConfigError: the action's function rejects the arguments (names them).
     """
-    _load()
-    for cls in type(model).__mro__:
-        fn = _ACTIONS.get((cls, action))
-        if fn is not None:
-            try:
-                return fn(model, **kwargs)
-            except TypeError as e:
-                raise GrowthConfigError(f"bad arguments for action {action!r}: {e}") from None
-    raise IncompatibleModelError(
-        f"action {action!r} is not available for {type(model).__name__}; available: "
-        f"{', '.join(list_actions(model)) or 'none (register one with register_action)'}"
-    )
+    table = available_actions(model)
+    fn = table.get(action)
+    if fn is None:
+        if not table:
+            raise IncompatibleModelError(f"action {action!r}: {unsupported_model_message(model)}")
+        raise IncompatibleModelError(
+            f"action {action!r} is not available for {type(model).__name__}; available: "
+            f"{', '.join(sorted(table))} (add one with register_action)"
+        )
+    try:
+        inspect.signature(fn).bind(model, **kwargs)
+    except TypeError as e:
+        raise GrowthConfigError(f"bad arguments for action {action!r}: {e}") from None
+    cfg = fn(model, **kwargs)
+    if not isinstance(cfg, OpConfig):
+        raise GrowthConfigError(
+            f"action {action!r} returned {type(cfg).__name__}, not an operator config"
+        )
+    return cfg

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import count_params
 from ..errors import (
     BudgetExceededError,
     GrowthConfigError,
@@ -42,7 +43,6 @@ from ..events.record import GrowthEvent
 from ..ops._registry import (
     OpConfig,
     ProbeFn,
-    count_params,
     default_probe_fn,
     get_operator,
     grow_,

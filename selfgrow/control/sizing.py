@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import eval_mode
 from ..errors import GrowthConfigError, choices_message
 
 __all__ = [
@@ -258,14 +259,8 @@ def flops_per_sample(model: nn.Module, probe_fn: Callable[[nn.Module], torch.Ten
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as fc:
-            out = probe_fn(model)
-    finally:
-        for m, t in modes:
-            m.train(t)
+    with eval_mode(model), FlopCounterMode(display=False) as fc:
+        out = probe_fn(model)
     n = int(out.shape[0]) if out.dim() > 0 else 1
     return float(fc.get_total_flops()) / max(n, 1)
 

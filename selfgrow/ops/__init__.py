@@ -1,9 +1,11 @@
 """Growth operators. Each public module registers its operators on import."""
 
+from ..core import Transaction
 from ._registry import (
     GrowthResult,
     OpConfig,
     Operator,
+    build_config,
     get_operator,
     grow_,
     list_operators,
@@ -12,13 +14,13 @@ from ._registry import (
     op_config_to_dict,
     register_operator,
 )
-from ._surgery import Transaction
 
 __all__ = [
     "GrowthResult",
     "OpConfig",
     "Operator",
     "Transaction",
+    "build_config",
     "get_operator",
     "grow_",
     "list_operators",

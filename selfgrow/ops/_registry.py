@@ -15,7 +15,7 @@ An operator is a class registered for one config dataclass (torchao style)::
         def apply(self, model, config, tx): ...     # mutate only through tx -> GrowthResult
 
 ``grow_(model, config, optimizer=..., probe=...)`` validates, applies inside a
-:class:`~selfgrow.ops._surgery.Transaction`, plans the optimizer migration, measures the
+:class:`~selfgrow.core.Transaction`, plans the optimizer migration, measures the
 function-preservation error on the probe batch, and only then commits; any exception leaves
 model and optimizer bit-identical.
 """
@@ -23,6 +23,8 @@ model and optimizer bit-identical.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import inspect
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from .._config import config_from_dict, config_to_dict
+from ..core import Transaction, count_params, eval_mode
 from ..errors import (
     GrowthConfigError,
     IncompatibleModelError,
@@ -40,7 +43,6 @@ from ..errors import (
 )
 from ..events.record import GrowthEvent
 from ..optim import ParamMap, plan_migration
-from ._surgery import Transaction
 
 
 @dataclass
@@ -126,13 +128,39 @@ def get_operator(name_or_config: str | OpConfig) -> Operator:
     return op
 
 
-def make_config(name: str, **kwargs: Any) -> OpConfig:
-    """Build the config of operator ``name`` from keyword arguments (errors list fields)."""
-    cls = get_operator(name).config_cls
+def build_config(cls: type[OpConfig], **kwargs: Any) -> OpConfig:
+    """``cls(**kwargs)`` for an operator config class; unknown or missing fields raise the
+    project's error naming the valid fields (never a raw TypeError).
+
+    Raises:
+        GrowthConfigError: an unknown field, a missing required field, or a value the config
+            rejects.
+    """
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise GrowthConfigError(
+            f"unknown field(s) {unknown} for {cls.__name__} (operator {cls.name!r}); valid "
+            f"fields: {', '.join(fields) or 'none'}"
+        )
     try:
-        return cls(**kwargs)
+        inspect.signature(cls).bind(**kwargs)
     except TypeError as e:
-        raise GrowthConfigError(f"bad arguments for operator {name!r}: {e}") from None
+        raise GrowthConfigError(
+            f"bad arguments for {cls.__name__} (operator {cls.name!r}): {e}; valid fields: "
+            f"{', '.join(fields)}"
+        ) from None
+    return cls(**kwargs)
+
+
+def make_config(name: str, **kwargs: Any) -> OpConfig:
+    """Build the config of operator ``name`` from keyword arguments.
+
+    Raises:
+        GrowthConfigError: unknown operator (lists them) or unknown/missing field (lists the
+            valid fields).
+    """
+    return build_config(get_operator(name).config_cls, **kwargs)
 
 
 def op_config_to_dict(cfg: OpConfig) -> dict[str, Any]:
@@ -193,13 +221,8 @@ def _output_tensor(out: Any) -> torch.Tensor:
 @torch.no_grad()
 def eval_output(model: nn.Module, fn: ProbeFn) -> torch.Tensor:
     """Run ``fn(model)`` in eval mode without gradients, restoring each module's mode."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         return fn(model).detach().clone()
-    finally:
-        for m, t in modes:
-            m.train(t)
 
 
 def preservation_error(before: torch.Tensor, after: torch.Tensor) -> dict[str, Any]:
@@ -231,10 +254,6 @@ def preservation_error(before: torch.Tensor, after: torch.Tensor) -> dict[str, A
     max_abs = float(diff.max()) if diff.numel() else 0.0
     scale = float(before.double().abs().max()) if before.numel() else 0.0
     return {"max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-30), **note}
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _check_model(model: nn.Module) -> None:

@@ -1,6 +1,6 @@
 """``compound_grow``: several growth operators applied in ONE ``grow_`` call.
 
-The steps run in order inside the single :class:`~selfgrow.ops._surgery.Transaction` of
+The steps run in order inside the single :class:`~selfgrow.core.Transaction` of
 :func:`~selfgrow.ops.grow_`, so the growth is all-or-nothing: if any step fails (its
 validation on the partially grown model, or its application), every earlier step is rolled
 back and model and optimizer are left bit-identical. The optimizer is migrated once, from the
@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..core import Transaction
 from ..errors import GrowthConfigError
-from ..ops._surgery import Transaction
 from ..optim import ParamMap
 from ._registry import (
     GrowthResult,

@@ -62,12 +62,10 @@ from torch import nn
 
 from ..adapters import TransformerAdapter, get_adapter
 from ..adapters._base import LayerView, NormRef, set_param
-from ..control.actions import register_action
+from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
-from ..models.transformer import GrowableTransformer
 from ..optim import ParamMap
 from ._registry import GrowthResult, OpConfig, Operator, register_operator
-from ._surgery import Transaction
 
 POST_LN_MODES = ("auto", "ramp", "norm_transfer")
 INITS = ("copy", "random")
@@ -615,24 +613,6 @@ class FunctionPreservingStack(_DepthOp):
             return [Slot(i) if r == 0 else Slot(i, "copy", zero_out=True, identity=True)
                     for r in range(config.factor) for i in range(n)]
         raise GrowthConfigError(choices_message("pattern", config.pattern, ("stack", "repeat")))
-
-
-# ---------------------------------------------------------------------------------------------
-# actions
-# ---------------------------------------------------------------------------------------------
-@register_action(GrowableTransformer, "deepen")
-def _deepen(model: nn.Module, n_new: int = 1, at: str = "end", init: str = "copy",
-            **kw: Any) -> OpConfig:
-    """"deepen" on a GrowableTransformer: exact identity insertion of ``n_new`` blocks
-    (``at="end"``: appended; ``"spread"``: evenly between existing blocks)."""
-    n = len(model.layers)
-    if at == "end":
-        pos = tuple([n] * n_new)
-    elif at == "spread":
-        pos = tuple(sorted(round((k + 1) * n / (n_new + 1)) for k in range(n_new)))
-    else:
-        raise GrowthConfigError(choices_message("at", at, ("end", "spread")))
-    return IdentityInsertConfig(positions=pos, init=init, **kw)
 
 
 __all__ = [

@@ -65,10 +65,8 @@ from ..adapters._base import (
     resize_params,
     zeros_fill,
 )
-from ..control.actions import register_action
+from ..core import Transaction, zero_sum_noise
 from ..errors import GrowthConfigError
-from ..models.transformer import GrowableTransformer
-from ..ops._surgery import Transaction
 from ._registry import GrowthResult, OpConfig, Operator, register_operator
 
 
@@ -226,16 +224,9 @@ def _zero_sum_noise(index: torch.Tensor, dim: int, std: float, g: torch.Generato
 
     def f(t: torch.Tensor) -> torch.Tensor:
         tc = t.movedim(dim, 0)  # (F', ...)
-        n = torch.randn(tc.shape, generator=g, dtype=torch.float64)
+        n_old = int(index.clamp(min=0).max()) + 1
+        n = zero_sum_noise(index, n_old, tuple(tc.shape), 0, 1.0, g)
         n = n * std * float(t.detach().double().std())
-        groups = index.clamp(min=0)
-        n_old = int(groups.max()) + 1
-        sums = torch.zeros((n_old,) + tuple(tc.shape[1:]), dtype=torch.float64)
-        sums.index_add_(0, groups, n)
-        cnt = torch.bincount(groups, minlength=n_old).double()
-        mean = sums / cnt.view((-1,) + (1,) * (tc.dim() - 1))
-        n = n - mean[groups]
-        n[index < 0] = 0.0
         return (tc + n.to(device=t.device, dtype=t.dtype)).movedim(0, dim)
 
     return f
@@ -288,26 +279,6 @@ class FFNZeroFanout(Operator):
         maps = resize_params(tx, model, plans, fill=fills)
         ad.update_dims(tx, d_ff=nf)
         return GrowthResult(param_maps=maps, exact=True, notes={"d_ff": [f, nf]})
-
-
-# ---------------------------------------------------------------------------------------------
-# actions
-# ---------------------------------------------------------------------------------------------
-@register_action(GrowableTransformer, "widen_ffn")
-def _widen_ffn(model: nn.Module, factor: int = 2, new_d_ff: int | None = None,
-               **kw: Any) -> OpConfig:
-    """"widen_ffn" on a GrowableTransformer: Net2WiderNet on every layer's FFN to
-    ``new_d_ff`` (default ``factor * d_ff``, every unit copied ``factor - 1`` times), with
-    exact zero-sum symmetry-breaking noise on the copies' outgoing columns (default
-    ``noise=0.1``; plain copies would stay identical forever)."""
-    kw.setdefault("noise", 0.1)
-    f = model.config.d_ff
-    if new_d_ff is None:
-        if not isinstance(factor, int) or factor < 2:
-            raise GrowthConfigError(f"factor must be an integer >= 2, got {factor!r}")
-        new_d_ff = factor * f
-        kw.setdefault("sources", [u % f for u in range(new_d_ff - f)])
-    return FFNNet2WiderConfig(new_d_ff=new_d_ff, **kw)
 
 
 __all__ = ["FFNNet2WiderConfig", "FFNZeroFanoutConfig", "ffn_unit_plans"]

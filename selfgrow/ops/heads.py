@@ -54,10 +54,8 @@ from torch import nn
 
 from ..adapters import AxisMap, ProjRef, TransformerAdapter, TransformerDims, get_adapter
 from ..adapters._base import Fill, Roles, normal_fill, projection_plans, resize_params
-from ..control.actions import register_action
+from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
-from ..models.transformer import GrowableTransformer
-from ..ops._surgery import Transaction
 from ._registry import GrowthResult, OpConfig, Operator, register_operator
 from .ffn import _zero_sum_noise
 
@@ -316,21 +314,6 @@ class HeadsFresh(Operator):
             "n_heads": [d.n_heads, plan.n_heads], "n_kv_heads": [d.n_kv_heads, plan.n_kv_heads],
             "gqa": config.gqa,
         })
-
-
-# ---------------------------------------------------------------------------------------------
-# actions
-# ---------------------------------------------------------------------------------------------
-@register_action(GrowableTransformer, "add_heads")
-def _add_heads(model: nn.Module, new_n_heads: int | None = None, groups: int = 1,
-               fresh: bool = False, **kw: Any) -> OpConfig:
-    """"add_heads" on a GrowableTransformer: clone (or, ``fresh=True``, add new) heads; by
-    default ``groups`` whole GQA groups (g query heads + 1 KV head each; one head for MHA)."""
-    c = model.config
-    if new_n_heads is None:
-        new_n_heads = c.n_heads + groups * (c.n_heads // int(c.n_kv_heads))
-    cls = HeadsFreshConfig if fresh else HeadsCloneConfig
-    return cls(new_n_heads=new_n_heads, **kw)
 
 
 __all__ = ["GQA_MODES", "HeadPlan", "HeadsCloneConfig", "HeadsFreshConfig",

@@ -11,8 +11,8 @@ Operators (registry keys):
 * ``"net2deeper"`` (:class:`Net2DeeperNet`): insert an identity layer (MLP: identity Linear +
   ReLU; CNN: identity-kernel conv + identity BatchNorm + ReLU); exact in eval mode.
 
-Actions registered here for both model families (see :mod:`selfgrow.control.actions`):
-``"widen"``, ``"deepen"``, ``"widen_layers"``.
+The controller's ``"widen"``, ``"deepen"`` and ``"widen_layers"`` actions for these families
+live in :mod:`selfgrow.control.family_actions`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..control.actions import register_action
+from ..core import Transaction, zero_sum_noise
 from ..errors import GrowthConfigError, IncompatibleModelError
 from ..models.cnn import ConvBlock, GrowableCNN
 from ..models.mlp import GrowableMLP
 from ..optim import ParamMap
 from ._registry import GrowthResult, OpConfig, Operator, register_operator
-from ._surgery import Transaction
 
 #: model families these operators support
 SUPPORTED_MODELS: tuple[type[nn.Module], ...] = (GrowableMLP, GrowableCNN)
@@ -47,7 +46,7 @@ def _check_family(model: nn.Module, op: str) -> None:
             f"operator {op!r} does not support {type(model).__name__}; supported models: "
             f"{', '.join(m.__name__ for m in SUPPORTED_MODELS)}"
         )
-    widths = _widths(model)
+    widths = hidden_widths(model)
     if isinstance(model, GrowableMLP):
         actual = tuple(layer.weight.shape[0] for layer in model.hidden)
     else:
@@ -59,7 +58,7 @@ def _check_family(model: nn.Module, op: str) -> None:
         )
 
 
-def _widths(model: nn.Module) -> tuple[int, ...]:
+def hidden_widths(model: nn.Module) -> tuple[int, ...]:
     """Hidden widths (MLP) or block channels (CNN) from ``model.config``."""
     if isinstance(model, GrowableMLP):
         return model.config.hidden
@@ -70,7 +69,7 @@ def _widths(model: nn.Module) -> tuple[int, ...]:
     )
 
 
-def _layer_prefix(model: nn.Module) -> str:
+def layer_prefix(model: nn.Module) -> str:
     return "hidden" if isinstance(model, GrowableMLP) else "blocks"
 
 
@@ -90,7 +89,7 @@ def _check_layer(layer: int, n: int, model: nn.Module) -> None:
     if not 0 <= layer < n:
         raise GrowthConfigError(
             f"layer {layer} out of range for {type(model).__name__} with {n} "
-            f"{_layer_prefix(model)} layers; valid: 0..{n - 1}"
+            f"{layer_prefix(model)} layers; valid: 0..{n - 1}"
         )
 
 
@@ -123,11 +122,9 @@ def _split_outgoing(
     every unit's shares still sum to 1 per output row (exact)."""
     share = (1.0 / counts[idx]).view(1, -1).expand(w.shape[0], -1)
     if split_noise > 0:
-        eps = torch.randn(share.shape, generator=gen, dtype=torch.float64) * split_noise
-        group_sum = torch.zeros(w.shape[0], counts.numel(), dtype=torch.float64)
-        group_sum.index_add_(1, idx, eps)
-        eps = eps - (group_sum / counts)[:, idx]
-        share = share + eps
+        share = share + zero_sum_noise(
+            idx, counts.numel(), tuple(share.shape), 1, split_noise, gen
+        )
     shape = [w.shape[0], -1] + [1] * (w.dim() - 2)
     scale = share.to(device=w.device, dtype=w.dtype).reshape(shape)
     return w.index_select(1, idx.to(w.device)) * scale
@@ -262,12 +259,12 @@ class Net2WiderNet(Operator):
         if not isinstance(config, Net2WiderConfig):
             raise GrowthConfigError(f"expected Net2WiderConfig, got {type(config).__name__}")
         _check_family(model, Net2WiderConfig.name)
-        widths = _widths(model)
+        widths = hidden_widths(model)
         for layer, new in config.targets().items():
             _check_layer(layer, len(widths), model)
             if new <= widths[layer]:
                 raise GrowthConfigError(
-                    f"new_width {new} for {_layer_prefix(model)}.{layer} must exceed its "
+                    f"new_width {new} for {layer_prefix(model)}.{layer} must exceed its "
                     f"current width {widths[layer]} (Net2WiderNet only grows)"
                 )
         for field_name in ("noise_std", "split_noise"):
@@ -283,7 +280,7 @@ class Net2WiderNet(Operator):
         if not isinstance(config, Net2WiderConfig):
             raise GrowthConfigError(f"expected Net2WiderConfig, got {type(config).__name__}")
         targets = config.targets()
-        widths = _widths(model)
+        widths = hidden_widths(model)
         gen = torch.Generator().manual_seed(config.seed)
         idx = {i: _copy_index(widths[i], targets[i], gen) for i in sorted(targets)}
 
@@ -356,7 +353,7 @@ class Net2WiderNet(Operator):
     @staticmethod
     def _consumer(model: nn.Module, j: int) -> tuple[str, nn.Module, str]:
         """The weight whose dim 1 reads layer ``j - 1``'s units (layer ``j`` or the head)."""
-        n = len(_widths(model))
+        n = len(hidden_widths(model))
         if j == n:
             return "head.weight", model.head, "weight"  # type: ignore[return-value]
         if isinstance(model, GrowableMLP):
@@ -443,14 +440,14 @@ class Net2DeeperNet(Operator):
             )
         if isinstance(config.layer, bool) or not isinstance(config.layer, int):
             raise GrowthConfigError(f"layer must be an int, got {config.layer!r}")
-        _check_layer(config.layer, len(_widths(model)), model)
+        _check_layer(config.layer, len(hidden_widths(model)), model)
 
     def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
         if not isinstance(config, Net2DeeperConfig):
             raise GrowthConfigError(f"expected Net2DeeperConfig, got {type(config).__name__}")
         old_named = dict(model.named_parameters())
         i = config.layer
-        widths = _widths(model)
+        widths = hidden_widths(model)
         w = widths[i]
         if isinstance(model, GrowableMLP):
             container: nn.ModuleList = model.hidden
@@ -528,8 +525,8 @@ def resolve_layer(model: nn.Module, layer: int | str) -> int:
     Raises:
         GrowthConfigError: unknown name or index out of range (lists the valid names).
     """
-    n = len(_widths(model))
-    prefix = _layer_prefix(model)
+    n = len(hidden_widths(model))
+    prefix = layer_prefix(model)
     valid = ", ".join(f"{prefix}.{i}" for i in range(n))
     idx: int | None = None
     if isinstance(layer, int) and not isinstance(layer, bool):
@@ -546,69 +543,3 @@ def resolve_layer(model: nn.Module, layer: int | str) -> int:
             f"(or their indices 0..{n - 1})"
         )
     return idx
-
-
-def _widen(
-    model: nn.Module,
-    factor: float = 1.5,
-    round_to: int = 8,
-    noise_std: float = 0.0,
-    seed: int = 0,
-    split_noise: float = 0.5,
-) -> Net2WiderConfig:
-    """Net2WiderNet on the narrowest hidden layer / block (the first one on ties). Actions
-    break the symmetry between copies by default, exactly (``split_noise=0.5``): plain copies
-    would stay identical forever and add no capacity."""
-    widths = _widths(model)
-    i = min(range(len(widths)), key=widths.__getitem__)
-    return Net2WiderConfig(
-        layer=i,
-        new_width=grown_width(widths[i], factor, round_to),
-        noise_std=noise_std,
-        seed=seed,
-        split_noise=split_noise,
-    )
-
-
-def _deepen(model: nn.Module) -> Net2DeeperConfig:
-    """Identity insertion after the last hidden layer / block."""
-    return Net2DeeperConfig(layer=len(_widths(model)) - 1)
-
-
-def _widen_layers(
-    model: nn.Module,
-    layers: Sequence[int | str],
-    factor: float = 1.5,
-    round_to: int = 8,
-    noise_std: float = 0.0,
-    seed: int = 0,
-    split_noise: float = 0.5,
-) -> Net2WiderConfig:
-    """Net2WiderNet on the given layers (indices or names, e.g. saturated ones). Names of
-    tensors that are not hidden layers / blocks (the output ``head``, e.g. as reported by
-    GradientSaturation) are skipped; GrowthConfigError if nothing widenable remains."""
-    if isinstance(layers, (str, int)) or not layers:
-        raise GrowthConfigError(f"layers must be a non-empty list of names/indices, got {layers!r}")
-    head = [x for x in layers if isinstance(x, str) and x.split(".")[0] == "head"]
-    rest = [x for x in layers if x not in head]
-    if not rest:
-        raise GrowthConfigError(
-            f"none of {list(layers)!r} is a widenable hidden layer / block of "
-            f"{type(model).__name__} (the output head keeps its width); valid: "
-            + ", ".join(f"{_layer_prefix(model)}.{i}" for i in range(len(_widths(model))))
-        )
-    idx = sorted({resolve_layer(model, layer) for layer in rest})
-    widths = _widths(model)
-    return Net2WiderConfig(
-        layer=tuple(idx),
-        new_width=tuple(grown_width(widths[i], factor, round_to) for i in idx),
-        noise_std=noise_std,
-        seed=seed,
-        split_noise=split_noise,
-    )
-
-
-for _cls in SUPPORTED_MODELS:
-    register_action(_cls, "widen")(_widen)
-    register_action(_cls, "deepen")(_deepen)
-    register_action(_cls, "widen_layers")(_widen_layers)

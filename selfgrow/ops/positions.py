@@ -44,10 +44,8 @@ from torch import nn
 
 from ..adapters import AxisMap, TransformerAdapter, get_adapter
 from ..adapters._base import resize_params, sync_module_attrs
-from ..control.actions import register_action
+from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
-from ..models.transformer import GrowableTransformer
-from ..ops._surgery import Transaction
 from ._registry import GrowthResult, OpConfig, Operator, register_operator
 
 FILL_MODES = ("copy_last", "interpolate", "tile")
@@ -203,16 +201,6 @@ class ExtendPositions(Operator):
                 for attr in ("max_seq_len_cached", "original_max_seq_len"):
                     if type(mod).__name__.endswith("RotaryEmbedding") and hasattr(mod, attr):
                         tx.set_attr(mod, attr, n)
-
-
-@register_action(GrowableTransformer, "extend_context")
-def _extend_context(model: nn.Module, factor: int = 2, new_len: int | None = None,
-                    **kw: Any) -> OpConfig:
-    """"extend_context" on a GrowableTransformer: ``max_seq_len`` -> ``new_len`` (default
-    ``factor * max_seq_len``), learned tables filled by ``fill`` (default copy_last)."""
-    if new_len is None:
-        new_len = int(factor * model.config.max_seq_len)
-    return ExtendPositionsConfig(new_len=new_len, **kw)
 
 
 __all__ = ["FILL_MODES", "ExtendPositionsConfig", "extend_table"]

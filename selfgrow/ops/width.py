@@ -64,10 +64,9 @@ from torch import nn
 
 from ..adapters import AxisMap, ProjRef, TransformerAdapter, get_adapter
 from ..adapters._base import Roles, normal_fill, projection_plans, resize_params
-from ..control.actions import register_action
+from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
-from ..models.transformer import GrowableTransformer, Norm
-from ..ops._surgery import Transaction
+from ..models.transformer import Norm
 from ._registry import GrowthResult, OpConfig, Operator, register_operator
 
 PAD_MODES = ("net2net", "zero", "random")
@@ -407,20 +406,6 @@ class WidenDModelMasked(Operator):
         ad.update_dims(tx, d_model=nd)
         return GrowthResult(param_maps=maps, exact=True,
                             notes={"d_model": [c, nd], "mask": "new coordinates at 0"})
-
-
-# ---------------------------------------------------------------------------------------------
-# actions
-# ---------------------------------------------------------------------------------------------
-@register_action(GrowableTransformer, "widen")
-def _widen(model: nn.Module, factor: int = 2, new_d: int | None = None,
-           **kw: Any) -> OpConfig:
-    """"widen" on a GrowableTransformer: exact duplication by ``factor``; with ``new_d``
-    that is not a multiple of d_model, exact masked widening."""
-    c = model.config.d_model
-    if new_d is None or new_d % c == 0:
-        return WidenDModelConfig(factor=factor if new_d is None else new_d // c, **kw)
-    return WidenDModelMaskedConfig(new_d=new_d, **kw)
 
 
 __all__ = [
