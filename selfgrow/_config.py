@@ -28,11 +28,23 @@ def config_from_dict(d: dict[str, Any], registry: dict[str, type]) -> Any:
     cls = registry.get(d["type"])
     if cls is None:
         raise GrowthConfigError(choices_message("config type", d["type"], list(registry)))
+    have = getattr(cls, "version", 1)
+    got = d.get("version", 1)
+    if isinstance(got, bool) or not isinstance(got, int) or got < 1:
+        raise GrowthConfigError(f"{d['type']}: config version {got!r} is not a version number")
+    if got > have:
+        raise GrowthConfigError(
+            f"{d['type']} was saved with config version {got}; this selfgrow reads up to "
+            f"version {have}: upgrade selfgrow to load it"
+        )
     names = {f.name: f for f in dataclasses.fields(cls)}
     data = dict(d.get("data", {}))
     unknown = set(data) - set(names)
     if unknown:
-        raise GrowthConfigError(f"unknown fields {sorted(unknown)} for {cls.__name__}")
+        raise GrowthConfigError(
+            f"unknown fields {sorted(unknown)} for {cls.__name__}; valid fields: "
+            f"{', '.join(names)}"
+        )
     for k, v in list(data.items()):
         if isinstance(v, list) and "tuple" in str(names[k].type):
             data[k] = tuple(v)

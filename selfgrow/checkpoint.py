@@ -1,9 +1,11 @@
 """Checkpoints of growing runs: config + weights + optimizer (by name) + scheduler + controller.
 
 A grown model no longer has the shape its constructor was first called with, so a checkpoint
-stores the model's config dataclass (the single source of truth for its shape, see
-:func:`~selfgrow.models.model_config_dict`) beside the weights, as nanoGPT does; loading calls
-:func:`~selfgrow.models.build_model` on that config and so rebuilds the GROWN architecture.
+stores a description of its current architecture beside the weights, as nanoGPT does
+(:func:`~selfgrow.adapters.describe_architecture`: the config dataclass of selfgrow's own
+models, or the family adapter's ``arch_spec`` for every other family selfgrow understands);
+loading calls :func:`~selfgrow.adapters.build_architecture` on it and so rebuilds the GROWN
+architecture, with no registration by the user.
 
 One checkpoint is one file written with :func:`torch.save` and read back with
 ``torch.load(weights_only=True)`` (no pickled code is executed). It holds:
@@ -71,8 +73,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .adapters import build_architecture, describe_architecture
 from .errors import SelfgrowError
-from .models import build_model, model_config_dict
 from .optim import LAZY_INIT_KEY, install_hooks
 
 FORMAT = "selfgrow.checkpoint"
@@ -468,7 +470,7 @@ def save_checkpoint(
 
     Args:
         path: destination file (parent directories are created).
-        model: a registered growable model (``model.config``), optionally wrapped in
+        model: a selfgrow model or any model of a family with an adapter, optionally wrapped in
             DistributedDataParallel / DataParallel / ``torch.compile`` (unwrapped here).
         optimizer: its optimizer; must hold the model's own parameters (state is keyed by
             their names).
@@ -486,7 +488,7 @@ def save_checkpoint(
         The path written.
 
     Raises:
-        IncompatibleModelError: the model is not a registered growable model (no config).
+        IncompatibleModelError: no selfgrow config and no adapter describes the model.
         CheckpointError: the optimizer holds tensors that are not parameters of the model.
     """
     path = Path(path)
@@ -495,7 +497,7 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "torch_version": str(torch.__version__),
-        "model": {"config": model_config_dict(model), "state": model.state_dict()},
+        "model": {"architecture": describe_architecture(model), "state": model.state_dict()},
         "optimizer": _optimizer_payload(model, optimizer) if optimizer is not None else None,
         "scheduler": (
             {"class": _class_path(scheduler), "state": scheduler.state_dict()}
@@ -533,7 +535,8 @@ class Checkpoint:
         scheduler_state: the raw scheduler ``state_dict`` (use it without a factory).
         event_cursor: position of ``events.jsonl`` at save time, or None.
         rng_state: stored RNG states (already restored unless ``restore_rng=False``).
-        model_config: the serialised model config (``{type, version, data}``).
+        model_config: the serialised model config (``{type, version, data}``) or the
+            adapter's architecture spec.
         path: the file read.
     """
 
@@ -639,8 +642,11 @@ def load_checkpoint(
             f"{path} has checkpoint format {payload['format_version']}; this selfgrow reads "
             f"up to {FORMAT_VERSION}; upgrade selfgrow"
         )
-    mconf = payload["model"]["config"]
-    model = _load_weights(build_model(mconf), payload["model"]["state"])
+    arch = payload["model"].get("architecture")
+    if arch is None:  # format 1 files of selfgrow's own models
+        arch = {"family": "selfgrow", "config": payload["model"]["config"]}
+    model = _load_weights(build_architecture(arch), payload["model"]["state"])
+    mconf = arch.get("config", arch.get("spec"))
 
     optimizer = None
     scheduler = None

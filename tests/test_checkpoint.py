@@ -155,7 +155,7 @@ def test_named_param_groups_round_trip(tmp_path):
 
 def test_save_rejects_unregistered_model_and_foreign_optimizer_params(tmp_path):
     lin = nn.Linear(2, 2)
-    with pytest.raises(IncompatibleModelError, match="registered"):
+    with pytest.raises(IncompatibleModelError, match="supported families"):
         save_checkpoint(tmp_path / "c.pt", lin, torch.optim.SGD(lin.parameters(), lr=0.1))
     model = _TinyNet(_TinyNetConfig())
     extra = nn.Parameter(torch.zeros(3))

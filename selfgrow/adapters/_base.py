@@ -542,6 +542,45 @@ def get_adapter(model: nn.Module, kind: str = "transformer") -> Any:
     )
 
 
+def describe_architecture(model: nn.Module) -> dict[str, Any]:
+    """JSON-serialisable description of ``model``'s current (possibly grown) architecture:
+    ``{"family": "selfgrow", "config": {type, version, data}}`` for selfgrow's registered
+    models, else ``{"family": adapter.family, "spec": adapter.arch_spec()}``.
+
+    Raises:
+        IncompatibleModelError: no selfgrow config and no adapter understands the model (the
+            message names the supported families and how to add one).
+    """
+    from ..models import is_registered_model, model_config_dict
+
+    if is_registered_model(model):
+        return {"family": "selfgrow", "config": model_config_dict(model)}
+    ad = find_adapter(model)
+    if ad is None:
+        raise IncompatibleModelError(
+            f"cannot describe {type(model).__name__} for a checkpoint: no selfgrow config and "
+            f"no adapter; supported families: {', '.join(supported_families())}. "
+            f"{_ADD_FAMILY_HINT}"
+        )
+    return {"family": ad.family, "spec": ad.arch_spec()}
+
+
+def build_architecture(arch: dict[str, Any]) -> nn.Module:
+    """An untrained model of the architecture :func:`describe_architecture` described.
+
+    Raises:
+        GrowthConfigError: malformed description, unknown family or config type, or a config
+            version newer than this selfgrow reads.
+    """
+    from ..models import build_model
+
+    if not isinstance(arch, dict) or "family" not in arch:
+        raise GrowthConfigError(f"not an architecture description: {arch!r}")
+    if arch["family"] == "selfgrow":
+        return build_model(arch["config"])
+    return adapter_class(arch["family"]).build_from_spec(arch["spec"])
+
+
 # ---------------------------------------------------------------------------------------------
 # index maps and writing weights
 # ---------------------------------------------------------------------------------------------

@@ -13,18 +13,26 @@ from typing import Any
 from torch import nn
 
 from .._config import config_from_dict, config_to_dict
+from ..core import register_unique
 from ..errors import GrowthConfigError, IncompatibleModelError
 
 _MODELS: dict[str, type[nn.Module]] = {}
 _CONFIGS: dict[str, type] = {}
 
 
-def register_model(config_cls: type) -> Callable[[type[nn.Module]], type[nn.Module]]:
+def register_model(
+    config_cls: type, *, override: bool = False
+) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator: ``@register_model(MLPConfig) class GrowableMLP(nn.Module)``; the model
-    class must accept the config as its only constructor argument."""
+    class must accept the config as its only constructor argument.
+
+    Raises:
+        GrowthConfigError: the config class name is already registered to another model
+            class (pass ``override=True`` to replace it).
+    """
 
     def deco(cls: type[nn.Module]) -> type[nn.Module]:
-        _MODELS[config_cls.__name__] = cls
+        register_unique(_MODELS, config_cls.__name__, cls, "model config", override=override)
         _CONFIGS[config_cls.__name__] = config_cls
         return cls
 
@@ -66,6 +74,13 @@ def model_config_dict(model: nn.Module) -> dict[str, Any]:
             f"registered configs: {', '.join(sorted(_CONFIGS))}"
         )
     return config_to_dict(cfg)
+
+
+def is_registered_model(model: nn.Module) -> bool:
+    """True if ``model`` carries the config of a registered selfgrow model."""
+    _load()
+    cfg = getattr(model, "config", None)
+    return cfg is not None and _MODELS.get(type(cfg).__name__) is type(model)
 
 
 def list_models() -> list[str]:
