@@ -27,6 +27,10 @@ class BudgetExceededError(SelfgrowError):
     """A growth would exceed the configured budget (parameters, memory or FLOPs)."""
 
 
+class EventFormatError(SelfgrowError, ValueError):
+    """A growth event record is malformed (wrong schema version, unknown kind, not an object)."""
+
+
 class DataUnavailableError(SelfgrowError, RuntimeError):
     """A data set or pretrained model is missing; the message names the package to install."""
 

@@ -48,7 +48,7 @@ from ..ops._registry import (
     grow_,
 )
 from .actions import list_actions, resolve_action
-from .policies import Action, Decision, Policy, PolicyContext
+from .policies import Action, Decision, Policy, PolicyContext, SkipReason
 from .signals import Signal
 from .sizing import estimate_memory, flops_per_sample
 from .stabilize import Stabilizer
@@ -445,7 +445,7 @@ class GrowthController:
             self.last_attempt_step = self.step
             if self.policy is not None:
                 self.policy.notify(d, self.step, applied=False)
-            d.blocked = "error"
+            d.blocked = SkipReason.ERROR
             self._skipped(d, f"{reason}; growth failed: {type(e).__name__}: {e}", force=True)
             return None
         self._estimates.clear()

@@ -3,10 +3,11 @@
 ``policy.decide(states, ctx) -> (decision, reason)``:
 
 * ``(None, reason)``: nothing to do (no signal wants growth);
-* ``(Decision, reason)`` with ``decision.blocked == ""``: grow now;
-* ``(Decision, reason)`` with ``decision.blocked`` set (``"cooldown"``, ``"warmup"``,
-  ``"window"``, ``"max_growths"``, ``"budget"``): a signal wanted growth but a limit stopped
-  it; the controller logs it as a ``"skipped"`` event (rate-limited).
+* ``(Decision, reason)`` with ``decision.blocked is None``: grow now;
+* ``(Decision, reason)`` with ``decision.blocked`` a :class:`SkipReason` (cooldown, warmup,
+  window, max_growths, budget): a signal wanted growth but a limit stopped it; the controller
+  logs it as a ``"skipped"`` event (rate-limited). A growth that was attempted and failed is
+  logged with :attr:`SkipReason.ERROR`.
 
 ``decide`` never mutates anything; the controller reports what happened through
 ``policy.notify(decision, step, applied)``, which is where stateful policies (schedules)
@@ -17,6 +18,7 @@ controller and reach the policy through :class:`PolicyContext`.
 from __future__ import annotations
 
 import abc
+import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from .signals import check_range
 
 __all__ = [
     "BLOCK_REASONS",
+    "SkipReason",
     "Budget",
     "Decision",
     "Policy",
@@ -36,8 +39,21 @@ __all__ = [
     "RulePolicy",
 ]
 
-#: codes of ``Decision.blocked``
-BLOCK_REASONS = ("cooldown", "warmup", "window", "max_growths", "budget")
+class SkipReason(enum.StrEnum):
+    """Why a growth a signal wanted did not happen (``Decision.blocked``; the ``blocked``
+    field of ``"skipped"`` events holds its value)."""
+
+    COOLDOWN = "cooldown"
+    WARMUP = "warmup"
+    WINDOW = "window"
+    MAX_GROWTHS = "max_growths"
+    BUDGET = "budget"
+    #: the growth was attempted and failed (operator, optimizer or probe error)
+    ERROR = "error"
+
+
+#: values of the limits a policy applies (every :class:`SkipReason` but ERROR)
+BLOCK_REASONS = tuple(r.value for r in SkipReason if r is not SkipReason.ERROR)
 
 Action = str | OpConfig
 #: ``estimate(action, kwargs) -> {"params": int, "memory_bytes": int | None,
@@ -55,7 +71,7 @@ class Decision:
         kwargs: keyword arguments for the action (ignored for an OpConfig).
         reason: human-readable why.
         trigger: the triggering signal's state ``{signal, value, threshold, window, ...}``.
-        blocked: ``""`` to grow now, else one of :data:`BLOCK_REASONS`.
+        blocked: ``None`` to grow now, else the :class:`SkipReason`.
         estimate: the budget estimate of the grown model, when one was computed.
     """
 
@@ -63,13 +79,13 @@ class Decision:
     kwargs: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     trigger: dict[str, Any] = field(default_factory=dict)
-    blocked: str = ""
+    blocked: SkipReason | None = None
     estimate: dict[str, Any] | None = None
 
     @property
     def go(self) -> bool:
         """True when the growth should happen now."""
-        return not self.blocked
+        return self.blocked is None
 
     @property
     def action_name(self) -> str:
@@ -315,7 +331,7 @@ class RulePolicy(Policy):
             if not why:
                 return d, d.reason
             over = over or f"{d.action_name}: {why}"
-        first.blocked = "budget"
+        first.blocked = SkipReason.BUDGET
         return first, f"{first.reason}; skipped: budget ({over})"
 
     def _decision(self, rule: Rule, st: Mapping[str, Any]) -> Decision:
@@ -335,22 +351,24 @@ class RulePolicy(Policy):
         reason = f"{rule.signal} triggered (value {vtxt}, threshold {thr}) -> {name}"
         return Decision(rule.action, kw, reason, trig)
 
-    def _limits(self, ctx: PolicyContext) -> tuple[str, str] | None:
+    def _limits(self, ctx: PolicyContext) -> tuple[SkipReason, str] | None:
         warm = _steps_or_fraction("warmup_steps", self.warmup_steps, ctx.total_steps)
         if ctx.step < warm:
-            return "warmup", f"warmup until step {warm} (now {ctx.step})"
+            return SkipReason.WARMUP, f"warmup until step {warm} (now {ctx.step})"
         if self.growth_window is not None:
             if ctx.total_steps is None:
                 raise GrowthConfigError("growth_window needs total_steps on the controller")
             lo, hi = (int(f * ctx.total_steps) for f in self.growth_window)
             if not lo <= ctx.step <= hi:
-                return "window", f"outside growth window steps [{lo}, {hi}] (now {ctx.step})"
+                why = f"outside growth window steps [{lo}, {hi}] (now {ctx.step})"
+                return SkipReason.WINDOW, why
         if self.max_growths is not None and ctx.n_growths >= self.max_growths:
-            return "max_growths", f"max_growths={self.max_growths} reached"
+            return SkipReason.MAX_GROWTHS, f"max_growths={self.max_growths} reached"
         last = max(
             (s for s in (ctx.last_growth_step, ctx.last_attempt_step) if s is not None),
             default=None,
         )
         if last is not None and ctx.step - last < self.cooldown:
-            return "cooldown", f"cooldown until step {last + self.cooldown} (now {ctx.step})"
+            why = f"cooldown until step {last + self.cooldown} (now {ctx.step})"
+            return SkipReason.COOLDOWN, why
         return None

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import GrowthConfigError
 from ..ops._registry import OpConfig
-from .policies import Action, Budget, Decision, Policy, PolicyContext
+from .policies import Action, Budget, Decision, Policy, PolicyContext, SkipReason
 
 __all__ = ["FixedSchedule"]
 
@@ -111,7 +111,7 @@ class FixedSchedule(Policy):
             d.estimate = dict(ctx.estimate(action, d.kwargs))
             why = self.budget.check(d.estimate)
             if why:
-                d.blocked = "budget"
+                d.blocked = SkipReason.BUDGET
                 return d, f"{d.reason}; skipped: budget ({why})"
         return d, d.reason
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import inspect
 import math
 import warnings
 from collections import deque
@@ -33,7 +34,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import GrowthConfigError
+from ..core import register_unique
+from ..errors import GrowthConfigError, choices_message
 
 __all__ = [
     "CapacityProbe",
@@ -767,36 +769,57 @@ class CapacityProbe(Signal):
         self.before, self.after = state["before"], state["after"]
 
 
-SIGNALS: dict[str, type[Signal]] = {
-    cls.name: cls
-    for cls in (
-        LossPlateau,
-        ValidationPlateau,
-        ReplayForgetting,
-        GradientSaturation,
-        ExpertOverload,
-        CapacityProbe,
-    )
-}
+SIGNALS: dict[str, type[Signal]] = {}
+
+
+def register_signal(cls: type[Signal] | None = None, *, override: bool = False) -> Any:
+    """Class decorator making a :class:`Signal` subclass buildable by name with
+    :func:`make_signal` (``@register_signal`` or ``@register_signal(override=True)``).
+
+    Raises:
+        GrowthConfigError: not a Signal subclass, no class variable ``name``, or the name is
+            taken by another signal class (the one duplicate rule of selfgrow's registries;
+            ``override=True`` replaces it on purpose).
+    """
+
+    def deco(c: type[Signal]) -> type[Signal]:
+        if not (isinstance(c, type) and issubclass(c, Signal)):
+            raise GrowthConfigError(f"register_signal needs a Signal subclass, got {c!r}")
+        if not c.name:
+            raise GrowthConfigError(f"{c.__name__} must set the class variable 'name'")
+        register_unique(SIGNALS, c.name, c, "signal", override=override)
+        return c
+
+    return deco(cls) if cls is not None else deco
+
+
+for _cls in (
+    LossPlateau,
+    ValidationPlateau,
+    ReplayForgetting,
+    GradientSaturation,
+    ExpertOverload,
+    CapacityProbe,
+):
+    register_signal(_cls)
 
 
 def list_signals() -> list[str]:
-    """Names of the built-in signals (keys of :func:`make_signal`), sorted."""
+    """Names of the registered signals (keys of :func:`make_signal`), sorted."""
     return sorted(SIGNALS)
 
 
 def make_signal(name: str, **kwargs: Any) -> Signal:
-    """Build a built-in signal by name (for CLIs and config files).
+    """Build a registered signal by name (for CLIs and config files).
 
     Raises:
-        GrowthConfigError: unknown name (lists the choices) or bad arguments.
+        GrowthConfigError: unknown name (lists the choices) or bad arguments (names them).
     """
     cls = SIGNALS.get(name)
     if cls is None:
-        from ..errors import choices_message
-
         raise GrowthConfigError(choices_message("signal", name, list(SIGNALS)))
     try:
-        return cls(**kwargs)
+        inspect.signature(cls).bind(**kwargs)
     except TypeError as e:
         raise GrowthConfigError(f"bad arguments for signal {name!r}: {e}") from None
+    return cls(**kwargs)

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import EventFormatError
+
 SCHEMA_VERSION = 1
 
 #: event kinds: a growth that happened, one the policy wanted but skipped (budget, cooldown,
@@ -56,13 +58,14 @@ class GrowthEvent:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GrowthEvent:
-        """Build from a parsed JSON object; unknown keys go to ``extra``; raises ValueError on
-        a wrong schema version or a non-object."""
+        """Build from a parsed JSON object; unknown keys go to ``extra``; raises
+        :class:`~selfgrow.errors.EventFormatError` on a wrong schema version, an unknown kind
+        or a non-object."""
         if not isinstance(d, dict):
-            raise ValueError(f"event must be a JSON object, got {type(d).__name__}")
+            raise EventFormatError(f"event must be a JSON object, got {type(d).__name__}")
         ver = d.get("schema_version", SCHEMA_VERSION)
         if ver != SCHEMA_VERSION:
-            raise ValueError(
+            raise EventFormatError(
                 f"unsupported schema_version {ver!r} (this selfgrow reads {SCHEMA_VERSION})"
             )
         names = {f.name for f in dataclasses.fields(cls)}
@@ -72,7 +75,9 @@ class GrowthEvent:
         if extra:
             ev.extra = {**ev.extra, **extra}
         if ev.kind not in EVENT_KINDS:
-            raise ValueError(f"unknown event kind {ev.kind!r}; valid: {', '.join(EVENT_KINDS)}")
+            raise EventFormatError(
+                f"unknown event kind {ev.kind!r}; valid: {', '.join(EVENT_KINDS)}"
+            )
         return ev
 
 
