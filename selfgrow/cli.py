@@ -25,7 +25,8 @@ def _quiet_warnings() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .continual.benchmarks import list_benchmarks
-    from .continual.runner import MODELS, RUN_NAME_RULE, STRATEGIES, RunSpec
+    from .continual.runner import MODELS, STRATEGIES, RunSpec
+    from .runs import RUN_NAME_RULE
 
     d = RunSpec()
     p = argparse.ArgumentParser(
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_run(a: argparse.Namespace) -> int:
     import torch
 
-    from .continual.runner import RunSpec, check_run_name, check_runs_dir, run_experiment
+    from .continual.runner import RunSpec, run_experiment
+    from .runs import check_run_name, check_runs_dir
 
     if a.threads < 1:
         print(f"selfgrow run: error: --threads must be >= 1, got {a.threads}", file=sys.stderr)

@@ -16,13 +16,9 @@ architecture, divided by its size, times the samples trained on with that archit
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import math
 import os
-import platform
-import re
 import sys
 import time
 import warnings
@@ -32,11 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core import count_params
 from ..errors import GrowthConfigError, choices_message
+from ..runs import (
+    FlopMeter,
+    ScalarJsonlSink,
+    check_run_name,
+    check_runs_dir,
+    create_run_dir,
+    fmt,
+    format_table,
+    isatty,
+    package_versions,
+    write_json,
+)
 from .benchmarks import BENCHMARKS, Benchmark, build_benchmark
 
 STRATEGIES = ("replay", "naive")
@@ -202,97 +209,6 @@ def build_small_model(
     raise GrowthConfigError(choices_message("model", kind, MODELS))
 
 
-RUN_NAME_RULE = (
-    "a single path component of letters, digits, '-', '_' and '.', not starting with '.'"
-)
-_RUN_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-
-
-def check_run_name(name: str) -> None:
-    """Raise :class:`GrowthConfigError` unless ``name`` is a safe run-directory name."""
-    if not _RUN_NAME_RE.fullmatch(name):
-        raise GrowthConfigError(f"--name {name!r} is not valid; it must be {RUN_NAME_RULE}")
-
-
-def check_runs_dir(runs_dir: str | os.PathLike[str]) -> None:
-    """Raise :class:`GrowthConfigError` if ``runs_dir`` is an existing non-directory or lies
-    under one (checked without creating anything)."""
-    p = Path(runs_dir)
-    if p.exists() and not p.is_dir():
-        raise GrowthConfigError(f"--runs-dir {str(p)!r} exists and is not a directory")
-    for parent in p.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise GrowthConfigError(
-                    f"--runs-dir {str(p)!r} cannot be created: {str(parent)!r} is not a directory"
-                )
-            break
-
-
-def unique_run_dir(runs_dir: str | os.PathLike[str], name: str) -> Path:
-    """``runs_dir/name``, or ``name-1``, ``name-2`` ... if taken (never overwrites)."""
-    base = Path(runs_dir)
-    cand = base / name
-    i = 0
-    while cand.exists():
-        i += 1
-        cand = base / f"{name}-{i}"
-    return cand
-
-
-class ScalarJsonlSink:
-    """Sink writing ``log_scalars`` calls as JSON lines ``{"step": s, tag: value, ...}`` to
-    ``metrics.jsonl`` (what ``selfgrow inspect --plot`` draws the loss curve from)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
-
-    def emit(self, event: Any) -> None:
-        """Growth events go to events.jsonl; nothing to do here."""
-
-    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        row: dict[str, Any] = {"step": int(step)}
-        for k, v in scalars.items():
-            try:
-                fv = float(v)
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(fv):
-                row[k] = fv
-        self._fh.write(json.dumps(row) + "\n")
-
-    def log_row(self, row: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
-
-    def flush(self) -> None:
-        self._fh.flush()
-
-    def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
-
-
-def _arch_key(model: nn.Module) -> str:
-    cfg = getattr(model, "config", None)
-    return repr(cfg) if cfg is not None else str([tuple(p.shape) for p in model.parameters()])
-
-
-def training_flops_per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Forward + backward FLOPs of one mini-batch divided by its size, counted by
-    ``FlopCounterMode`` on a copy of ``model`` (the live model's gradients are untouched)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    m = copy.deepcopy(model)
-    m.train()
-    fc = FlopCounterMode(display=False)
-    with fc:
-        loss = F.cross_entropy(m(x), y)
-        loss.backward()
-    return fc.get_total_flops() / max(int(x.shape[0]), 1)
-
-
 def _make_recorder_plugin(
     on_epoch: Callable[[Any], None], on_iteration: Callable[[Any], None] | None = None
 ) -> Any:
@@ -303,18 +219,12 @@ def _make_recorder_plugin(
 
         def __init__(self) -> None:
             super().__init__()
-            self.samples: dict[str, int] = {}
-            self.flops_per_sample: dict[str, float] = {}
+            self.flops = FlopMeter()
             self.last_loss = float("nan")
             self.iterations = 0
 
         def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
-            key = _arch_key(strategy.model)
-            if key not in self.flops_per_sample:
-                self.flops_per_sample[key] = training_flops_per_sample(
-                    strategy.model, strategy.mb_x, strategy.mb_y
-                )
-            self.samples[key] = self.samples.get(key, 0) + int(strategy.mb_x.shape[0])
+            self.flops.add(strategy.model, strategy.mb_x, strategy.mb_y)
 
         def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
             self.last_loss = float(strategy.loss.detach())
@@ -327,7 +237,7 @@ def _make_recorder_plugin(
 
         @property
         def total_flops(self) -> float:
-            return sum(self.flops_per_sample[k] * n for k, n in self.samples.items())
+            return self.flops.total
 
     return _Recorder()
 
@@ -367,13 +277,6 @@ def _metric(metrics: dict[str, Any], prefix: str, suffix: str = "") -> float:
 
 ACC_EXP = "Top1_Acc_Exp/eval_phase/test_stream"
 BASELINE_LOG_EVERY = 5  # the grown run's GrowthPlugin(log_every=5)
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):
-        return False
 
 
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream"
@@ -418,7 +321,7 @@ def train_variant(
     )
     n_exps = bench.n_experiences
     # bars only on a terminal: piped / redirected stderr gets the plain per-experience lines
-    use_bar = bool(progress) and _isatty(sys.stderr)
+    use_bar = bool(progress) and isatty(sys.stderr)
     bar = tqdm(
         total=n_exps * spec.epochs,
         desc=f"{VARIANT_LABELS[variant]:>18}",
@@ -612,18 +515,6 @@ def controller_description(spec: RunSpec) -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("selfgrow", "torch", "avalanche-lib", "mlxtend", "scikit-learn"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 def run_experiment(
     spec: RunSpec,
     runs_dir: str | os.PathLike[str] = "runs",
@@ -642,26 +533,19 @@ def run_experiment(
         DataUnavailableError: a data package is missing (before anything is written).
     """
     spec.validate()
-    if name is not None:
-        check_run_name(name)
+    run_name = name or f"{spec.benchmark}-{spec.model}-{spec.strategy}"
+    check_run_name(run_name)
     check_runs_dir(runs_dir)
     bench = build_benchmark(spec.benchmark, seed=spec.seed)
-    run_dir = unique_run_dir(runs_dir, name or f"{spec.benchmark}-{spec.model}-{spec.strategy}")
-    try:
-        run_dir.mkdir(parents=True)
-    except OSError as e:
-        raise GrowthConfigError(
-            f"--runs-dir {str(runs_dir)!r}: cannot create the run directory {str(run_dir)!r} "
-            f"({e.strerror or e})"
-        ) from e
+    run_dir = create_run_dir(runs_dir, run_name)
     t_start = time.perf_counter()
     config = {
         "spec": dataclasses.asdict(spec),
         "benchmark": bench.describe(),
         "controller": controller_description(spec),
-        "versions": _versions(),
+        "versions": package_versions(),
     }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(run_dir / "config.json", config)
     print_fn(
         f"selfgrow run -> {run_dir}  ({bench.name}: {bench.n_experiences} experiences, "
         f"{bench.data.source['n_train']} train / {bench.data.source['n_test']} test samples, "
@@ -709,7 +593,7 @@ def run_experiment(
         "skipped_events": sum(1 for e in events if e.get("kind") == "skipped"),
         "wall_seconds_total": time.perf_counter() - t_start,
     }
-    (run_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2) + "\n")
+    write_json(run_dir / "summary.json", summary)
     print_fn("")
     print_fn(format_summary_table(summary))
     return run_dir, summary
@@ -719,7 +603,7 @@ def format_summary_table(summary: dict[str, Any]) -> str:
     """Plain aligned text table of the variants in a summary (one row per variant)."""
     header = ["model", "final avg acc", "avg forgetting", "params", "train FLOPs",
               "wall s", "growths"]
-    rows = [header]
+    rows = []
     for key in VARIANTS:
         v = summary.get("variants", {}).get(key)
         if v is None:
@@ -730,36 +614,11 @@ def format_summary_table(summary: dict[str, Any]) -> str:
         )
         rows.append([
             VARIANT_LABELS[key],
-            _fmt(v.get("final_avg_accuracy"), "{:.3f}"),
-            _fmt(v.get("avg_forgetting"), "{:.3f}"),
+            fmt(v.get("final_avg_accuracy"), "{:.3f}"),
+            fmt(v.get("avg_forgetting"), "{:.3f}"),
             params,
-            _fmt(v.get("train_flops"), "{:.3g}"),
-            _fmt(v.get("wall_seconds"), "{:.1f}"),
+            fmt(v.get("train_flops"), "{:.3g}"),
+            fmt(v.get("wall_seconds"), "{:.1f}"),
             str(v.get("n_growths", 0)),
         ])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for n, r in enumerate(rows):
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:],
-                                                                        strict=True)]
-        lines.append("  ".join(cells))
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _finite(x: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None."""
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def _fmt(v: Any, f: str) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    return f.format(v)
+    return format_table(header, rows)
