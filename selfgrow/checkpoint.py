@@ -74,7 +74,7 @@ import torch
 from torch import nn
 
 from .adapters import build_architecture, describe_architecture
-from .errors import SelfgrowError
+from .errors import CheckpointError
 from .optim import LAZY_INIT_KEY, install_hooks
 
 FORMAT = "selfgrow.checkpoint"
@@ -96,9 +96,6 @@ __all__ = [
     "unwrap_model",
 ]
 
-
-class CheckpointError(SelfgrowError):
-    """A checkpoint cannot be written, read or applied (the message says why and what to do)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,18 @@ class DataUnavailableError(SelfgrowError, RuntimeError):
     """A data set or pretrained model is missing; the message names the package to install."""
 
 
+class CheckpointError(SelfgrowError):
+    """A checkpoint cannot be written, read or applied (the message says why and what to do)."""
+
+
+class DistributedGrowthError(SelfgrowError):
+    """Ranks disagree after a growth (different parameters or different growth counts)."""
+
+
+class RunDirError(SelfgrowError):
+    """The run directory is missing, is not a directory, or holds no selfgrow run files."""
+
+
 def choices_message(kind: str, value: object, choices: list[str] | tuple[str, ...]) -> str:
     """Format 'unknown <kind> <value>; valid choices: a, b, c'."""
     return f"unknown {kind} {value!r}; valid choices: {', '.join(sorted(choices))}"

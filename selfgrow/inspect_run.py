@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .errors import RunDirError
 from .events import BadLine, GrowthEvent, read_events
-from .events.record import _jsonable
+from .events.record import jsonable
 
 
 @dataclass
@@ -37,9 +38,6 @@ class RunRecord:
     def growths(self) -> list[GrowthEvent]:
         return [e for e in self.events if e.kind == "growth"]
 
-
-class RunDirError(Exception):
-    """The run directory is missing, is not a directory, or holds no selfgrow run files."""
 
 
 RUN_FILES = ("events.jsonl", "summary.json", "config.json")
@@ -373,7 +371,7 @@ def inspect_main(
             "summary": rec.summary,
             "plot": str(plot_path) if plot_path else None,
         }
-        print(json.dumps(_jsonable(doc), indent=2, allow_nan=False), file=out)
+        print(json.dumps(jsonable(doc), indent=2, allow_nan=False), file=out)
         return 0
     print(f"run: {rec.run_dir}", file=out)
     if not rec.has_events_file:
