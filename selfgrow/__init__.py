@@ -1,62 +1,88 @@
 """selfgrow: grow neural networks while they learn.
 
-Growth operators (``grow_``, ``list_operators``), optimizer-state migration
-(:mod:`selfgrow.optim`), a self-adaptive :class:`GrowthController` with signals and policies,
-a growth event log, and an Avalanche plugin (:mod:`selfgrow.continual`).
+The names here are for users: grow a model (:func:`grow_`, :func:`make_config`,
+:func:`list_operators`), control growth while training (:class:`GrowthController`, signals,
+policies, :class:`Budget`, :class:`Stabilizer`, :func:`list_actions`,
+:func:`register_action`), checkpoint and resume (:func:`save_checkpoint`,
+:func:`load_checkpoint`), read the growth log (:func:`read_events`), and the errors.
+
+Operator authors find their names in :mod:`selfgrow.ops` (``Operator``, ``OpConfig``,
+``GrowthResult``, ``register_operator``, ``Transaction``, ``ParamMap``); adapter authors in
+:mod:`selfgrow.adapters` (``TransformerAdapter``, ``register_adapter``, views and regridding).
+Continual learning (Avalanche ``GrowthPlugin``, benchmarks) is in :mod:`selfgrow.continual`.
 """
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .control import (
     Budget,
+    CapacityProbe,
+    ExpertOverload,
     FixedSchedule,
+    GradientSaturation,
     GrowthController,
     LossPlateau,
     ReplayForgetting,
     Rule,
     RulePolicy,
+    SkipReason,
     Stabilizer,
+    ValidationPlateau,
+    list_actions,
+    register_action,
 )
 from .errors import (
     BudgetExceededError,
+    CheckpointError,
     DataUnavailableError,
+    DistributedGrowthError,
+    EventFormatError,
     GrowthConfigError,
     IncompatibleModelError,
     IncompatibleOptimizerError,
+    RunDirError,
     SelfgrowError,
 )
 from .events import GrowthEvent, read_events
 from .models import build_model, list_models
-from .ops import OpConfig, get_operator, grow_, list_operators, make_config, register_operator
+from .ops import grow_, list_operators, make_config
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Budget",
-    "Checkpoint",
-    "load_checkpoint",
-    "save_checkpoint",
     "BudgetExceededError",
+    "CapacityProbe",
+    "Checkpoint",
+    "CheckpointError",
+    "DataUnavailableError",
+    "DistributedGrowthError",
+    "EventFormatError",
+    "ExpertOverload",
     "FixedSchedule",
+    "GradientSaturation",
+    "GrowthConfigError",
     "GrowthController",
+    "GrowthEvent",
+    "IncompatibleModelError",
+    "IncompatibleOptimizerError",
     "LossPlateau",
     "ReplayForgetting",
     "Rule",
     "RulePolicy",
-    "Stabilizer",
-    "DataUnavailableError",
-    "GrowthConfigError",
-    "GrowthEvent",
-    "IncompatibleModelError",
-    "IncompatibleOptimizerError",
-    "OpConfig",
+    "RunDirError",
     "SelfgrowError",
+    "SkipReason",
+    "Stabilizer",
+    "ValidationPlateau",
     "__version__",
     "build_model",
-    "get_operator",
     "grow_",
+    "list_actions",
     "list_models",
     "list_operators",
+    "load_checkpoint",
     "make_config",
     "read_events",
-    "register_operator",
+    "register_action",
+    "save_checkpoint",
 ]

@@ -7,10 +7,15 @@ Public API::
         Budget, FixedSchedule, Decision, Stabilizer)
 """
 
-from .actions import list_actions, register_action, resolve_action
+from .actions import (
+    list_actions,
+    register_action,
+    register_family_action,
+    resolve_action,
+)
 from .controller import GrowthController
 from .distributed import DistributedGrowthController
-from .policies import Budget, Decision, Policy, PolicyContext, Rule, RulePolicy
+from .policies import Budget, Decision, Policy, PolicyContext, Rule, RulePolicy, SkipReason
 from .schedules import FixedSchedule
 from .signals import (
     CapacityProbe,
@@ -22,6 +27,7 @@ from .signals import (
     ValidationPlateau,
     list_signals,
     make_signal,
+    register_signal,
 )
 from .sizing import estimate_memory, flops_per_sample, round_width
 from .stabilize import Stabilizer
@@ -42,6 +48,7 @@ __all__ = [
     "Rule",
     "RulePolicy",
     "Signal",
+    "SkipReason",
     "Stabilizer",
     "ValidationPlateau",
     "estimate_memory",
@@ -50,6 +57,8 @@ __all__ = [
     "list_signals",
     "make_signal",
     "register_action",
+    "register_family_action",
+    "register_signal",
     "resolve_action",
     "round_width",
 ]

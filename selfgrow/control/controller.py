@@ -40,7 +40,7 @@ from ..errors import (
 )
 from ..events.jsonl import JsonlSink
 from ..events.record import GrowthEvent
-from ..ops._registry import (
+from ..ops import (
     OpConfig,
     ProbeFn,
     default_probe_fn,
@@ -510,7 +510,7 @@ class GrowthController:
         ev.trigger = dict(d.trigger)
         ev.action = {"name": d.action_name, "kwargs": dict(d.kwargs)}
         if isinstance(d.action, OpConfig):
-            from ..ops._registry import op_config_to_dict
+            from ..ops import op_config_to_dict
 
             ev.action["config"] = op_config_to_dict(d.action)
         ev.extra = {"blocked": d.blocked, "n_skipped": self.n_skipped}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import GrowthConfigError
-from ..ops._registry import OpConfig
+from ..ops import OpConfig
 from .signals import check_range
 
 __all__ = [

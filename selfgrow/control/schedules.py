@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import GrowthConfigError
-from ..ops._registry import OpConfig
+from ..ops import OpConfig
 from .policies import Action, Budget, Decision, Policy, PolicyContext, SkipReason
 
 __all__ = ["FixedSchedule"]

@@ -289,7 +289,7 @@ def measure_peak_memory(
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from ..ops._registry import _output_tensor
+    from ..ops import output_tensor
 
     m = copy.deepcopy(model).train()
     opt = (optimizer or (lambda ps: torch.optim.Adam(ps, lr=1e-3)))(m.parameters())
@@ -298,7 +298,7 @@ def measure_peak_memory(
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         out = m(**x) if isinstance(x, dict) else m(x)
-        loss_fn(_output_tensor(out)).backward()
+        loss_fn(output_tensor(out)).backward()
         opt.step()
 
     step()

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import EventFormatError
 from .record import GrowthEvent
 
 
@@ -64,6 +65,6 @@ def read_events(path: str | os.PathLike[str]) -> tuple[list[GrowthEvent], list[B
                 continue
             try:
                 events.append(GrowthEvent.from_dict(json.loads(s)))
-            except (ValueError, TypeError) as e:
+            except (json.JSONDecodeError, EventFormatError) as e:
                 bad.append(BadLine(i, str(e), s[:200]))
     return events, bad

@@ -81,6 +81,21 @@ class GrowthEvent:
         return ev
 
 
+def as_float(v: Any) -> float | None:
+    """``v`` as a Python float when it is a real number (Python, NumPy or a one-element
+    tensor), else None (strings, containers, multi-element tensors)."""
+    import numbers
+
+    import numpy as np
+    import torch
+
+    if isinstance(v, numbers.Real | np.generic) and not isinstance(v, np.str_ | np.bytes_):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v.detach())
+    return None
+
+
 def jsonable(x: Any) -> Any:
     """Make a value JSON-safe: tensors/numpy to Python, non-finite floats to strings."""
     if isinstance(x, dict):

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .record import GrowthEvent
+from .record import GrowthEvent, as_float
 
 
 class TensorBoardSink:
@@ -69,12 +69,10 @@ class TensorBoardSink:
         if self._closed:
             return
         for tag, v in scalars.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                try:
-                    v = float(v)  # tensors, numpy scalars
-                except (TypeError, ValueError):
-                    continue
-            self._writer.add_scalar(tag, float(v), int(step))
+            fv = as_float(v)  # Python / NumPy numbers, one-element tensors
+            if fv is None:
+                continue
+            self._writer.add_scalar(tag, fv, int(step))
 
     def flush(self) -> None:
         if not self._closed:

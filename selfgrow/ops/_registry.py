@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .._config import config_from_dict, config_to_dict
-from ..core import Transaction, count_params, eval_mode
+from ..core import Transaction, count_params, eval_mode, register_unique
 from ..errors import (
     GrowthConfigError,
     IncompatibleModelError,
@@ -90,18 +90,27 @@ class Operator(abc.ABC):
 
 
 _OPERATORS: dict[str, Operator] = {}
+_OPERATOR_CLASSES: dict[str, type[Operator]] = {}
 _CONFIGS: dict[str, type[OpConfig]] = {}
 
 
-def register_operator(config_cls: type[OpConfig]) -> Callable[[type[Operator]], type[Operator]]:
-    """Class decorator registering an Operator for ``config_cls`` (keyed by ``config_cls.name``)."""
+def register_operator(
+    config_cls: type[OpConfig], *, override: bool = False
+) -> Callable[[type[Operator]], type[Operator]]:
+    """Class decorator registering an Operator for ``config_cls`` (keyed by
+    ``config_cls.name``).
+
+    Raises:
+        GrowthConfigError: ``config_cls.name`` is unset, or already registered to another
+            operator class (the one duplicate rule of selfgrow's registries; pass
+            ``override=True`` to replace it on purpose).
+    """
 
     def deco(op_cls: type[Operator]) -> type[Operator]:
         name = config_cls.name
         if not name:
             raise GrowthConfigError(f"{config_cls.__name__} must set a class variable 'name'")
-        if name in _OPERATORS and type(_OPERATORS[name]) is not op_cls:
-            raise GrowthConfigError(f"operator name {name!r} registered twice")
+        register_unique(_OPERATOR_CLASSES, name, op_cls, "operator", override=override)
         op_cls.config_cls = config_cls
         _OPERATORS[name] = op_cls()
         _CONFIGS[config_cls.__name__] = config_cls
@@ -195,12 +204,12 @@ def default_probe_fn(probe: Any) -> ProbeFn:
             out = model(*probe)
         else:
             out = model(probe)
-        return _output_tensor(out)
+        return output_tensor(out)
 
     return run
 
 
-def _output_tensor(out: Any) -> torch.Tensor:
+def output_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     for attr in ("logits", "last_hidden_state"):

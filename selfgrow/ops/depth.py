@@ -60,8 +60,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..adapters import TransformerAdapter, get_adapter
-from ..adapters._base import LayerView, NormRef, set_param
+from ..adapters import LayerView, NormRef, TransformerAdapter, get_adapter, set_param
 from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ..optim import ParamMap

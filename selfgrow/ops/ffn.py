@@ -56,10 +56,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..adapters import AxisMap, ProjRef, TransformerAdapter, get_adapter
-from ..adapters._base import (
+from ..adapters import (
+    AxisMap,
     Fill,
+    ProjRef,
     Roles,
+    TransformerAdapter,
+    get_adapter,
     normal_fill,
     projection_plans,
     resize_params,

@@ -52,8 +52,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..adapters import AxisMap, ProjRef, TransformerAdapter, TransformerDims, get_adapter
-from ..adapters._base import Fill, Roles, normal_fill, projection_plans, resize_params
+from ..adapters import (
+    AxisMap,
+    Fill,
+    ProjRef,
+    Roles,
+    TransformerAdapter,
+    TransformerDims,
+    get_adapter,
+    normal_fill,
+    projection_plans,
+    resize_params,
+)
 from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ._registry import GrowthResult, OpConfig, Operator, register_operator

@@ -42,8 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..adapters import AxisMap, TransformerAdapter, get_adapter
-from ..adapters._base import resize_params, sync_module_attrs
+from ..adapters import AxisMap, TransformerAdapter, get_adapter, resize_params, sync_module_attrs
 from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ._registry import GrowthResult, OpConfig, Operator, register_operator

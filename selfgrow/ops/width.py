@@ -62,8 +62,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..adapters import AxisMap, ProjRef, TransformerAdapter, get_adapter
-from ..adapters._base import Roles, normal_fill, projection_plans, resize_params
+from ..adapters import (
+    AxisMap,
+    ProjRef,
+    Roles,
+    TransformerAdapter,
+    get_adapter,
+    normal_fill,
+    projection_plans,
+    resize_params,
+)
 from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ..models.transformer import Norm
