@@ -163,6 +163,20 @@ class Budget:
                 return f"{key} {v:.4g} > {limit:.4g}"
         return ""
 
+    def check_decision(self, d: Decision, ctx: PolicyContext) -> str:
+        """Estimate the grown model for ``d`` (stored in ``d.estimate``) and :meth:`check` it:
+        ``""`` if it fits, else why not. The one budget check every policy uses.
+
+        Raises:
+            GrowthConfigError: a limit is set but the context has no size estimator.
+        """
+        if self.unlimited:
+            return ""
+        if ctx.estimate is None:
+            raise GrowthConfigError("a Budget is set but the context has no size estimator")
+        d.estimate = dict(ctx.estimate(d.action, d.kwargs))
+        return self.check(d.estimate)
+
 
 class Policy(abc.ABC):
     """Base class of growth policies.
@@ -231,7 +245,13 @@ class Rule:
             )
 
 
-def _steps_or_fraction(what: str, v: float, total: int | None) -> int:
+def steps_or_fraction(what: str, v: float, total: int | None) -> int:
+    """Steps from ``v``: an int (or integral float) is a step count, a float in (0, 1) a
+    fraction of ``total`` steps (rounded up). The one conversion every policy uses.
+
+    Raises:
+        GrowthConfigError: a fraction while ``total`` is unknown.
+    """
     if isinstance(v, float) and 0.0 < v < 1.0:
         if total is None:
             raise GrowthConfigError(f"{what}={v} is a fraction but total_steps is unknown")
@@ -321,13 +341,9 @@ class RulePolicy(Policy):
             return first, f"{first.reason}; skipped: {why}"
         if self.budget.unlimited:
             return first, first.reason
-        if ctx.estimate is None:
-            raise GrowthConfigError("a Budget is set but the context has no size estimator")
         over = ""
         for d in cands:
-            est = dict(ctx.estimate(d.action, d.kwargs))
-            d.estimate = est
-            why = self.budget.check(est)
+            why = self.budget.check_decision(d, ctx)
             if not why:
                 return d, d.reason
             over = over or f"{d.action_name}: {why}"
@@ -352,7 +368,7 @@ class RulePolicy(Policy):
         return Decision(rule.action, kw, reason, trig)
 
     def _limits(self, ctx: PolicyContext) -> tuple[SkipReason, str] | None:
-        warm = _steps_or_fraction("warmup_steps", self.warmup_steps, ctx.total_steps)
+        warm = steps_or_fraction("warmup_steps", self.warmup_steps, ctx.total_steps)
         if ctx.step < warm:
             return SkipReason.WARMUP, f"warmup until step {warm} (now {ctx.step})"
         if self.growth_window is not None:

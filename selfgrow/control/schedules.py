@@ -8,13 +8,20 @@ controller's ``total_steps``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import GrowthConfigError
 from ..ops import OpConfig
-from .policies import Action, Budget, Decision, Policy, PolicyContext, SkipReason
+from .policies import (
+    Action,
+    Budget,
+    Decision,
+    Policy,
+    PolicyContext,
+    SkipReason,
+    steps_or_fraction,
+)
 
 __all__ = ["FixedSchedule"]
 
@@ -70,13 +77,7 @@ class FixedSchedule(Policy):
         return not self.budget.unlimited
 
     def _step_of(self, s: float, total: int | None) -> int:
-        if isinstance(s, float) and 0.0 < s < 1.0:
-            if total is None:
-                raise GrowthConfigError(
-                    f"schedule step {s} is a fraction but total_steps is unknown"
-                )
-            return int(math.ceil(s * total))
-        return int(s)
+        return steps_or_fraction("schedule step", s, total)
 
     def _pending(self, ctx: PolicyContext) -> int | None:
         order = sorted(
@@ -105,14 +106,10 @@ class FixedSchedule(Policy):
             {"signal": "schedule", "value": float(at), "threshold": None, "window": None,
              "entry": i},
         )
-        if not self.budget.unlimited:
-            if ctx.estimate is None:
-                raise GrowthConfigError("a Budget is set but the context has no size estimator")
-            d.estimate = dict(ctx.estimate(action, d.kwargs))
-            why = self.budget.check(d.estimate)
-            if why:
-                d.blocked = SkipReason.BUDGET
-                return d, f"{d.reason}; skipped: budget ({why})"
+        why = self.budget.check_decision(d, ctx)
+        if why:
+            d.blocked = SkipReason.BUDGET
+            return d, f"{d.reason}; skipped: budget ({why})"
         return d, d.reason
 
     def notify(self, decision: Decision, step: int, applied: bool) -> None:
