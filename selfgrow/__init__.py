@@ -39,6 +39,7 @@ from .errors import (
     GrowthConfigError,
     IncompatibleModelError,
     IncompatibleOptimizerError,
+    InsufficientMemoryError,
     RunDirError,
     SelfgrowError,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "GrowthEvent",
     "IncompatibleModelError",
     "IncompatibleOptimizerError",
+    "InsufficientMemoryError",
     "LossPlateau",
     "ReplayForgetting",
     "Rule",

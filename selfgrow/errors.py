@@ -31,6 +31,11 @@ class EventFormatError(SelfgrowError, ValueError):
     """A growth event record is malformed (wrong schema version, unknown kind, not an object)."""
 
 
+class InsufficientMemoryError(BudgetExceededError):
+    """A growth would allocate more memory than is available on the device (or than an
+    explicit cap); raised from shapes alone, before anything is allocated."""
+
+
 class DataUnavailableError(SelfgrowError, RuntimeError):
     """A data set or pretrained model is missing; the message names the package to install."""
 

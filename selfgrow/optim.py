@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .core import MAX_RUNS, ParamMap, gather_dim  # noqa: F401 - re-exported
-from .errors import IncompatibleOptimizerError
+from .core import MAX_RUNS, ParamMap, gather_dim, register_unique  # noqa: F401 - re-exported
+from .errors import GrowthConfigError, IncompatibleOptimizerError
 
 #: elements sampled (evenly strided) to estimate a tensor's normalised Adam update RMS
 RMS_SAMPLE = 1 << 16
@@ -53,12 +53,24 @@ RMS_SAMPLE = 1 << 16
 #: state keys that behave like a first moment (scale by s; new coordinates 0)
 FIRST_MOMENT_KEYS = frozenset({"exp_avg", "momentum_buffer", "grad_avg"})
 #: state keys that behave like a second moment (scale by s**2; new coordinates: set at the
-#: first gradient, mean of the old values until then)
-SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg"})
-#: scalar bookkeeping copied as is
-SCALAR_KEYS = frozenset({"step"})
+#: first gradient, mean of the old values until then). Adagrad's ``sum`` is one.
+SECOND_MOMENT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+#: an infinity norm of gradients (Adamax ``exp_inf``): scales by s; new coordinates get the
+#: mean of the old values (0 would make their first update ~lr * sign(g))
+MAX_NORM_KEYS = frozenset({"exp_inf"})
+#: accumulated squared UPDATES (Adadelta ``acc_delta``): a copy moves like its source, so the
+#: value is copied unscaled; new coordinates get the mean of the old values
+UPDATE_KEYS = frozenset({"acc_delta"})
+#: parameter-valued state (ASGD's running average ``ax``): restarted at the grown parameter
+PARAM_KEYS = frozenset({"ax"})
+#: scalar bookkeeping copied as is (0-dim tensors: step, NAdam ``mu_product``, ASGD ``eta``,
+#: ``mu``)
+SCALAR_KEYS = frozenset({"step", "mu_product", "eta", "mu"})
 
-SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop")
+#: optimizers whose state selfgrow migrates (subclasses included)
+SUPPORTED_OPTIMIZERS = ("SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adagrad",
+                        "Adadelta", "RMSprop", "ASGD")
+_EXTRA_OPTIMIZERS: dict[str, type] = {}
 
 #: state key marking state to be set at the first gradient; value: 0-dim tensor target RMS
 #: (NaN: take it from the tensor's old coordinates). A brand-new tensor's marker state also
@@ -120,16 +132,66 @@ class MigrationPlan:
         return self.report
 
 
+def register_optimizer(cls: type[torch.optim.Optimizer], *, override: bool = False) -> None:
+    """Declare that ``cls`` keeps only state selfgrow knows how to migrate (the keys of
+    :data:`FIRST_MOMENT_KEYS`, :data:`SECOND_MOMENT_KEYS`, :data:`MAX_NORM_KEYS`,
+    :data:`UPDATE_KEYS`, :data:`PARAM_KEYS`, :data:`SCALAR_KEYS`) and reads its parameters
+    from ``param_groups`` at every step, so :func:`check_optimizer_supported` accepts it.
+
+    Raises:
+        IncompatibleOptimizerError: ``cls`` is not a torch.optim.Optimizer subclass.
+        GrowthConfigError: the class name is registered to another class.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise IncompatibleOptimizerError(
+            f"register_optimizer needs an Optimizer class, got {cls!r}"
+        )
+    register_unique(_EXTRA_OPTIMIZERS, cls.__name__, cls, "optimizer", override=override)
+
+
+def supported_optimizers() -> list[str]:
+    """Names of the optimizer classes selfgrow migrates (built-in and registered)."""
+    return [*SUPPORTED_OPTIMIZERS, *sorted(_EXTRA_OPTIMIZERS)]
+
+
+def check_optimizer_supported(optimizer: object) -> None:
+    """Refuse, before anything changes, an optimizer that cannot follow growth.
+
+    LBFGS keeps its own list of parameter tensors (growth would leave it updating the old
+    ones) and an optimizer class selfgrow does not know keeps state it cannot migrate: both
+    are refused up front, not when they already silently update stale tensors.
+
+    Raises:
+        IncompatibleOptimizerError: names the class and lists the supported optimizers.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise IncompatibleOptimizerError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    known = tuple(getattr(torch.optim, n) for n in SUPPORTED_OPTIMIZERS)
+    if isinstance(optimizer, torch.optim.LBFGS):
+        why = "it keeps its own list of parameter tensors, which growth cannot update"
+    elif isinstance(optimizer, known + tuple(_EXTRA_OPTIMIZERS.values())):
+        return
+    else:
+        why = "selfgrow does not know its state (see selfgrow.optim.register_optimizer)"
+    raise IncompatibleOptimizerError(
+        f"{type(optimizer).__name__} cannot follow growth: {why}; supported optimizers: "
+        f"{', '.join(supported_optimizers())}"
+    )
+
+
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Raise IncompatibleOptimizerError if the optimizer's state cannot be migrated."""
-    known = FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | SCALAR_KEYS | {LAZY_INIT_KEY, LAZY_MASK_KEY}
+    known = (FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | MAX_NORM_KEYS | UPDATE_KEYS | PARAM_KEYS
+             | SCALAR_KEYS | {LAZY_INIT_KEY, LAZY_MASK_KEY})
     for st in optimizer.state.values():
         for k, v in st.items():
             if k in known or not isinstance(v, torch.Tensor) or v.dim() == 0:
                 continue
             raise IncompatibleOptimizerError(
                 f"{type(optimizer).__name__} has per-coordinate state {k!r} that selfgrow cannot "
-                f"migrate; supported optimizers: {', '.join(SUPPORTED_OPTIMIZERS)}"
+                f"migrate; supported optimizers: {', '.join(supported_optimizers())}"
             )
 
 
@@ -171,8 +233,9 @@ def plan_migration(
 
     Raises:
         IncompatibleOptimizerError: unsupported per-coordinate optimizer state.
-        ValueError: a ParamMap names an unknown source or gives the wrong shape.
+        GrowthConfigError: a ParamMap names an unknown source or gives the wrong shape.
     """
+    check_optimizer_supported(optimizer)
     check_optimizer(optimizer)
     maps = dict(maps or {})
     report = MigrationReport()
@@ -202,7 +265,9 @@ def plan_migration(
                 m = ParamMap(source=None)
         if m.source is not None:
             if m.source not in old_named:
-                raise ValueError(f"ParamMap for {name!r} names unknown source {m.source!r}")
+                raise GrowthConfigError(
+                    f"ParamMap for {name!r} names unknown source {m.source!r}"
+                )
             src = old_named[m.source]
             if src not in where:
                 continue  # the source was not optimized: neither is its growth
@@ -270,6 +335,16 @@ def _migrate_state(
                 vals.mul_(_as(s, vals) ** 2)
             if n_new:  # fallback until the first gradient (see _lazy_init_pre_step)
                 vals.masked_fill_(new_mask, v.mean())
+        elif k in MAX_NORM_KEYS:
+            if scaled:
+                vals.mul_(_as(s, vals))
+            if n_new:
+                vals.masked_fill_(new_mask, v.mean())
+        elif k in UPDATE_KEYS:
+            if n_new:
+                vals.masked_fill_(new_mask, v.mean())
+        elif k in PARAM_KEYS:
+            vals = p.detach().clone()
         new[k] = vals
     if new_mask is not None and n_new:
         report.zero_init += n_new
@@ -317,6 +392,12 @@ def _lazy_state(optimizer: torch.optim.Optimizer, sibling: nn.Parameter, group: 
     """State for a brand-new tensor: a marker (Adam-like optimizers whose sibling has been
     stepped) or empty (everything else: the optimizer initialises it itself)."""
     st = optimizer.state.get(sibling, {})
+    if _is_adagrad(group) and "sum" in st and "step" in st:
+        # Adagrad's normalised update |g| / sqrt(sum) after t steps of comparable gradients
+        # is about 1 / sqrt(t): the target for the new tensor's first update
+        t = float(st["step"])
+        return {"step": st["step"].clone(),
+                LAZY_INIT_KEY: torch.tensor(1.0 / math.sqrt(t + 1.0), dtype=torch.float64)}
     if not (_is_adam_like(group) and "exp_avg" in st and "exp_avg_sq" in st and "step" in st):
         return {}
     b1, b2 = group["betas"]
@@ -330,15 +411,21 @@ def _lazy_state(optimizer: torch.optim.Optimizer, sibling: nn.Parameter, group: 
     r = float((m_hat / (v_hat.sqrt() + group["eps"])).pow(2).mean().sqrt())
     if not (r > 0 and math.isfinite(r)):
         return {}
-    return {"step": st["step"].clone(), LAZY_INIT_KEY: torch.tensor(r, dtype=torch.float64)}
+    scalars = {k: v.clone() for k, v in st.items()
+               if isinstance(v, torch.Tensor) and v.dim() == 0 and k != LAZY_INIT_KEY}
+    return {**scalars, LAZY_INIT_KEY: torch.tensor(r, dtype=torch.float64)}
 
 
 def _is_rmsprop(group: dict) -> bool:
     return "alpha" in group and not group.get("centered", False)
 
 
+def _is_adagrad(group: dict) -> bool:
+    return "lr_decay" in group and "initial_accumulator_value" in group
+
+
 def _lazy_capable(group: dict) -> bool:
-    return _is_adam_like(group) or _is_rmsprop(group)
+    return _is_adam_like(group) or _is_rmsprop(group) or _is_adagrad(group)
 
 
 def _adam_c(r: float, t: float, b1: float, b2: float) -> float:
@@ -372,12 +459,17 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
             mask = st.get(LAZY_MASK_KEY)
             if mask is not None:  # bool, or float after Optimizer.load_state_dict's cast
                 mask = mask.to(device=g.device) != 0
-            if mask is None:  # brand-new tensor (Adam-like only)
+            if mask is None and _is_adagrad(group):  # brand-new tensor under Adagrad
+                r = float(st[LAZY_INIT_KEY])
+                optimizer.state[p] = {"step": st["step"].clone(),
+                                      "sum": (g * g * max(1 / r**2 - 1, 0.0)).to(p.dtype)}
+                continue
+            if mask is None:  # brand-new tensor (Adam-like)
                 t, r = float(st["step"]), float(st[LAZY_INIT_KEY])
                 b1, b2 = group["betas"]
                 c = _adam_c(r, t, b1, b2)
                 new = {
-                    "step": st["step"].clone(),
+                    **{k: v.clone() for k, v in st.items() if k != LAZY_INIT_KEY},
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": (g * g * c).to(p.dtype),
                 }
@@ -402,6 +494,14 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
                     new["exp_avg_sq"] = torch.where(mask, v_new, new["exp_avg_sq"])
                     if "max_exp_avg_sq" in new:
                         new["max_exp_avg_sq"] = torch.where(mask, v_new, new["max_exp_avg_sq"])
+            elif _is_adagrad(group) and "sum" in new:
+                # Adagrad's update is g / (sqrt(sum + g^2) + eps): with sum = c g^2 on the new
+                # coordinates it is 1 / sqrt(c + 1), so c = 1 / r^2 - 1 matches the old RMS r
+                s1 = new["sum"][old] + g[old] ** 2
+                r = _rms(g[old] / (s1.sqrt() + eps))
+                if r > 0 and r == r:
+                    c = max(1 / r**2 - 1, 0.0)
+                    new["sum"] = torch.where(mask, (g * g * c).to(p.dtype), new["sum"])
             elif _is_rmsprop(group) and "square_avg" in new:
                 a = group["alpha"]
                 v1 = a * new["square_avg"][old] + (1 - a) * g[old] ** 2

@@ -40,7 +40,10 @@ from selfgrow.optim import (
     FIRST_MOMENT_KEYS,
     LAZY_INIT_KEY,
     LAZY_MASK_KEY,
+    MAX_NORM_KEYS,
+    PARAM_KEYS,
     SECOND_MOMENT_KEYS,
+    UPDATE_KEYS,
     ParamMap,
     _sibling,
 )
@@ -61,10 +64,19 @@ OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]]], torch.optim.Optimizer]] =
     "rmsprop": lambda g: torch.optim.RMSprop(g, lr=1e-3),
     "rmsprop-centered": lambda g: torch.optim.RMSprop(g, lr=1e-3, centered=True),
     "rmsprop-momentum": lambda g: torch.optim.RMSprop(g, lr=1e-3, momentum=0.9),
+    "nadam": lambda g: torch.optim.NAdam(g, lr=1e-3),
+    "radam": lambda g: torch.optim.RAdam(g, lr=1e-3),
+    "adamax": lambda g: torch.optim.Adamax(g, lr=1e-3),
+    "adagrad": lambda g: torch.optim.Adagrad(g, lr=1e-2),
+    "adadelta": lambda g: torch.optim.Adadelta(g, lr=1.0),
+    "asgd": lambda g: torch.optim.ASGD(g, lr=1e-2),
 }
 ADAM_FAMILY = ("adam", "adam-amsgrad", "adamw")
+#: optimizers whose first update after growth is checked against the 2x rule
+TWO_X_OPTS = ADAM_FAMILY + ("radam",)  # NAdam 2.8x, Adagrad 0.37-2.3x on new tensors
 #: optimizers whose new coordinates get their second moment at the first gradient
-LAZY_COORD_OPTS = ADAM_FAMILY + ("rmsprop", "rmsprop-momentum")
+LAZY_COORD_OPTS = ADAM_FAMILY + ("rmsprop", "rmsprop-momentum", "nadam", "radam", "adagrad",
+                                 "adadelta")
 SECOND_MOMENT_OPTS = ADAM_FAMILY + ("rmsprop", "rmsprop-centered", "rmsprop-momentum")
 
 
@@ -248,7 +260,7 @@ def test_optimizer_migration_matrix(rep, optim, monkeypatch):
                     assert torch.equal(st[k], v), f"{n}: {k} changed"
             continue
         if pm.source is None:  # brand-new tensor
-            assert set(st) <= {"step", LAZY_INIT_KEY}, (n, set(st))
+            assert all(k == LAZY_INIT_KEY or v.dim() == 0 for k, v in st.items()), (n, set(st))
             continue
         assert group[id(p)] == old_group[pm.source], f"{n} left its source's group"
         old_st = old_state[pm.source][1]
@@ -275,6 +287,13 @@ def test_optimizer_migration_matrix(rep, optim, monkeypatch):
             elif k in SECOND_MOMENT_KEYS:
                 want = vals * s * s
                 assert torch.all(v[mask] > 0), f"{n}: {k} not > 0 on new coordinates"
+            elif k in MAX_NORM_KEYS:
+                want = vals * s
+            elif k in UPDATE_KEYS:
+                want = vals
+            elif k in PARAM_KEYS:  # ASGD's average restarts at the grown parameter
+                assert torch.equal(v, p.detach()), f"{n}: {k} is not the grown parameter"
+                continue
             else:
                 raise AssertionError(f"unexpected state key {k}")
             keep = ~mask
@@ -292,7 +311,7 @@ def test_optimizer_migration_matrix(rep, optim, monkeypatch):
              for n, p in new_named.items()}
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    if optim in ADAM_FAMILY:
+    if optim in TWO_X_OPTS:
         _check_first_update_rms(eff, new_named, before, grads, old_named)
     opt.zero_grad()
     _loss(model, 100, c0).backward()
@@ -390,3 +409,40 @@ def test_pending_new_coordinates_survive_state_dict_round_trip():
     opt2.step()
     assert all(LAZY_MASK_KEY not in st for st in opt2.state.values())
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.LBFGS(ps),
+    lambda ps: type("MyOpt", (torch.optim.Optimizer,), {"step": lambda self, c=None: None})(
+        ps, {"lr": 0.1}),
+], ids=["lbfgs", "unknown"])
+def test_optimizers_that_cannot_follow_growth_are_refused_up_front(make):
+    from selfgrow import GrowthController, IncompatibleOptimizerError
+
+    model = GrowableMLP(MLPConfig(in_features=4, hidden=(3,), n_classes=2))
+    opt = make(list(model.parameters()))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(IncompatibleOptimizerError, match="supported optimizers: .*Adagrad"):
+        grow_(model, make_config("net2wider", layer=0, new_width=5), optimizer=opt)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.config.hidden == (3,)
+    with pytest.raises(IncompatibleOptimizerError, match="cannot follow growth"):
+        GrowthController(model, opt)
+
+
+def test_registered_optimizer_is_accepted():
+    from selfgrow.optim import _EXTRA_OPTIMIZERS, check_optimizer_supported, register_optimizer
+
+    class MySGD(torch.optim.Optimizer):
+        def __init__(self, ps):
+            super().__init__(ps, {"lr": 0.1})
+
+        def step(self, closure=None):
+            return None
+
+    model = GrowableMLP(MLPConfig(in_features=4, hidden=(3,), n_classes=2))
+    try:
+        register_optimizer(MySGD)
+        check_optimizer_supported(MySGD(model.parameters()))
+    finally:
+        _EXTRA_OPTIMIZERS.pop("MySGD", None)

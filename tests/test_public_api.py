@@ -94,14 +94,23 @@ def _model_registry():
     return lambda cls, **kw: register_model(MLPConfig, **kw)(cls), make
 
 
-def _action_registry():
-    from selfgrow.control import register_action
-    from selfgrow.models.mlp import GrowableMLP
+class _Dummy(nn.Module):
+    pass
 
-    selfgrow.control.list_actions(selfgrow.build_model(
-        selfgrow.models.mlp.MLPConfig(4, (3,), 2)))
-    return (lambda fn, **kw: register_action(GrowableMLP, "widen", **kw)(fn),
-            lambda: (lambda model, **kw: None))
+
+def _first(model, **kw):
+    return None
+
+
+def _action_registry():
+    import selfgrow.control.actions as ca
+    from selfgrow.control import register_action
+
+    def register(fn, **kw):
+        ca._ACTIONS.setdefault((_Dummy, "widen"), _first)  # (on the test's copy of the table)
+        return register_action(_Dummy, "widen", **kw)(fn)
+
+    return register, lambda: (lambda model, **kw: None)
 
 
 def _adapter_registry():
@@ -216,3 +225,21 @@ def test_shared_helpers_written_once():
             and "zero_sum_noise(" not in p.read_text().split("def _zero_sum_noise(")[1][:600]]
     assert [p.name for p in defs] == ["core.py"], defs
     torch.manual_seed(0)
+
+
+def test_absurd_width_fails_fast_before_any_allocation():
+    import time
+
+    from selfgrow import InsufficientMemoryError, grow_, make_config
+
+    model = selfgrow.build_model(selfgrow.models.mlp.MLPConfig(64, (8,), 10))
+    opt = torch.optim.Adam(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t0 = time.perf_counter()
+    with pytest.raises(InsufficientMemoryError, match="bytes"):
+        grow_(model, make_config("net2wider", layer=0, new_width=10**12), optimizer=opt)
+    assert time.perf_counter() - t0 < 0.5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(InsufficientMemoryError, match="max_bytes cap"):
+        grow_(model, make_config("net2wider", layer=0, new_width=16), max_bytes=100)
+    grow_(model, make_config("net2wider", layer=0, new_width=16), max_bytes=10**9)  # fits

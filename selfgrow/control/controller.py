@@ -47,7 +47,8 @@ from ..ops import (
     get_operator,
     grow_,
 )
-from .actions import list_actions, resolve_action
+from ..optim import check_optimizer_supported
+from .actions import list_actions, resolve_action, unsupported_model_message
 from .policies import Action, Decision, Policy, PolicyContext, SkipReason
 from .signals import Signal
 from .sizing import estimate_memory, flops_per_sample
@@ -211,6 +212,8 @@ class GrowthController:
 
     @optimizer.setter
     def optimizer(self, opt: torch.optim.Optimizer | None) -> None:
+        if opt is not None:
+            check_optimizer_supported(opt)  # LBFGS / unknown optimizers: refused up front
         old = self._optimizer
         if self.stabilizer is not None and old is not None and opt is not old:
             self.stabilizer.detach()
@@ -237,9 +240,13 @@ class GrowthController:
             avail = set(list_actions(self.model))
             for a in pol.actions():
                 if isinstance(a, str) and a not in avail:
+                    if not avail:
+                        raise IncompatibleModelError(
+                            f"action {a!r}: {unsupported_model_message(self.model)}"
+                        )
                     raise IncompatibleModelError(
                         f"action {a!r} is not available for {type(self.model).__name__}; "
-                        f"available: {', '.join(sorted(avail)) or 'none'}"
+                        f"available: {', '.join(sorted(avail))}"
                     )
             # resolve each rule's action once now, so bad arguments fail at construction and
             # not every time the rule fires (rules filled from signal state are checked then)

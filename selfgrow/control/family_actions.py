@@ -17,28 +17,20 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..errors import GrowthConfigError, choices_message
-from ..models.cnn import GrowableCNN
-from ..models.mlp import GrowableMLP
 from ..ops import OpConfig, build_config
 from ..ops.depth import IdentityInsertConfig
 from ..ops.ffn import FFNNet2WiderConfig
 from ..ops.heads import HeadsCloneConfig, HeadsFreshConfig
-from ..ops.net2net import (
-    Net2DeeperConfig,
-    Net2WiderConfig,
-    grown_width,
-    hidden_widths,
-    layer_prefix,
-    resolve_layer,
-)
+from ..ops.net2net import Net2DeeperConfig, Net2WiderConfig, classifier_adapter, grown_width
 from ..ops.positions import ExtendPositionsConfig
 from ..ops.width import WidenDModelConfig, WidenDModelMaskedConfig
-from .actions import register_action, register_family_action
+from .actions import register_family_action
 
 
 # ---------------------------------------------------------------------------------------------
-# classifiers (GrowableMLP, GrowableCNN)
+# classifiers: selfgrow GrowableMLP / GrowableCNN, nn.Sequential, torchvision ResNet
 # ---------------------------------------------------------------------------------------------
+@register_family_action("classifier", "widen")
 def classifier_widen(
     model: nn.Module,
     factor: float = 1.5,
@@ -46,26 +38,35 @@ def classifier_widen(
     noise_std: float = 0.0,
     seed: int = 0,
     split_noise: float = 0.5,
+    layer: int | str | None = None,
 ) -> Net2WiderConfig:
-    """Net2WiderNet on the narrowest hidden layer / block (the first one on ties). Actions
-    break the symmetry between copies by default, exactly (``split_noise=0.5``): plain copies
-    would stay identical forever and add no capacity."""
-    widths = hidden_widths(model)
-    i = min(range(len(widths)), key=widths.__getitem__)
-    return Net2WiderConfig(
-        layer=i,
-        new_width=grown_width(widths[i], factor, round_to),
-        noise_std=noise_std,
-        seed=seed,
-        split_noise=split_noise,
-    )
+    """Net2WiderNet on ``layer`` (a unit index or name; default: the narrowest unit, the
+    first one on ties) to ``grown_width(width, factor, round_to)``. Actions break the symmetry
+    between copies by default, exactly (``split_noise=0.5``): plain copies would stay
+    identical forever and add no capacity."""
+    ad = classifier_adapter(model)
+    widths = ad.widths()
+    i = min(range(len(widths)), key=widths.__getitem__) if layer is None else ad.unit_index(layer)
+    return Net2WiderConfig(layer=i, new_width=grown_width(widths[i], factor, round_to),
+                           noise_std=noise_std, seed=seed, split_noise=split_noise)
 
 
-def classifier_deepen(model: nn.Module) -> Net2DeeperConfig:
-    """Identity insertion after the last hidden layer / block."""
-    return Net2DeeperConfig(layer=len(hidden_widths(model)) - 1)
+@register_family_action("classifier", "deepen")
+def classifier_deepen(model: nn.Module, layer: int | str | None = None, seed: int = 0
+                      ) -> Net2DeeperConfig:
+    """Identity insertion after ``layer`` (default: the last unit followed by a ReLU; on a
+    ResNet an identity block appended to the stage of that stream)."""
+    ad = classifier_adapter(model)
+    units = ad.units()
+    if layer is None:
+        ok = [i for i in range(len(units)) if ad.identity_problem(i) is None]
+        i = ok[-1] if ok else len(units) - 1
+    else:
+        i = ad.unit_index(layer)
+    return Net2DeeperConfig(layer=i, seed=seed)
 
 
+@register_family_action("classifier", "widen_layers")
 def classifier_widen_layers(
     model: nn.Module,
     layers: Sequence[int | str],
@@ -75,34 +76,29 @@ def classifier_widen_layers(
     seed: int = 0,
     split_noise: float = 0.5,
 ) -> Net2WiderConfig:
-    """Net2WiderNet on the given layers (indices or names, e.g. saturated ones). Names of
-    tensors that are not hidden layers / blocks (the output ``head``, e.g. as reported by
-    GradientSaturation) are skipped; GrowthConfigError if nothing widenable remains."""
+    """Net2WiderNet on the given units (indices or unit / tensor names, e.g. the saturated
+    ones GradientSaturation reports). Names of tensors that belong to no widenable unit (the
+    output head) are skipped; GrowthConfigError if nothing widenable remains."""
     if isinstance(layers, (str, int)) or not layers:
         raise GrowthConfigError(f"layers must be a non-empty list of names/indices, got {layers!r}")
-    head = [x for x in layers if isinstance(x, str) and x.split(".")[0] == "head"]
-    rest = [x for x in layers if x not in head]
-    if not rest:
+    ad = classifier_adapter(model)
+    idx: set[int] = set()
+    for x in layers:
+        try:
+            idx.add(ad.unit_index(x))
+        except GrowthConfigError:
+            if not isinstance(x, str):
+                raise
+    if not idx:
         raise GrowthConfigError(
-            f"none of {list(layers)!r} is a widenable hidden layer / block of "
-            f"{type(model).__name__} (the output head keeps its width); valid: "
-            + ", ".join(f"{layer_prefix(model)}.{i}" for i in range(len(hidden_widths(model))))
+            f"none of {list(layers)!r} is a widenable unit of {type(model).__name__} (the "
+            f"output head keeps its width); valid: {', '.join(u.name for u in ad.units())}"
         )
-    idx = sorted({resolve_layer(model, layer) for layer in rest})
-    widths = hidden_widths(model)
-    return Net2WiderConfig(
-        layer=tuple(idx),
-        new_width=tuple(grown_width(widths[i], factor, round_to) for i in idx),
-        noise_std=noise_std,
-        seed=seed,
-        split_noise=split_noise,
-    )
-
-
-for _cls in (GrowableMLP, GrowableCNN):
-    register_action(_cls, "widen")(classifier_widen)
-    register_action(_cls, "deepen")(classifier_deepen)
-    register_action(_cls, "widen_layers")(classifier_widen_layers)
+    widths = ad.widths()
+    order = sorted(idx)
+    return Net2WiderConfig(layer=tuple(order),
+                           new_width=tuple(grown_width(widths[i], factor, round_to) for i in order),
+                           noise_std=noise_std, seed=seed, split_noise=split_noise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,4 +169,3 @@ def transformer_extend_context(model: nn.Module, factor: int = 2, new_len: int |
     return build_config(ExtendPositionsConfig, new_len=new_len, **kw)
 
 
-_ = Sequence  # re-exported typing name used by the classifier actions

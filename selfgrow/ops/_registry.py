@@ -23,6 +23,7 @@ model and optimizer bit-identical.
 from __future__ import annotations
 
 import abc
+import contextvars
 import dataclasses
 import inspect
 import time
@@ -39,10 +40,11 @@ from ..errors import (
     GrowthConfigError,
     IncompatibleModelError,
     IncompatibleOptimizerError,
+    InsufficientMemoryError,
     choices_message,
 )
 from ..events.record import GrowthEvent
-from ..optim import ParamMap, plan_migration
+from ..optim import ParamMap, check_optimizer_supported, plan_migration
 
 
 @dataclass
@@ -265,6 +267,51 @@ def preservation_error(before: torch.Tensor, after: torch.Tensor) -> dict[str, A
     return {"max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-30), **note}
 
 
+_MAX_BYTES: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "selfgrow_max_growth_bytes", default=None
+)
+#: new tensors + two optimizer-state tensors (Adam) + one temporary copy per grown byte
+ALLOCATION_FACTOR = 4
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device``: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of
+    /proc/meminfo on CPU; None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_allocation(model: nn.Module, grown_bytes: int, op: str) -> None:
+    """Refuse a growth whose new tensors (``grown_bytes``, computed from shapes before any
+    allocation) times :data:`ALLOCATION_FACTOR` (optimizer state and temporaries) exceed the
+    cap passed to :func:`grow_` (``max_bytes``) or the memory available on the model's device.
+
+    Raises:
+        InsufficientMemoryError: with the bytes needed, the bytes available and the device.
+    """
+    need = int(grown_bytes) * ALLOCATION_FACTOR
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    cap = _MAX_BYTES.get()
+    avail = cap if cap is not None else available_memory(device)
+    if avail is not None and need > avail:
+        what = "the max_bytes cap" if cap is not None else f"the memory available on {device}"
+        raise InsufficientMemoryError(
+            f"{op}: the grown tensors need about {need:.3g} bytes ({grown_bytes:.3g} for the "
+            f"new tensors, x{ALLOCATION_FACTOR} with optimizer state and temporaries), more "
+            f"than {what} ({avail:.3g} bytes on {device}); nothing was changed"
+        )
+
+
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise IncompatibleModelError(f"grow_ needs a torch.nn.Module, got {type(model).__name__}")
@@ -288,6 +335,7 @@ def _check_optimizer_holds_model(optimizer: torch.optim.Optimizer, model: nn.Mod
         raise IncompatibleOptimizerError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
+    check_optimizer_supported(optimizer)
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if not any(id(p) in held for p in model.parameters()):
         raise IncompatibleOptimizerError(
@@ -307,6 +355,7 @@ def grow_(
     probe: Any = None,
     probe_fn: ProbeFn | None = None,
     check: Callable[[nn.Module], None] | None = None,
+    max_bytes: int | None = None,
 ) -> GrowthEvent:
     """Apply a growth operator to ``model`` in place and migrate ``optimizer``'s state.
 
@@ -318,6 +367,8 @@ def grow_(
         probe_fn: alternative to ``probe``: ``model -> Tensor``.
         check: optional callable run on the grown model before commit; raising there rolls
             everything back (used by tests to inject failures).
+        max_bytes: cap on the bytes the growth may allocate (default: the memory available
+            on the model's device); checked from shapes before anything is allocated.
 
     Returns:
         GrowthEvent with action, params_before/after, preservation and op_seconds filled in
@@ -327,13 +378,23 @@ def grow_(
         GrowthConfigError: unknown operator or invalid config (nothing changed).
         IncompatibleModelError: the model does not support this operator (nothing changed).
         IncompatibleOptimizerError: optimizer state cannot be migrated (nothing changed).
+        InsufficientMemoryError: the growth would allocate more than ``max_bytes`` or the
+            memory available (nothing allocated, nothing changed).
         Any exception raised while growing: model and optimizer are rolled back first.
     """
     op = get_operator(config)
     _check_model(model)
     if optimizer is not None:
         _check_optimizer_holds_model(optimizer, model)
-    op.validate(model, config)
+    if max_bytes is not None and (
+        isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0
+    ):
+        raise GrowthConfigError(f"max_bytes={max_bytes!r} is out of range; valid: int >= 0")
+    token = _MAX_BYTES.set(max_bytes)
+    try:
+        op.validate(model, config)
+    finally:
+        _MAX_BYTES.reset(token)
     if probe_fn is None and probe is not None:
         probe_fn = default_probe_fn(probe)
     y_before = eval_output(model, probe_fn) if probe_fn is not None else None
