@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from ..adapters import get_adapter
-from ..errors import GrowthConfigError, choices_message
+from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ..ops import OpConfig, build_config
 from ..ops.depth import IdentityInsertConfig
 from ..ops.ffn import FFNNet2WiderConfig
@@ -165,7 +165,16 @@ def transformer_extend_context(model: nn.Module, factor: int = 2, new_len: int |
     """``max_seq_len`` -> ``new_len`` (default ``factor * max_seq_len``), learned tables
     filled by ``fill`` (default copy_last)."""
     if new_len is None:
-        new_len = int(factor * model.config.max_seq_len)
+        cur = getattr(getattr(model, "config", None), "max_seq_len", None)
+        if cur is None:
+            cur = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if not isinstance(cur, int):
+            raise IncompatibleModelError(
+                f"extend_context: {type(model).__name__} has no maximum length in its config "
+                f"(max_seq_len / max_position_embeddings); pass new_len=... or grow it with "
+                f"grow_(model, make_config('extend_positions', new_len=...))"
+            )
+        new_len = int(factor * cur)
     return build_config(ExtendPositionsConfig, new_len=new_len, **kw)
 
 
