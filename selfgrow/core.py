@@ -85,6 +85,7 @@ class Transaction:
         old = parent._modules[name]
         if old is not None:
             new = _match_device_dtype(new, old)
+            new.train(old.training)  # the replacement keeps the replaced module's mode
         parent._modules[name] = new
 
         def undo() -> None:
@@ -97,12 +98,20 @@ class Transaction:
         """Replace all children of a container (ModuleList / Sequential) at once, e.g. to
         insert or reorder layers. ``children`` maps the new keys ('0', '1', ...) to modules."""
         old = parent._modules.copy()
+        before = {id(m) for m in old.values() if m is not None}
+        modes: list[tuple[nn.Module, bool]] = []
+        for child in children.values():  # new modules take their parent's train/eval mode
+            if child is not None and id(child) not in before:
+                modes += [(m, m.training) for m in child.modules()]
+                child.train(parent.training)
         parent._modules.clear()
         parent._modules.update(children)
 
         def undo() -> None:
             parent._modules.clear()
             parent._modules.update(old)
+            for m, t in modes:
+                m.train(t)
 
         self._undo.append(undo)
 
@@ -192,6 +201,10 @@ def gather_dim(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     indices (random Net2Net picks) fall back to ``index_select``.
     """
     n = index.numel()
+    if t.is_meta:  # shape-only dry runs (size estimates): no values to gather or check
+        shape = list(t.shape)
+        shape[dim] = n
+        return t.new_empty(shape)
     if n == 0 or index.dim() != 1:
         return t.index_select(dim, index.clamp(min=0))
     if int(index.max()) >= t.shape[dim]:

@@ -149,3 +149,17 @@ def test_example_script_runs():
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("outputs equal: True") == 2, out.stdout
+
+
+def test_inserted_modules_take_the_models_mode():
+    from selfgrow import build_model, grow_, make_config
+    from selfgrow.models.cnn import CNNConfig
+
+    torch.manual_seed(0)
+    m = build_model(CNNConfig(in_channels=1, image_size=8, channels=(4, 6), n_classes=3)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        y0 = m(x)
+        grow_(m, make_config("net2deeper", layer=1))  # grown while in eval mode
+        assert not any(mod.training for mod in m.modules())
+        assert torch.allclose(m(x), y0, rtol=0, atol=1e-6)

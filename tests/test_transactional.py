@@ -379,8 +379,10 @@ def test_failure_mid_operator_rolls_back_bit_identically(op, family, monkeypatch
             raise Injected("probe after growth")
         return fn(m)
 
-    with pytest.raises(Injected):
+    # the probe's failure becomes the project's error, naming it (the cause is kept)
+    with pytest.raises(IncompatibleModelError, match="probe could not run") as ei:
         grow_(model, cfg, optimizer=opt, probe_fn=failing_probe)
+    assert isinstance(ei.value.__cause__, Injected)
     assert_unchanged(before, model, opt, f"{op} on {family}, probe after growth")
     torch.testing.assert_close(fn(model), y0, rtol=0, atol=0)
 

@@ -10,6 +10,8 @@ class name and module path (``transformers.models.bert``...). Growth updates
 from __future__ import annotations
 
 import copy
+import importlib
+import json
 from typing import Any
 
 from torch import nn
@@ -84,6 +86,32 @@ class _HFAdapter(TransformerAdapter):
 
     def build_fresh(self) -> nn.Module:
         return type(self.model)(copy.deepcopy(self.model.config)).eval()
+
+    def arch_spec(self) -> dict[str, Any]:
+        """``{"class": "transformers....GPT2LMHeadModel", "config": config.to_dict()}``: the
+        grown config (every operator updates it) rebuilds the grown model."""
+        t = type(self.model)
+        return {"class": f"{t.__module__}.{t.__qualname__}",
+                "config": json.loads(self.model.config.to_json_string(use_diff=False))}
+
+    @classmethod
+    def build_from_spec(cls, spec: dict[str, Any]) -> nn.Module:
+        path = spec.get("class") if isinstance(spec, dict) else None
+        if not isinstance(path, str) or not path.startswith("transformers."):
+            raise GrowthConfigError(
+                f"not a Hugging Face model spec (class {path!r}); only classes of the "
+                f"'transformers' package are rebuilt"
+            )
+        mod_name, _, name = path.rpartition(".")
+        try:
+            model_cls = getattr(importlib.import_module(mod_name), name)
+        except (ImportError, AttributeError) as e:
+            raise IncompatibleModelError(
+                f"cannot import {path} to rebuild the checkpoint's model: {e} (pip install "
+                f"transformers)"
+            ) from e
+        config = model_cls.config_class.from_dict(spec["config"])
+        return model_cls(config)
 
 
 @register_adapter

@@ -107,6 +107,45 @@ class TorchEncoderAdapter(TransformerAdapter):
                     tx.set_attr(a, attr, val)
         sync_module_attrs(tx, self.model)
 
+    def arch_spec(self) -> dict[str, Any]:
+        """Constructor arguments of the (grown) encoder and its layers."""
+        import torch.nn.functional as F
+
+        lyr = self._first()
+        d = self.dims()
+        acts = {F.relu: "relu", F.gelu: "gelu"}
+        act = lyr.activation if isinstance(lyr.activation, str) else acts.get(lyr.activation)
+        if act is None:
+            raise IncompatibleModelError(
+                f"nn.TransformerEncoder with activation {lyr.activation!r} cannot be described "
+                f"for a checkpoint (only 'relu' and 'gelu')"
+            )
+        norm = self.model.norm
+        return {"d_model": d.d_model, "nhead": d.n_heads, "dim_feedforward": d.d_ff,
+                "num_layers": d.n_layers, "dropout": lyr.dropout.p, "activation": act,
+                "layer_norm_eps": d.norm_eps, "batch_first": lyr.self_attn.batch_first,
+                "norm_first": d.norm_first, "bias": lyr.linear1.bias is not None,
+                "final_norm": None if norm is None else {"eps": norm.eps,
+                                                         "bias": norm.bias is not None},
+                "enable_nested_tensor": bool(self.model.enable_nested_tensor)}
+
+    @classmethod
+    def build_from_spec(cls, spec: dict[str, Any]) -> nn.Module:
+        try:
+            layer = nn.TransformerEncoderLayer(
+                spec["d_model"], spec["nhead"], spec["dim_feedforward"], dropout=spec["dropout"],
+                activation=spec["activation"], layer_norm_eps=spec["layer_norm_eps"],
+                batch_first=spec["batch_first"], norm_first=spec["norm_first"],
+                bias=spec["bias"],
+            )
+            fn = spec["final_norm"]
+            norm = None if fn is None else nn.LayerNorm(spec["d_model"], eps=fn["eps"],
+                                                         bias=fn["bias"])
+            return nn.TransformerEncoder(layer, spec["num_layers"], norm=norm,
+                                         enable_nested_tensor=spec["enable_nested_tensor"])
+        except (KeyError, TypeError) as e:
+            raise GrowthConfigError(f"malformed nn.TransformerEncoder spec {spec!r}: {e}") from e
+
     def build_fresh(self) -> nn.Module:
         lyr = self._first()
         d = self.dims()

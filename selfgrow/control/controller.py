@@ -21,7 +21,6 @@ the same, so LR schedulers and framework references keep working.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 import uuid
@@ -44,6 +43,7 @@ from ..ops import (
     OpConfig,
     ProbeFn,
     default_probe_fn,
+    estimate_growth,
     get_operator,
     grow_,
 )
@@ -63,6 +63,15 @@ _GROW_ERRORS = (
     BudgetExceededError,
 )
 STATE_VERSION = 1
+
+
+def _optimizer_state_tensors(opt: torch.optim.Optimizer | None) -> int:
+    """Per-element state tensors the optimizer keeps (Adam family 2, SGD momentum 1 ...)."""
+    if opt is None:
+        return 0
+    for st in opt.state.values():
+        return sum(1 for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return 2  # not stepped yet: assume Adam's two moments
 
 
 def _default_run_id() -> str:
@@ -407,9 +416,14 @@ class GrowthController:
         return resolve_action(action, self.model, **dict(kwargs))
 
     def _estimate(self, action: Action, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """Size of the model after ``action``: analytic (``OpConfig.estimate_params``) when the
-        config offers it and only params are limited, else a dry run on a deep copy."""
-        key = (self.n_growths, count_params(self.model), repr(action), repr(sorted(kwargs.items())))
+        """Size of the model after ``action``, never by copying its data: the operator runs on
+        a shape-only meta twin (:func:`selfgrow.ops.estimate_growth`: exact parameter
+        counts, nothing allocated). Memory: the current :func:`estimate_memory` plus the new
+        parameters' bytes for weights, gradients and the optimizer's state tensors, with the
+        activation term scaled by the parameter ratio. FLOPs per sample: the current count
+        scaled by the parameter ratio (matmul FLOPs grow with the weights they multiply;
+        attention's sequence-length term is not rescaled)."""
+        key = (self.n_growths, self._n_params(), repr(action), repr(sorted(kwargs.items())))
         if key in self._estimates:
             return self._estimates[key]
         budget = getattr(self.policy, "budget", None)
@@ -418,20 +432,38 @@ class GrowthController:
         est: dict[str, Any] = {"params": None, "memory_bytes": None, "flops_per_sample": None}
         try:
             cfg = self._resolve(action, kwargs)
-            analytic = getattr(cfg, "estimate_params", None)
-            if callable(analytic) and not (need_mem or need_flops):
-                est["params"] = int(analytic(self.model))
+            try:
+                g = estimate_growth(self.model, cfg)
+                est["method"] = "meta_twin"
+            except _GROW_ERRORS:
+                raise
+            except Exception as e:  # noqa: BLE001 - an operator whose apply needs real values
+                analytic = getattr(cfg, "estimate_params", None)
+                if not callable(analytic):
+                    est["method"] = "unavailable"
+                    est["error"] = (
+                        f"{type(cfg).__name__} cannot be sized on a meta twin ({type(e).__name__}:"
+                        f" {e}); give the config an estimate_params(model) method"
+                    )
+                    self._estimates[key] = est
+                    return est
+                n0 = self._n_params()
+                n1 = int(analytic(self.model))
+                b = next(iter(self.model.parameters())).element_size()
+                g = {"params_before": n0, "params_after": n1, "param_bytes_before": n0 * b,
+                     "param_bytes_after": n1 * b}
                 est["method"] = "analytic"
-            else:
-                clone = copy.deepcopy(self.model)
-                grow_(clone, copy.deepcopy(cfg))
-                est["params"] = count_params(clone)
-                est["method"] = "dry_run"
-                if need_mem:
-                    est["memory_bytes"] = estimate_memory(clone, **self.memory_spec)["total"]
-                if need_flops and self.probe_fn is not None:
-                    est["flops_per_sample"] = flops_per_sample(clone, self.probe_fn)
-                del clone
+            est["params"] = int(g["params_after"])
+            ratio = g["params_after"] / max(g["params_before"], 1)
+            if need_mem:
+                mem = estimate_memory(self.model, **self.memory_spec)
+                per_param = 2 + _optimizer_state_tensors(self.optimizer)  # weight, grad, state
+                grown = (g["param_bytes_after"] - g["param_bytes_before"]) * per_param
+                est["memory_bytes"] = int(mem["total"] + grown
+                                          + mem.get("activations", 0) * (ratio - 1))
+            if need_flops and self.probe_fn is not None:
+                f = self._flops()
+                est["flops_per_sample"] = None if f is None else f * ratio
         except _GROW_ERRORS as e:
             # an invalid growth: let the decision through so that the real attempt fails
             # through the logged, rolled-back path instead of inside the policy
@@ -473,6 +505,9 @@ class GrowthController:
         ev.trigger = dict(d.trigger)
         ev.reason = reason
         ev.action = {"name": d.action_name, "kwargs": dict(d.kwargs), **ev.action}
+        if isinstance(d.action, str) and d.action_name != ev.action.get("op"):
+            ev.extra = {**ev.extra, "resolved": f"action {d.action_name!r} on "
+                        f"{type(self.model).__name__} resolved to operator {ev.action['op']!r}"}
         ev.flops_per_sample_before = flops_before
         ev.flops_per_sample_after = self._flops()
         if opt is not None:

@@ -151,8 +151,24 @@ def transformer_widen_ffn(model: nn.Module, factor: int = 2, new_d_ff: int | Non
 def transformer_add_heads(model: nn.Module, new_n_heads: int | None = None, groups: int = 1,
                           fresh: bool = False, **kw: Any) -> OpConfig:
     """Clone (or, ``fresh=True``, add new) heads; by default ``groups`` whole GQA groups
-    (g query heads + 1 KV head each; one head for MHA)."""
+    (g query heads + 1 KV head each; one head for MHA).
+
+    On families whose head width is tied to the hidden size (``head_dim = d_model / n_heads``:
+    BERT, GPT-2, ``nn.MultiheadAttention``) heads cannot grow alone: the action keeps
+    head_dim and widens d_model to ``new_n_heads * head_dim`` (default: twice the heads) with
+    the exact d_model widening, which clones every head; the event records the operator it
+    resolved to (``extra["resolved"]``) and the widths (``notes``)."""
     d = get_adapter(model).dims()
+    if d.heads_tied_to_width:
+        target = 2 * d.n_heads if new_n_heads is None else new_n_heads
+        if isinstance(target, bool) or not isinstance(target, int) or target <= d.n_heads:
+            raise GrowthConfigError(
+                f"new_n_heads must be an int > {d.n_heads} (the current heads), got {target!r}"
+            )
+        new_d = target * d.head_dim
+        if new_d % d.d_model == 0:
+            return build_config(WidenDModelConfig, factor=new_d // d.d_model, **kw)
+        return build_config(WidenDModelMaskedConfig, new_d=new_d, **kw)
     if new_n_heads is None:
         new_n_heads = d.n_heads + groups * (d.n_heads // int(d.n_kv_heads))
     cls = HeadsFreshConfig if fresh else HeadsCloneConfig

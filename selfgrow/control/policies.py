@@ -147,7 +147,11 @@ class Budget:
         )
 
     def check(self, estimate: Mapping[str, Any]) -> str:
-        """Return ``""`` if ``estimate`` fits, else why not (e.g. ``"params 2.1e5 > 2e5"``)."""
+        """Return ``""`` if ``estimate`` fits, else why not (e.g. ``"params 2.1e5 > 2e5"``).
+        A growth whose size could not be estimated (``method == "unavailable"``) never fits:
+        a budget is never bypassed silently."""
+        if estimate.get("method") == "unavailable" and not self.unlimited:
+            return f"size unknown: {estimate.get('error', 'no estimate')}"
         pairs = (
             ("params", self.max_params),
             ("memory_bytes", self.max_memory_bytes),

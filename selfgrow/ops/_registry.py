@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import contextvars
+import copy
 import dataclasses
 import inspect
 import time
@@ -345,6 +346,45 @@ def _check_optimizer_holds_model(optimizer: torch.optim.Optimizer, model: nn.Mod
 
 
 # ---------------------------------------------------------------------------------------------
+# shape-only size estimates
+# ---------------------------------------------------------------------------------------------
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module structure whose parameters and buffers are META tensors of
+    the same shapes: no tensor data is copied or allocated, whatever the model's size."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                   requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def estimate_growth(model: nn.Module, config: OpConfig) -> dict[str, Any]:
+    """Size of ``model`` after ``grow_(model, config)``, from shapes alone: the operator runs
+    on a :func:`meta_twin` (no tensor data, nothing allocated), so the counts are exact.
+
+    Returns:
+        ``{"params_before", "params_after"`` (elements)``, "param_bytes_before",
+        "param_bytes_after"`` (bytes of the parameters)``}``.
+
+    Raises:
+        GrowthConfigError / IncompatibleModelError: the growth is invalid (as ``grow_``).
+    """
+    op = get_operator(config)
+    twin = meta_twin(model)
+    op.validate(twin, config)
+    with Transaction() as tx:
+        op.apply(twin, copy.deepcopy(config), tx)
+
+    def nbytes(m: nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    return {"params_before": count_params(model), "params_after": count_params(twin),
+            "param_bytes_before": nbytes(model), "param_bytes_after": nbytes(twin)}
+
+
+# ---------------------------------------------------------------------------------------------
 # grow_
 # ---------------------------------------------------------------------------------------------
 def grow_(
@@ -416,7 +456,15 @@ def grow_(
             check(model)
         preservation: dict[str, Any] = {"exact_expected": bool(exact_expected and result.exact)}
         if probe_fn is not None:
-            y_after = eval_output(model, probe_fn)
+            try:
+                y_after = eval_output(model, probe_fn)
+            except Exception as e:  # noqa: BLE001 - any failure of the user's probe rolls back
+                raise IncompatibleModelError(
+                    f"the probe could not run on the grown model ({type(e).__name__}: {e}); "
+                    f"nothing was changed. A model whose INPUT width grows with the operator "
+                    f"(e.g. nn.TransformerEncoder under widen_d_model) needs a probe_fn that "
+                    f"feeds inputs of the new width"
+                ) from e
             preservation.update(preservation_error(y_before, y_after))  # type: ignore[arg-type]
             preservation["probe_size"] = int(y_before.shape[0]) if y_before.dim() else 1  # type: ignore[union-attr]
     # committed: now the optimizer (cannot fail halfway)

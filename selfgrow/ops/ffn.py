@@ -229,7 +229,7 @@ def _zero_sum_noise(index: torch.Tensor, dim: int, std: float, g: torch.Generato
         tc = t.movedim(dim, 0)  # (F', ...)
         n_old = int(index.clamp(min=0).max()) + 1
         n = zero_sum_noise(index, n_old, tuple(tc.shape), 0, 1.0, g)
-        n = n * std * float(t.detach().double().std())
+        n = n * std * (1.0 if t.is_meta else float(t.detach().double().std()))
         return (tc + n.to(device=t.device, dtype=t.dtype)).movedim(0, dim)
 
     return f
