@@ -146,3 +146,31 @@ def test_negative_control_unsupported_model_lists_supported_families():
 
     with pytest.raises(IncompatibleModelError, match="transformers.GPT2"):
         GrowthController(Mine(), None, policy=FixedSchedule([(1, "widen_ffn")]))
+
+
+@needs_hf
+def test_llama_grown_by_add_heads_checkpoints_and_loads(tmp_path):
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=16)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    x = make_input(model)
+    ctrl = GrowthController(model, None, probe=x)
+    ctrl.grow("add_heads")  # 6 heads of head_dim 8 on a width of 32: HF's validator objects
+    ck = load_checkpoint(save_checkpoint(tmp_path / "ck.pt", model))
+    ck.model.eval()
+    with torch.no_grad():
+        assert torch.equal(run(model, x), run(ck.model, x))
+
+
+def test_bad_probe_is_the_projects_error_before_any_change():
+    from selfgrow import grow_, make_config
+    from selfgrow.models import build_model
+    from selfgrow.models.mlp import MLPConfig
+
+    m = build_model(MLPConfig(20, (4,), 2))
+    with pytest.raises(IncompatibleModelError, match="probe could not run on the model before"):
+        grow_(m, make_config("net2wider", layer=0, new_width=8), probe=torch.randn(3, 7))
+    assert m.config.hidden == (4,)

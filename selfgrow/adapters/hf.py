@@ -110,7 +110,16 @@ class _HFAdapter(TransformerAdapter):
                 f"cannot import {path} to rebuild the checkpoint's model: {e} (pip install "
                 f"transformers)"
             ) from e
-        config = model_cls.config_class.from_dict(spec["config"])
+        d = dict(spec["config"])
+        try:
+            config = model_cls.config_class.from_dict(d)
+        except Exception:  # noqa: BLE001 - HF validators reject grown head counts (LLaMA)
+            # a grown config can fail the family's own validator (hidden_size not a multiple
+            # of the heads once add_heads kept head_dim): build with one head, then restore
+            heads = {k: d[k] for k in ("num_attention_heads", "num_key_value_heads") if k in d}
+            config = model_cls.config_class.from_dict({**d, **dict.fromkeys(heads, 1)})
+            for k, v in heads.items():
+                object.__setattr__(config, k, v)
         return model_cls(config)
 
 

@@ -42,8 +42,15 @@ def register_action(
     """
     if not isinstance(model_cls, type):
         raise GrowthConfigError(f"register_action needs a model class, got {model_cls!r}")
+    if not isinstance(action, str) or not action.isidentifier():
+        raise GrowthConfigError(f"action name must be a non-empty identifier, got {action!r}")
 
     def deco(fn: ActionFn) -> ActionFn:
+        if not callable(fn):
+            raise GrowthConfigError(
+                f"register_action({model_cls.__name__}, {action!r}) needs a function "
+                f"model, **kwargs -> operator config, got {fn!r}"
+            )
         register_unique(_ACTIONS, (model_cls, action), fn,
                         f"action for {model_cls.__name__}", override=override)
         return fn

@@ -44,6 +44,11 @@ class FixedSchedule(Policy):
     max_per_step = 1_000_000
 
     def __init__(self, entries: Sequence[Sequence[Any]], budget: Budget | None = None) -> None:
+        if isinstance(entries, (str, bytes)) or not hasattr(entries, "__iter__"):
+            raise GrowthConfigError(
+                f"FixedSchedule needs a list of (step, action[, kwargs]) entries, got "
+                f"{entries!r}"
+            )
         parsed: list[Entry] = []
         for e in entries:
             if not isinstance(e, (tuple, list)) or len(e) not in (2, 3):

@@ -437,7 +437,15 @@ def grow_(
         _MAX_BYTES.reset(token)
     if probe_fn is None and probe is not None:
         probe_fn = default_probe_fn(probe)
-    y_before = eval_output(model, probe_fn) if probe_fn is not None else None
+    y_before = None
+    if probe_fn is not None:
+        try:
+            y_before = eval_output(model, probe_fn)
+        except Exception as e:  # noqa: BLE001 - the user's probe, before anything changes
+            raise IncompatibleModelError(
+                f"the probe could not run on the model before growth ({type(e).__name__}: "
+                f"{e}); pass a batch the model accepts (or probe_fn=model->Tensor)"
+            ) from e
     old_named = dict(model.named_parameters())
     params_before = count_params(model)
     exact_expected = op.is_exact(model, config)
