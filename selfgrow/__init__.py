@@ -37,11 +37,13 @@ from .errors import (
     DistributedGrowthError,
     EventFormatError,
     GrowthConfigError,
+    GrowthFailedWarning,
     IncompatibleModelError,
     IncompatibleOptimizerError,
     InsufficientMemoryError,
     RunDirError,
     SelfgrowError,
+    SelfgrowWarning,
 )
 from .events import GrowthEvent, read_events
 from .models import build_model, list_models
@@ -64,6 +66,7 @@ __all__ = [
     "GrowthConfigError",
     "GrowthController",
     "GrowthEvent",
+    "GrowthFailedWarning",
     "IncompatibleModelError",
     "IncompatibleOptimizerError",
     "InsufficientMemoryError",
@@ -73,6 +76,7 @@ __all__ = [
     "RulePolicy",
     "RunDirError",
     "SelfgrowError",
+    "SelfgrowWarning",
     "SkipReason",
     "Stabilizer",
     "ValidationPlateau",

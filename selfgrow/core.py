@@ -442,6 +442,29 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.train(t)
 
 
+@contextlib.contextmanager
+def rng_isolated() -> Iterator[None]:
+    """Run a block without moving the global random streams a training run depends on.
+
+    selfgrow's own randomness uses seeded ``torch.Generator`` objects; this guard covers what
+    it calls into (a ``DataLoader``'s base seed, a module constructor's default init, a
+    framework callback): the torch CPU generator and, where CUDA is initialised, the current
+    device's generator are restored on exit. A run with growth disabled therefore sees the
+    same random numbers as the same run without selfgrow.
+    """
+    cpu = torch.random.get_rng_state()
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        dev = torch.cuda.current_device()
+        cuda = (dev, torch.cuda.get_rng_state(dev))
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda[1], cuda[0])
+
+
 def zero_sum_noise(
     groups: torch.Tensor,
     n_groups: int,

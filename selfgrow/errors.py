@@ -52,6 +52,17 @@ class RunDirError(SelfgrowError):
     """The run directory is missing, is not a directory, or holds no selfgrow run files."""
 
 
+class SelfgrowWarning(UserWarning):
+    """Base class of every warning selfgrow issues (filter them with this class)."""
+
+
+class GrowthFailedWarning(SelfgrowWarning):
+    """A growth the policy decided could not be applied (incompatible optimizer, operator
+    error, probe failure ...): model, optimizer and gradients are unchanged, a ``skipped``
+    event with the reason is logged, and training goes on. ``GrowthController(strict=True)``
+    raises the underlying error instead."""
+
+
 def choices_message(kind: str, value: object, choices: list[str] | tuple[str, ...]) -> str:
     """Format 'unknown <kind> <value>; valid choices: a, b, c'."""
     return f"unknown {kind} {value!r}; valid choices: {', '.join(sorted(choices))}"

@@ -355,6 +355,55 @@ def _migrate_state(
     return new
 
 
+def plan_grads(
+    old_named: Mapping[str, nn.Parameter],
+    new_named: Mapping[str, nn.Parameter],
+    maps: Mapping[str, ParamMap] | None = None,
+) -> dict[nn.Parameter, torch.Tensor | None]:
+    """The ``.grad`` of every new parameter object after a growth between ``backward()`` and
+    ``step()`` (gradient accumulation), without modifying anything.
+
+    A gradient transforms like a first moment: a copied coordinate gets its source's
+    accumulated gradient times ``grad_scale`` (its documented share: the gradient it would
+    have received had it existed during the backward passes; for Net2WiderNet copies with
+    ``split_noise`` a share can be negative), a brand-new coordinate gets 0, a brand-new
+    tensor a zero gradient (``None`` when no old parameter had one). For exact operators the
+    result equals the gradient of the grown model on the same batches, so the pending
+    ``step()`` updates every parameter as if the model had been grown before them.
+    Parameters that are the same objects as before keep their ``.grad`` untouched.
+
+    Returns:
+        ``{new parameter: gradient or None}`` for every parameter object that is new.
+    """
+    maps = dict(maps or {})
+    old_ids = {id(p) for p in old_named.values()}
+    accumulating = any(p.grad is not None for p in old_named.values())
+    out: dict[nn.Parameter, torch.Tensor | None] = {}
+    for name, p in new_named.items():
+        if id(p) in old_ids:
+            continue
+        m = maps.get(name)
+        if m is None:
+            old_p = old_named.get(name)
+            m = ParamMap(source=name) if old_p is not None and old_p.shape == p.shape else (
+                ParamMap(source=None)
+            )
+        src = old_named.get(m.source) if m.source is not None else None
+        if src is None or src.grad is None:
+            out[p] = torch.zeros_like(p) if accumulating and m.source is None else None
+            continue
+        g = src.grad.detach()
+        vals, mask = m.gather(g, p.shape)
+        vals = vals.clone() if vals is g else vals.contiguous()
+        s = m.grad_scale
+        if not (isinstance(s, (int, float)) and s == 1.0):
+            vals.mul_(_as(s, vals))
+        if _count_new(m, p.shape):
+            vals.masked_fill_(mask, 0.0)
+        out[p] = vals.to(dtype=p.dtype)
+    return out
+
+
 def _count_new(m: ParamMap, shape: torch.Size) -> int:
     """Number of brand-new coordinates (an index of -1 on any dimension) of ``m``."""
     total, kept = 1, 1
@@ -459,6 +508,13 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
             mask = st.get(LAZY_MASK_KEY)
             if mask is not None:  # bool, or float after Optimizer.load_state_dict's cast
                 mask = mask.to(device=g.device) != 0
+            # a gradient that is still zero where the state awaits it (a growth between
+            # backward() and step(), or units whose fan-out is still zero) carries no scale:
+            # wait for the first nonzero one, or c * g**2 = 0 would make that one's update huge
+            if not bool((g if mask is None else g[mask.expand_as(g)]).any()):
+                if mask is None:  # the optimizer needs its keys: zero state moves nothing
+                    _fill_zero_state(optimizer, p, group, st)
+                continue
             if mask is None and _is_adagrad(group):  # brand-new tensor under Adagrad
                 r = float(st[LAZY_INIT_KEY])
                 optimizer.state[p] = {"step": st["step"].clone(),
@@ -511,6 +567,20 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
                     v_new = (g * g * c).to(p.dtype)
                     new["square_avg"] = torch.where(mask, v_new, new["square_avg"])
             optimizer.state[p] = new
+
+
+def _fill_zero_state(
+    optimizer: torch.optim.Optimizer, p: nn.Parameter, group: dict, st: dict
+) -> None:
+    """Keys the optimizer reads, all zero, for a brand-new tensor still awaiting a nonzero
+    gradient (the marker stays): with a zero gradient its update is then exactly 0."""
+    z = torch.zeros_like(p, memory_format=torch.preserve_format)
+    keys = ("sum",) if _is_adagrad(group) else ("exp_avg", "exp_avg_sq")
+    if group.get("amsgrad"):
+        keys = (*keys, "max_exp_avg_sq")
+    for k in keys:
+        st.setdefault(k, z.clone())
+    optimizer.state[p] = st
 
 
 def install_hooks(optimizer: torch.optim.Optimizer) -> None:

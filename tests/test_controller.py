@@ -380,8 +380,8 @@ def test_events_jsonl_schema(tmp_path):
     # scalars: every 10 steps, n_params and the signal value
     steps = [s for s, _ in sink.scalars]
     assert steps == list(range(10, 61, 10))
-    assert sink.scalars[-1][1]["selfgrow/n_params"] == P0 + P_PER_UNIT
-    assert "selfgrow/loss_plateau" in sink.scalars[-1][1]
+    assert sink.scalars[-1][1]["model/params"] == P0 + P_PER_UNIT
+    assert "signal/loss_plateau" in sink.scalars[-1][1]
 
 
 def test_fixed_schedule_compound_stage_and_budget():

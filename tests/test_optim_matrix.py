@@ -406,6 +406,14 @@ def test_pending_new_coordinates_survive_state_dict_round_trip():
     install_hooks(opt2)
     opt2.zero_grad()
     _loss(model, 5, c0).backward()
+    # at the start of the mask ramp the new coordinates' gradients are exactly 0: their state
+    # waits for a nonzero gradient (v = c * 0 would make that one's update huge)
+    assert not w.grad[opt2.state[w][LAZY_MASK_KEY] != 0].any()
+    opt2.step()
+    assert LAZY_MASK_KEY in opt2.state[w]
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
     opt2.step()
     assert all(LAZY_MASK_KEY not in st for st in opt2.state.values())
     assert all(torch.isfinite(p).all() for p in model.parameters())

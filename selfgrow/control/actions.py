@@ -16,7 +16,7 @@ Standard action names: ``widen``, ``deepen``, ``widen_ffn``, ``add_heads``, ``ad
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -121,6 +121,18 @@ def unsupported_model_message(model: nn.Module) -> str:
     )
 
 
+def unknown_action_message(action: object, model: nn.Module, available: Iterable[str]) -> str:
+    """The one message for an action a model does not offer: the actions it offers and how
+    to add one (or, for a model no adapter handles, the supported families)."""
+    avail = sorted(available)
+    if not avail:
+        return f"action {action!r}: {unsupported_model_message(model)}"
+    return (
+        f"action {action!r} is not available for {type(model).__name__}; available: "
+        f"{', '.join(avail)} (add one with selfgrow.register_action)"
+    )
+
+
 def resolve_action(action: str, model: nn.Module, **kwargs: Any) -> OpConfig:
     """Turn an action into an operator config for ``model``.
 
@@ -132,12 +144,7 @@ def resolve_action(action: str, model: nn.Module, **kwargs: Any) -> OpConfig:
     table = available_actions(model)
     fn = table.get(action)
     if fn is None:
-        if not table:
-            raise IncompatibleModelError(f"action {action!r}: {unsupported_model_message(model)}")
-        raise IncompatibleModelError(
-            f"action {action!r} is not available for {type(model).__name__}; available: "
-            f"{', '.join(sorted(table))} (add one with register_action)"
-        )
+        raise IncompatibleModelError(unknown_action_message(action, model, table))
     try:
         inspect.signature(fn).bind(model, **kwargs)
     except TypeError as e:

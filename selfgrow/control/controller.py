@@ -24,16 +24,19 @@ from __future__ import annotations
 import math
 import time
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core import count_params
+from ..core import count_params, rng_isolated
 from ..errors import (
     BudgetExceededError,
     GrowthConfigError,
+    GrowthFailedWarning,
     IncompatibleModelError,
     IncompatibleOptimizerError,
 )
@@ -48,7 +51,8 @@ from ..ops import (
     grow_,
 )
 from ..optim import check_optimizer_supported
-from .actions import list_actions, resolve_action, unsupported_model_message
+from ..runs.metrics import ScalarJsonlSink
+from .actions import list_actions, resolve_action, unknown_action_message
 from .policies import Action, Decision, Policy, PolicyContext, SkipReason
 from .signals import Signal
 from .sizing import estimate_memory, flops_per_sample
@@ -86,7 +90,9 @@ class GrowthController:
         optimizer: its optimizer (migrated in place at every growth); may be None.
         signals: signals to update at every ``observe``; names must be unique.
         policy: decides from the signals' states; None = manual growth only.
-        log_dir: directory for ``events.jsonl`` (JsonlSink: append, flush, fsync per event).
+        log_dir: directory for ``events.jsonl`` (JsonlSink: append, flush, fsync per event)
+            and ``metrics.jsonl`` (loss, parameter count and signal values every
+            ``scalar_every`` steps: the panels of ``selfgrow inspect --plot``).
         sinks: extra sinks: objects with ``emit(event)``, optionally
             ``log_scalars(step, dict[str, float])`` and ``close()``.
         probe: held batch on which the preservation error is measured at every growth (and
@@ -109,6 +115,16 @@ class GrowthController:
             :func:`~selfgrow.control.sizing.estimate_memory` (batch_size, input_shape or
             seq_len, optimizer_kind, dtype), used when the budget limits memory.
         measure_flops: count forward FLOPs per probe sample before and after every growth.
+        strict: a growth the policy decided that fails (incompatible optimizer, operator
+            error, probe failure) raises its error after the ``skipped`` event is logged.
+            Default False: the event is logged, a :class:`~selfgrow.errors.GrowthFailedWarning`
+            is issued once per distinct reason, and training goes on with the model,
+            optimizer and gradients unchanged.
+
+    Randomness: the controller draws nothing from the global random streams (operators use
+    their configs' seeded generators, and every call runs under
+    :func:`~selfgrow.core.rng_isolated`), so a run whose policy never grows is bitwise
+    identical to the same run without a controller.
 
     Raises:
         GrowthConfigError: duplicate signal names, a rule referring to a missing signal, a
@@ -135,6 +151,7 @@ class GrowthController:
         skip_log_every: int | None = None,
         memory_spec: Mapping[str, Any] | None = None,
         measure_flops: bool = True,
+        strict: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise IncompatibleModelError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -161,16 +178,25 @@ class GrowthController:
         self.scalar_every = scalar_every
         self.memory_spec = dict(memory_spec or {})
         self.measure_flops = measure_flops
+        self.strict = bool(strict)
         self.probe = probe
         self.probe_fn = probe_fn if probe_fn is not None else (
             default_probe_fn(probe) if probe is not None else None
         )
         self.run_id = run_id or _default_run_id()
         self.sinks: list[Any] = []
+        sinks = list(sinks)
+        #: the ``metrics.jsonl`` sink of ``log_dir`` (None without a log directory)
+        self.metrics_sink: ScalarJsonlSink | None = None
         if log_dir is not None:
-            from pathlib import Path
-
             self.sinks.append(JsonlSink(Path(log_dir) / "events.jsonl"))
+            path = (Path(log_dir) / "metrics.jsonl").resolve()
+            given = [s for s in sinks if isinstance(s, ScalarJsonlSink)
+                     and Path(s.path).resolve() == path]
+            # a caller that already passes a sink on this file keeps it (one writer per file)
+            self.metrics_sink = given[0] if given else ScalarJsonlSink(path)
+            if not given:
+                self.sinks.append(self.metrics_sink)
         self.sinks.extend(sinks)
         for s in self.sinks:
             if not callable(getattr(s, "emit", None)):
@@ -193,6 +219,8 @@ class GrowthController:
         self._last_skip: tuple[str, ...] | None = None
         self._last_skip_step: int | None = None
         self._estimates: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._warned: set[tuple[str, ...]] = set()
+        self._last_loss: float | None = None
         self.events: list[GrowthEvent] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._model = model
@@ -249,14 +277,7 @@ class GrowthController:
             avail = set(list_actions(self.model))
             for a in pol.actions():
                 if isinstance(a, str) and a not in avail:
-                    if not avail:
-                        raise IncompatibleModelError(
-                            f"action {a!r}: {unsupported_model_message(self.model)}"
-                        )
-                    raise IncompatibleModelError(
-                        f"action {a!r} is not available for {type(self.model).__name__}; "
-                        f"available: {', '.join(sorted(avail))}"
-                    )
+                    raise IncompatibleModelError(unknown_action_message(a, self.model, avail))
             # resolve each rule's action once now, so bad arguments fail at construction and
             # not every time the rule fires (rules filled from signal state are checked then)
             for rule in getattr(pol, "rules", []):
@@ -310,7 +331,21 @@ class GrowthController:
         Returns:
             The growth event if the model grew at this step (the last one for a compound
             stage), else None.
+
+        Raises:
+            Only with ``strict=True``: the error of a decided growth that failed.
         """
+        with rng_isolated():
+            return self._observe(loss, step, epoch, experience, metrics)
+
+    def _observe(
+        self,
+        loss: Any,
+        step: int | None,
+        epoch: int | None,
+        experience: int | None,
+        metrics: dict[str, Any],
+    ) -> GrowthEvent | None:
         self.step = int(step) if step is not None else self.step + 1
         if epoch is not None:
             self.epoch = epoch
@@ -322,6 +357,7 @@ class GrowthController:
                 self._anomaly(lv)
                 return None
             self._anomaly_streak = 0
+            self._last_loss = lv
             metrics["loss"] = lv
         if self.experience is not None:
             metrics.setdefault("experience", self.experience)
@@ -373,7 +409,8 @@ class GrowthController:
             reason,
             {"signal": "manual", "value": None, "threshold": None, "window": None},
         )
-        ev = self._apply(d, reason, raise_errors=True)
+        with rng_isolated():
+            ev = self._apply(d, reason, raise_errors=True)
         if ev is None:  # pragma: no cover - raise_errors=True always returns or raises
             raise GrowthConfigError("growth failed")
         return ev
@@ -478,14 +515,18 @@ class GrowthController:
             cfg = self._resolve(d.action, d.kwargs)
             flops_before = self._flops()
             ev = grow_(self.model, cfg, optimizer=opt, probe_fn=self.probe_fn)
-        except _GROW_ERRORS as e:
+        except Exception as e:  # noqa: BLE001 - grow_ rolled everything back; report it loudly
             if raise_errors:
                 raise
             self.last_attempt_step = self.step
             if self.policy is not None:
                 self.policy.notify(d, self.step, applied=False)
             d.blocked = SkipReason.ERROR
-            self._skipped(d, f"{reason}; growth failed: {type(e).__name__}: {e}", force=True)
+            why = f"growth failed: {type(e).__name__}: {e}"
+            self._skipped(d, f"{reason}; {why}", force=True)
+            if self.strict:
+                raise
+            self._warn_failed(d, e, why)
             return None
         self._estimates.clear()
         self.n_growths += 1
@@ -517,6 +558,20 @@ class GrowthController:
             ev.extra["estimate"] = dict(d.estimate)
         self._emit(ev)
         return ev
+
+    def _warn_failed(self, d: Decision, err: BaseException, why: str) -> None:
+        """One GrowthFailedWarning per distinct (action, error type, message)."""
+        key = (str(d.action_name), type(err).__name__, str(err))
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        warnings.warn(
+            f"selfgrow: step {self.step}: action {d.action_name!r} was decided but not applied "
+            f"({why}); the model, optimizer and gradients are unchanged and training goes on. "
+            f"The skipped event is in the log; GrowthController(strict=True) raises instead.",
+            GrowthFailedWarning,
+            stacklevel=5,
+        )
 
     def _flops(self) -> float | None:
         if not self.measure_flops or self.probe_fn is None:
@@ -588,14 +643,17 @@ class GrowthController:
         targets = [s for s in self.sinks if callable(getattr(s, "log_scalars", None))]
         if not targets:
             return
+        # one tag scheme for every driver: train/*, model/*, selfgrow/*, signal/<name>
         vals: dict[str, float] = {
-            "selfgrow/n_params": float(count_params(self.model)),
+            "model/params": float(count_params(self.model)),
             "selfgrow/n_growths": float(self.n_growths),
             "selfgrow/n_anomalies": float(self.n_anomalies),
         }
+        if self._last_loss is not None:
+            vals["train/loss"] = self._last_loss
         for s in self.signals:
             if isinstance(s.value, (int, float)) and math.isfinite(s.value):
-                vals[f"selfgrow/{s.name}"] = float(s.value)
+                vals[f"signal/{s.name}"] = float(s.value)
         for t in targets:
             t.log_scalars(self.step, vals)
 

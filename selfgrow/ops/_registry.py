@@ -45,7 +45,7 @@ from ..errors import (
     choices_message,
 )
 from ..events.record import GrowthEvent
-from ..optim import ParamMap, check_optimizer_supported, plan_migration
+from ..optim import ParamMap, check_optimizer_supported, plan_grads, plan_migration
 
 
 @dataclass
@@ -459,6 +459,9 @@ def grow_(
             if optimizer is not None
             else None
         )
+        # gradients accumulated before the growth follow the parameter map (a growth between
+        # backward() and step() must not silently drop them)
+        grads = plan_grads(old_named, new_named, result.param_maps)
         op_seconds = time.perf_counter() - t0
         if check is not None:
             check(model)
@@ -478,6 +481,8 @@ def grow_(
     # committed: now the optimizer (cannot fail halfway)
     t1 = time.perf_counter()
     report = plan.apply() if plan is not None else None
+    for p, g in grads.items():
+        p.grad = g
     op_seconds += time.perf_counter() - t1
     return GrowthEvent(
         wall_time=time.time(),
