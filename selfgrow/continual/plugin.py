@@ -2,7 +2,7 @@
 a running strategy.
 
 The plugin is a thin adapter: it reports the loss of every optimizer step (plus the accuracy
-on replay-buffer samples of every past experience, every ``replay_eval_every`` steps) to the
+on stored samples of every past experience, every ``replay_eval_every`` steps) to the
 controller, which decides and grows the model and migrates the optimizer in place. The plugin
 then repairs what Avalanche keeps on the side (``strategy.optimized_param_id``) so that the
 next ``make_optimizer`` neither drops the migrated Adam state nor adds a grown tensor twice.
@@ -13,10 +13,18 @@ calls ``make_optimizer``, which edits the SAME optimizer object in place by para
 and the strategy's stay one object; should anyone assign a new optimizer to the strategy,
 the plugin hands it to the controller at the next callback.
 
-Works with ``Replay`` / any strategy with a ``ReplayPlugin`` (listed before or after this
-plugin: the buffer is read at the start of each experience, when every plugin's
-``after_training_exp`` has filled it) and without one (then it keeps
-``held_per_experience`` training samples of each experience itself).
+Forgetting is tracked by the experience a sample CAME FROM, never by the experience in which
+its class first appeared (in a domain-incremental stream every experience holds every
+class). With a replay buffer grouped by experience (``ExperienceBalancedBuffer``,
+``ParametricBuffer(groupby="experience")``; listed before or after this plugin: the buffer
+is read at the start of each experience, when every plugin's ``after_training_exp`` has
+filled it) its groups are the per-experience samples. With any other buffer (class-balanced,
+reservoir) or none, the plugin keeps ``held_per_experience`` training samples of each
+experience itself.
+
+Randomness: the plugin draws only from its own seeded generators and runs every callback
+under :func:`~selfgrow.core.rng_isolated`, so a run whose controller never grows is bitwise
+identical to the same strategy without the plugin.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from avalanche.evaluation.metric_results import MetricValue
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..core import count_params, eval_mode
+from ..core import count_params, eval_mode, rng_isolated
 from ..errors import GrowthConfigError
 from ..events.record import GrowthEvent
 
@@ -53,8 +61,8 @@ class GrowthPlugin(SupervisedPlugin):
 
     Attributes:
         events: growth events this plugin saw returned by the controller.
-        reference_accuracy: ``{experience: accuracy}`` on stored samples right after it was
-            learned.
+        reference_accuracy: ``{experience: accuracy}`` on stored samples of that experience
+            right after it was learned.
         last_replay_accuracy: the latest ``{experience: accuracy}`` measurement.
         step: optimizer steps seen.
     """
@@ -84,13 +92,32 @@ class GrowthPlugin(SupervisedPlugin):
         self.reference_accuracy: dict[int, float] = {}
         self.last_replay_accuracy: dict[int, float] = {}
         self.step = 0
-        self._class_to_exp: dict[int, int] = {}
+        self._gen = torch.Generator().manual_seed(0)  # DataLoader base seeds (never global)
+        self._group_to_exp: dict[Any, int] = {}
+        self._last_trained: int | None = None
         self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._exp_id = 0
         self._exp_step = 0
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def experience_groups(storage_policy: Any) -> dict[Any, Any] | None:
+        """``{group key: group buffer}`` of a storage policy whose groups are experiences,
+        else None (class-balanced, reservoir and unknown policies)."""
+        from avalanche.training.storage_policy import ExperienceBalancedBuffer, ParametricBuffer
+
+        if isinstance(storage_policy, ExperienceBalancedBuffer) or (
+            isinstance(storage_policy, ParametricBuffer)
+            and getattr(storage_policy, "groupby", None) == "experience"
+        ):
+            return dict(storage_policy.buffer_groups)
+        return None
+
+    def _grouped_buffer(self, strategy: Any) -> dict[Any, Any] | None:
+        rp = self.find_replay_plugin(strategy)
+        return None if rp is None else self.experience_groups(rp.storage_policy)
+
     @staticmethod
     def find_replay_plugin(strategy: Any) -> Any | None:
         """The first plugin of the strategy holding a replay buffer (``storage_policy``)."""
@@ -115,20 +142,25 @@ class GrowthPlugin(SupervisedPlugin):
             ctrl.optimizer = strategy.optimizer
 
     def _collect_stored(self, strategy: Any) -> None:
-        """Tensors of stored samples per past experience, from the replay buffer or held."""
-        rp = self.find_replay_plugin(strategy)
+        """Tensors of stored samples per past experience: the replay buffer's experience
+        groups, else the samples held back by the plugin."""
+        groups = self._grouped_buffer(strategy)
         stored: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        if rp is not None:
-            buf = rp.storage_policy.buffer
-            if len(buf) > 0:
-                for mb in DataLoader(buf, batch_size=512, shuffle=False):
-                    x, y = mb[0], mb[1]
-                    for c in torch.unique(y).tolist():
-                        e = self._class_to_exp.get(int(c))
-                        if e is None or e >= self._exp_id:
-                            continue
-                        m = y == c
-                        stored.setdefault(e, []).append((x[m], y[m]))
+        if groups is not None:
+            # a group that appeared since the last experience started holds that one's samples
+            for key in groups:
+                if key not in self._group_to_exp and self._last_trained is not None:
+                    self._group_to_exp[key] = self._last_trained
+            for key, group in groups.items():
+                e = self._group_to_exp.get(key)
+                buf = group.buffer
+                if e is None or e >= self._exp_id or len(buf) == 0:
+                    continue
+                # own generator: a DataLoader without one draws its base seed from the
+                # global RNG (the training run's data order would shift)
+                loader = DataLoader(buf, batch_size=512, shuffle=False, generator=self._gen)
+                for mb in loader:
+                    stored.setdefault(e, []).append((mb[0], mb[1]))
         else:
             for e, xy in self._held.items():
                 if e < self._exp_id:
@@ -137,7 +169,7 @@ class GrowthPlugin(SupervisedPlugin):
         g = torch.Generator().manual_seed(1234)
         for e, parts in stored.items():
             x = torch.cat([p[0] for p in parts])
-            y = torch.cat([p[1] for p in parts])
+            y = torch.cat([torch.as_tensor(p[1]) for p in parts])
             if len(y) > self.max_replay_samples:
                 idx = torch.randperm(len(y), generator=g)[: self.max_replay_samples]
                 x, y = x[idx], y[idx]
@@ -169,13 +201,20 @@ class GrowthPlugin(SupervisedPlugin):
         self._sync(strategy)
 
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        with rng_isolated():
+            self._before_training_exp(strategy)
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        # the buffer group created for this experience (by whichever plugin fills it, before
+        # or after this one) is mapped to it when the next experience starts
+        self._last_trained = self._exp_id
+
+    def _before_training_exp(self, strategy: Any) -> None:
         exp = strategy.experience
         self._exp_id = int(getattr(exp, "current_experience", self._exp_id))
         self._exp_step = 0
-        for c in getattr(exp, "classes_in_this_experience", []) or []:
-            self._class_to_exp.setdefault(int(c), self._exp_id)
         self._sync(strategy)
-        if self.find_replay_plugin(strategy) is None and self.held_per_experience > 0:
+        if self._grouped_buffer(strategy) is None and self.held_per_experience > 0:
             ds = exp.dataset.eval() if hasattr(exp.dataset, "eval") else exp.dataset
             n = min(self.held_per_experience, len(ds))
             g = torch.Generator().manual_seed(self._exp_id)
@@ -198,6 +237,10 @@ class GrowthPlugin(SupervisedPlugin):
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         if not strategy.is_training:
             return
+        with rng_isolated():
+            self._after_update(strategy)
+
+    def _after_update(self, strategy: Any) -> None:
         self.step += 1
         self._exp_step += 1
         self._sync(strategy)
@@ -259,7 +302,8 @@ class GrowthPlugin(SupervisedPlugin):
             "step": self.step,
             "exp_id": self._exp_id,
             "reference_accuracy": dict(self.reference_accuracy),
-            "class_to_exp": dict(self._class_to_exp),
+            "group_to_exp": [[k, v] for k, v in self._group_to_exp.items()],
+            "last_trained": self._last_trained,
             "held": {e: (x.clone(), y.clone()) for e, (x, y) in self._held.items()},
         }
 
@@ -268,7 +312,9 @@ class GrowthPlugin(SupervisedPlugin):
         self.step = int(state["step"])
         self._exp_id = int(state["exp_id"])
         self.reference_accuracy = {int(k): float(v) for k, v in state["reference_accuracy"].items()}
-        self._class_to_exp = {int(k): int(v) for k, v in state["class_to_exp"].items()}
+        self._group_to_exp = {k: int(v) for k, v in state.get("group_to_exp", [])}
+        lt = state.get("last_trained")
+        self._last_trained = None if lt is None else int(lt)
         self._held = {int(e): (x.clone(), y.clone()) for e, (x, y) in state["held"].items()}
 
     def after_training(self, strategy: Any, **kwargs: Any) -> None:

@@ -131,6 +131,12 @@ def list_operators() -> list[str]:
 def get_operator(name_or_config: str | OpConfig) -> Operator:
     """The Operator for a name or a config instance; GrowthConfigError lists the choices."""
     _load_builtin()
+    if not isinstance(name_or_config, (str, OpConfig)):
+        raise GrowthConfigError(
+            f"expected an operator config or operator name, got "
+            f"{type(name_or_config).__name__} {name_or_config!r:.80}; build one with "
+            f"make_config(name, **fields) (or op_config_from_dict for a saved dict)"
+        )
     name = name_or_config if isinstance(name_or_config, str) else type(name_or_config).name
     op = _OPERATORS.get(name)
     if op is None or (
