@@ -21,7 +21,6 @@ plugin: the buffer is read at the start of each experience, when every plugin's
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from avalanche.evaluation.metric_results import MetricValue
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..core import count_params, eval_mode
+from ..core import eval_mode
 from ..errors import GrowthConfigError
 from ..events.record import GrowthEvent
 
@@ -228,8 +227,6 @@ class GrowthPlugin(SupervisedPlugin):
             experience=self._exp_id,
             **metrics,
         )
-        if self.step % self.log_every == 0 and math.isfinite(loss):
-            self._log({"train/loss": loss, "model/params": float(count_params(strategy.model))})
         if ev is not None:
             self._after_decision(strategy, ev)
 
@@ -244,7 +241,6 @@ class GrowthPlugin(SupervisedPlugin):
         self._refresh_param_map(strategy)
         self._publish(strategy, "Growth/n_params", float(ev.params_after))
         self._publish(strategy, "Growth/n_growths", float(len(self.events)))
-        self._log({"model/params": float(ev.params_after)})
 
     def _refresh_param_map(self, strategy: Any) -> None:
         """The optimizer was edited in place by name; Avalanche's name -> tensor map must
