@@ -454,6 +454,34 @@ def _make_replay_buffer(mem_size: int) -> Any:
     return _TrackedBalancedBuffer()
 
 
+def _plain(x: Any) -> Any:
+    """``x`` with str subclasses (StrEnum members) as plain str, recursively."""
+    if isinstance(x, dict):
+        return {_plain(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(v) for v in x)
+    if isinstance(x, str) and type(x) is not str:
+        return str(x)
+    return x
+
+
+class _PlainStateController:
+    """The controller as :func:`~selfgrow.checkpoint.save_checkpoint` sees it: the same
+    state, with ``SkipReason`` members (a ``StrEnum``, which ``torch.load(weights_only=True)``
+    refuses) stored as the equal plain strings."""
+
+    def __init__(self, ctrl: Any) -> None:
+        self._ctrl = ctrl
+        self.sinks = ctrl.sinks
+
+    @property
+    def seq(self) -> int:
+        return int(self._ctrl.seq)
+
+    def state_dict(self) -> dict[str, Any]:
+        return _plain(self._ctrl.state_dict())
+
+
 @dataclass
 class _Slot:
     """Where one variant of one seed writes: its TensorBoard directory, run id, checkpoint."""
@@ -630,7 +658,8 @@ def train_variant(
             extra["plugin"] = gplugin.state_dict()
             extra["metrics_offset"] = scalars.tell()
         tb.flush()
-        save_checkpoint(slot.checkpoint, strategy.model, strategy.optimizer, controller=ctrl,
+        save_checkpoint(slot.checkpoint, strategy.model, strategy.optimizer,
+                        controller=_PlainStateController(ctrl) if ctrl is not None else None,
                         extra=extra)
 
     caught_cm = warnings.catch_warnings(record=True)
@@ -963,17 +992,17 @@ def load_resumable(run_dir: str | os.PathLike[str]) -> tuple[Path, RunSpec]:
     if not d.is_dir():
         raise RunDirError(f"--resume {str(d)!r}: no such run directory")
     try:
-        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
-        spec_d = config["spec"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RunDirError(f"--resume {str(d)!r}: not a selfgrow run directory (config.json "
-                          f"unreadable: {type(e).__name__})") from e
-    try:
         status = json.loads((d / STATUS_FILE).read_text(encoding="utf-8")).get("status")
     except (OSError, ValueError, AttributeError):
         status = None
     if status == "complete" or (status is None and (d / "summary.json").is_file()):
         raise RunDirError(f"--resume {str(d)!r}: this run is already complete")
+    try:
+        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        spec_d = config["spec"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunDirError(f"--resume {str(d)!r}: not a selfgrow run directory (config.json "
+                          f"unreadable: {type(e).__name__})") from e
     if not (d / STATE_DIR / "state.json").is_file():
         raise RunDirError(f"--resume {str(d)!r}: the run kept no checkpoints to resume from")
     names = {f.name for f in dataclasses.fields(RunSpec)}
