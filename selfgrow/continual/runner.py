@@ -8,8 +8,12 @@ Three variants share benchmark, strategy, optimizer, learning rate and seed:
 * ``fixed_small``: the same small starting model, never grown;
 * ``fixed_grown``: a freshly initialised model of the grown run's final config.
 
-Accuracy and forgetting come from Avalanche's ``accuracy_metrics`` / ``forgetting_metrics``
-(a full test-stream evaluation after every experience). Training FLOPs are counted with
+Accuracy comes from Avalanche's ``accuracy_metrics`` (a full test-stream evaluation after
+every experience); forgetting is Avalanche's StreamForgetting computed from the accuracy
+matrix (:func:`average_forgetting`), so a resumed run reports it too. With several seeds
+every variant is trained once per seed and the summary gives mean and std. Each variant is
+checkpointed after every experience (``RUN_DIR/resume/``); :func:`resume_experiment`
+continues an interrupted run from there. Training FLOPs are counted with
 ``torch.utils.flop_counter.FlopCounterMode``: forward + backward of one mini-batch per distinct
 architecture, divided by its size, times the samples trained on with that architecture.
 """
