@@ -500,7 +500,9 @@ def inspect_main(
     if rec.incomplete:
         st = rec.status or {}
         where = f" at {st['progress']}" if st.get("progress") else ""
-        print(f"INCOMPLETE: this run did not finish (status {st.get('status')!r}{where}); "
+        state = ("is still running, or was killed" if st.get("status") == "running"
+                 else "did not finish")
+        print(f"INCOMPLETE: this run {state} (status {st.get('status')!r}{where}); "
               f"continue it with: {cli_command()} run --resume {rec.run_dir}", file=out)
     if not rec.has_events_file:
         print("no events.jsonl in this run directory", file=out)
