@@ -2,8 +2,10 @@
 ``selfgrow inspect RUN_DIR`` (growth timeline, summary, plot).
 
 Exit codes: 0 success, 2 bad usage (unknown benchmark / strategy / model / action, value out
-of range, bad --name, unusable --runs-dir, missing or non-run directory, bad --plot file,
-missing data package; nothing is written), 1 unexpected failure.
+of range, bad --seeds list, bad --name, unusable --runs-dir, missing or non-run directory,
+unknown --run id, bad --plot file, missing data package, nothing to --resume; nothing is
+written), 130 interrupted (the run directory is marked incomplete; ``--resume`` continues
+it), 1 unexpected failure.
 """
 
 from __future__ import annotations
@@ -23,16 +25,33 @@ def _quiet_warnings() -> None:
     warnings.filterwarnings("ignore", message="no QP solver found")
 
 
+def _version() -> str:
+    from . import __version__  # the package actually running (also from a source tree)
+
+    return str(__version__)
+
+
+def _seeds_arg(text: str) -> list[int]:
+    from .continual.runner import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except SelfgrowError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .continual.benchmarks import list_benchmarks
-    from .continual.runner import MODELS, STRATEGIES, RunSpec
+    from .continual.runner import MODELS, STRATEGIES, RunSpec, available_actions
     from .runs import RUN_NAME_RULE
 
     d = RunSpec()
+    actions = " | ".join(f"{m}: {', '.join(available_actions(m))}" for m in MODELS)
     p = argparse.ArgumentParser(
         prog="selfgrow",
         description="Grow neural networks while they learn.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -53,17 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, default=d.epochs, help="epochs per experience")
     r.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
     r.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (all variants)")
-    r.add_argument("--seed", type=int, default=d.seed,
-                   help="seed of data split, initialisation and data order (>= 0)")
+    seeds = r.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=d.seed,
+                       help="seed of data split, initialisation and data order (>= 0)")
+    seeds.add_argument("--seeds", type=_seeds_arg, default=None, metavar="S1,S2,...",
+                       help="train every variant once per seed (distinct integers >= 0, e.g. "
+                            "0,1,2) and report mean and std; not together with --seed")
     r.add_argument("--width", type=int, default=d.width, help="hidden width of the small MLP")
     r.add_argument("--channels", type=int, default=d.channels,
                    help="channels of the small CNN")
     r.add_argument("--on-plateau", default=d.on_plateau,
-                   help="growth action when the loss plateaus (e.g. widen, deepen)")
+                   help=f"growth action when the loss plateaus ({actions})")
     r.add_argument("--on-forgetting", default=d.on_forgetting,
-                   help="growth action when replay accuracy drops (e.g. widen, deepen)")
+                   help=f"growth action when replay accuracy drops ({actions})")
     r.add_argument("--max-growths", type=int, default=d.max_growths,
                    help="at most this many growths")
+    r.add_argument("--max-params", type=float, default=d.max_params, metavar="N",
+                   help="growth budget: no growth beyond N parameters (default %(default).0f)")
     r.add_argument("--name", default=None,
                    help="run name (default BENCHMARK-MODEL-STRATEGY; -1, -2 ... if taken): "
                         f"{RUN_NAME_RULE}")
@@ -76,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and far faster than 2+ on a busy machine)")
     r.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are only drawn when stderr is a terminal)")
+    r.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue an interrupted run from its last per-experience checkpoint, "
+                        "with its own settings (only --threads and --no-progress may be given "
+                        "too)")
 
     i = sub.add_parser(
         "inspect",
@@ -86,62 +115,90 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--plot", metavar="FILE.png", default=None,
                    help="write a plot (.png, .pdf or .svg) into an existing directory")
-    i.add_argument("--all", action="store_true", help="include skipped decisions and anomalies")
+    i.add_argument("--all", action="store_true",
+                   help="include skipped decisions and anomalies, with why they were skipped")
+    i.add_argument("--run", metavar="ID|latest", default=None,
+                   help="the run to show when several runs share the log directory (default: "
+                        "latest, listing the others)")
     return p
 
 
-def _cmd_run(a: argparse.Namespace) -> int:
+#: options of ``selfgrow run`` that may accompany ``--resume``
+RESUME_OK = {"resume", "threads", "no_progress", "command"}
+
+
+def _cmd_run(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from .continual.runner import RunSpec, run_experiment
-    from .runs import check_run_name, check_runs_dir
+    from .continual.runner import RunSpec, load_resumable, resume_experiment, run_experiment
+    from .runs import check_run_name, check_runs_dir, cli_command, tensorboard_command
 
     if a.threads < 1:
         print(f"selfgrow run: error: --threads must be >= 1, got {a.threads}", file=sys.stderr)
         return 2
-    if a.name is not None:
-        check_run_name(a.name)
-    check_runs_dir(a.runs_dir)
-    spec = RunSpec(
-        benchmark=a.benchmark,
-        strategy=a.strategy,
-        model=a.model,
-        mem_size=a.mem_size,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        seed=a.seed,
-        device=a.device,
-        baselines=not a.no_baselines,
-        width=a.width,
-        channels=a.channels,
-        on_plateau=a.on_plateau,
-        on_forgetting=a.on_forgetting,
-        max_growths=a.max_growths,
-    )
-    spec.validate()  # before torch.set_num_threads: bad usage changes nothing
-    torch.set_num_threads(a.threads)
-    run_dir, _ = run_experiment(spec, runs_dir=a.runs_dir, name=a.name,
-                                progress=not a.no_progress)
+    if a.resume is not None:
+        run_p = parser._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+        given = sorted(
+            "--" + k.replace("_", "-") for k, v in vars(a).items()
+            if k not in RESUME_OK and v != run_p.get_default(k)
+        )
+        if given:
+            print(f"selfgrow run: error: --resume continues the run with its own settings "
+                  f"(config.json); drop {', '.join(given)} (allowed with it: --threads, "
+                  f"--no-progress)", file=sys.stderr)
+            return 2
+        load_resumable(a.resume)  # bad directory: exit 2 before anything changes
+        torch.set_num_threads(a.threads)
+        run_dir, _ = resume_experiment(a.resume, progress=not a.no_progress)
+    else:
+        if a.name is not None:
+            check_run_name(a.name)
+        check_runs_dir(a.runs_dir)
+        spec = RunSpec(
+            benchmark=a.benchmark,
+            strategy=a.strategy,
+            model=a.model,
+            mem_size=a.mem_size,
+            epochs=a.epochs,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            seed=a.seed if a.seeds is None else a.seeds[0],
+            seeds=a.seeds,
+            device=a.device,
+            baselines=not a.no_baselines,
+            width=a.width,
+            channels=a.channels,
+            on_plateau=a.on_plateau,
+            on_forgetting=a.on_forgetting,
+            max_growths=a.max_growths,
+            max_params=a.max_params,
+        )
+        spec.validate()  # before torch.set_num_threads: bad usage changes nothing
+        torch.set_num_threads(a.threads)
+        run_dir, _ = run_experiment(spec, runs_dir=a.runs_dir, name=a.name,
+                                    progress=not a.no_progress)
+    sg = cli_command()
     print(f"\nrun directory: {run_dir}")
-    print(f"inspect it:    selfgrow inspect {run_dir} --plot {run_dir}/growth.png")
-    print(f"TensorBoard:   .venv/bin/tensorboard --logdir {run_dir}/tb")
+    print(f"inspect it:    {sg} inspect {run_dir} --plot {run_dir}/growth.png")
+    print(f"TensorBoard:   {tensorboard_command()} --logdir {run_dir}/tb")
     return 0
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
     from .inspect_run import inspect_main
 
-    return inspect_main(a.run_dir, as_json=a.json, plot=a.plot, include_skipped=a.all)
+    return inspect_main(a.run_dir, as_json=a.json, plot=a.plot, include_skipped=a.all,
+                        run=a.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``selfgrow``, ``python -m selfgrow``); returns the exit code."""
     _quiet_warnings()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            return _cmd_run(args)
+            return _cmd_run(args, parser)
         return _cmd_inspect(args)
     except SelfgrowError as e:
         print(f"selfgrow {args.command}: error: {e}", file=sys.stderr)

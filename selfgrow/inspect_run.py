@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .errors import RunDirError
+from .errors import RunDirError, choices_message
 from .events import BadLine, GrowthEvent, read_events
 from .events.record import jsonable
+from .runs import cli_command
+
+#: ``--run latest``: the run that started last in the directory (the last run id to appear in
+#: ``events.jsonl``, then in ``metrics.jsonl``)
+LATEST = "latest"
 
 
 @dataclass
@@ -33,10 +38,28 @@ class RunRecord:
     summary_error: str | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     bad_metric_lines: list[int] = field(default_factory=list)
+    #: every run id found in the directory, in order of first appearance
+    run_ids: list[str] = field(default_factory=list)
+    #: the run shown (None: the directory names no run id)
+    run_id: str | None = None
+    #: metrics.jsonl rows without a run_id left out because several runs share the directory
+    unattributed_metric_rows: int = 0
+    #: status.json of ``selfgrow run`` (``{"status": "running" | "interrupted" | "failed" |
+    #: "complete", ...}``), None when absent
+    status: dict[str, Any] | None = None
 
     @property
     def growths(self) -> list[GrowthEvent]:
         return [e for e in self.events if e.kind == "growth"]
+
+    @property
+    def other_run_ids(self) -> list[str]:
+        return [r for r in self.run_ids if r != self.run_id]
+
+    @property
+    def incomplete(self) -> bool:
+        """A ``selfgrow run`` that did not finish (killed, interrupted or failed)."""
+        return self.status is not None and self.status.get("status") != "complete"
 
 
 
@@ -62,11 +85,17 @@ def check_plot_path(path: str | Path) -> str | None:
     return None
 
 
-def load_run(run_dir: str | Path) -> RunRecord:
+def load_run(run_dir: str | Path, run: str | None = None) -> RunRecord:
     """Read a run directory tolerantly.
 
+    A log directory shared by several runs (a plain ``GrowthController(log_dir=...)``
+    appends) holds events and metrics of several run ids: only one run is kept, ``run``
+    (an id, or ``"latest"``; default: the latest). Metrics rows without a ``run_id`` (older
+    files) are kept only when the directory holds a single run.
+
     Raises:
-        RunDirError: ``run_dir`` does not exist or is not a directory.
+        RunDirError: ``run_dir`` does not exist, is not a directory or not a run directory,
+            or ``run`` names no run in it (the message lists the ids).
     """
     d = Path(run_dir)
     if not d.exists():
@@ -104,7 +133,48 @@ def load_run(run_dir: str | Path) -> RunRecord:
                     rec.metrics.append(row)
                 else:
                     rec.bad_metric_lines.append(i)
+    st_path = d / "status.json"
+    if st_path.is_file():
+        try:
+            st = json.loads(st_path.read_text(encoding="utf-8"))
+            rec.status = st if isinstance(st, dict) else {"status": "unreadable"}
+        except (ValueError, UnicodeDecodeError):
+            rec.status = {"status": "unreadable"}
+    _select_run(rec, run)
     return rec
+
+
+def _select_run(rec: RunRecord, run: str | None) -> None:
+    ids: dict[str, None] = {}
+    for e in rec.events:
+        if e.run_id:
+            ids.setdefault(e.run_id, None)
+    for r in rec.metrics:
+        rid = r.get("run_id")
+        if isinstance(rid, str) and rid:
+            ids.setdefault(rid, None)
+    rec.run_ids = list(ids)
+    if not rec.run_ids:
+        if run not in (None, LATEST):
+            raise RunDirError(f"--run {run!r}: {str(rec.run_dir)!r} names no run ids")
+        return
+    if run in (None, LATEST):
+        chosen = rec.run_ids[-1]
+    elif run in ids:
+        chosen = run
+    else:
+        raise RunDirError(choices_message("--run", run, [LATEST, *rec.run_ids]))
+    rec.run_id = chosen
+    several = len(rec.run_ids) > 1
+    rec.events = [e for e in rec.events if e.run_id == chosen or (not e.run_id and not several)]
+    kept = []
+    for r in rec.metrics:
+        rid = r.get("run_id")
+        if rid == chosen or (rid is None and not several):
+            kept.append(r)
+        elif rid is None:
+            rec.unattributed_metric_rows += 1
+    rec.metrics = kept
 
 
 def _num(v: Any, fmt: str = "{:.4g}") -> str:
@@ -143,31 +213,57 @@ def timeline_rows(events: list[GrowthEvent], include_skipped: bool = False) -> l
             "preservation_max_rel": pres.get("max_rel"),
             "exact_expected": pres.get("exact_expected"),
             "reason": e.reason,
+            "blocked": (e.extra or {}).get("blocked"),
         })
     return rows
 
 
+def _exp_number(v: Any) -> str:
+    """Experience ids are 0-based in the files (Avalanche's ids); text shows them 1-based,
+    like ``selfgrow run``'s progress lines (``exp 1/5`` is experience id 0)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v + 1)
+    return _num(v, "{}")
+
+
+def _why(r: dict[str, Any]) -> str:
+    """Why a decision was skipped (or what the anomaly was): ``blocked: reason``."""
+    if r["kind"] == "growth":
+        return ""
+    reason = str(r.get("reason") or "").strip()
+    blocked = r.get("blocked")
+    text = f"{blocked}: {reason}" if blocked and reason else str(blocked or reason or "-")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def format_timeline(rows: list[dict[str, Any]]) -> str:
-    """Aligned text table of :func:`timeline_rows`."""
+    """Aligned text table of :func:`timeline_rows` (with a ``why skipped`` column when there
+    are skipped decisions or anomalies). The ``exp`` column is 1-based."""
     header = ["#", "kind", "step", "exp", "trigger", "value (threshold)", "operator",
               "params before -> after", "preservation max_abs (rel)"]
+    show_why = any(r["kind"] != "growth" for r in rows)
+    if show_why:
+        header.append("why skipped")
     table = [header]
     for r in rows:
         cfg = r["operator_config"]
         brief = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("seed", "noise_std"))
         op = f"{r['operator']}({brief})" if brief else str(r["operator"])
-        table.append([
+        line = [
             str(r["seq"]),
             r["kind"],
             _num(r["step"], "{}"),
-            _num(r["experience"], "{}"),
+            _exp_number(r["experience"]),
             str(r["signal"] or "-"),
             f"{_num(r['value'])} ({_num(r['threshold'])})",
             op,
             f"{r['params_before']:,} -> {r['params_after']:,}",
             f"{_num(r['preservation_max_abs'], '{:.2e}')} "
             f"({_num(r['preservation_max_rel'], '{:.2e}')})",
-        ])
+        ]
+        if show_why:
+            line.append(_why(r))
+        table.append(line)
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     out = []
     for n, row in enumerate(table):
@@ -248,7 +344,8 @@ def build_figure(rec: RunRecord) -> Any:
     evals = [r for r in rec.metrics if r.get("kind") == "eval"]
 
     # parameters over steps
-    xs, ys = _series(rec.metrics, "selfgrow/n_params", "model/params")
+    # model/params: the one parameter-count tag; selfgrow/n_params: run dirs of older versions
+    xs, ys = _series(rec.metrics, "model/params", "selfgrow/n_params")
     last_known = _last_step(rec)
     if growths:  # exact steps from the event log; the scalar log is sampled
         last = max(last_known or 0.0, float(growths[-1].step or 0))
@@ -303,11 +400,11 @@ def build_figure(rec: RunRecord) -> Any:
         if acc:
             ax_a.plot(range(1, len(acc) + 1), acc, marker="o", label=VARIANT_LABELS.get(key, key))
     if not variants and evals:
-        acc = [
-            sum(a for a in r["accuracy"][: r["experience"] + 1])
-            / (r["experience"] + 1)
-            for r in evals
-        ]
+        acc = []
+        for r in evals:
+            seen = [a for a in (r.get("accuracy") or [])[: int(r.get("experience", 0)) + 1]
+                    if isinstance(a, (int, float))]
+            acc.append(sum(seen) / len(seen) if seen else float("nan"))
         ax_a.plot(range(1, len(acc) + 1), acc, marker="o", label="grown")
     n_points = max((len(line.get_xdata()) for line in ax_a.lines), default=0)
     if n_points:
@@ -323,8 +420,17 @@ def build_figure(rec: RunRecord) -> Any:
         ax_a.text(0.5, 0.5, "no accuracy data was recorded\n(no summary.json variants and no "
                   "eval rows in metrics.jsonl)", ha="center", va="center",
                   transform=ax_a.transAxes)
-    fig.suptitle(f"selfgrow run {rec.run_dir.name}")
+    title = f"selfgrow run {rec.run_dir.name}"
+    if rec.run_id and rec.run_id != rec.run_dir.name:
+        title += f" (run id {rec.run_id})"
+    fig.suptitle(title)
     return fig
+
+
+def safe_text(text: str, limit: int = 80) -> str:
+    """``repr`` of at most ``limit`` characters of ``text``: control characters and binary
+    junk of a corrupt file are escaped, never written raw to the terminal."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 def inspect_main(
@@ -334,9 +440,14 @@ def inspect_main(
     include_skipped: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    run: str | None = None,
 ) -> int:
     """Entry point of ``selfgrow inspect``; returns the exit code (2: no such run dir, not a
-    run dir, or a ``plot`` path that cannot be written; nothing is written then)."""
+    run dir, an unknown ``run`` id, or a ``plot`` path that cannot be written; nothing is
+    written then).
+
+    ``run``: the run id to show when several runs share the directory (``"latest"``, the
+    default, shows the last one and lists the others)."""
     out = out or sys.stdout
     err = err or sys.stderr
     if plot:
@@ -345,15 +456,18 @@ def inspect_main(
             print(f"error: {why}", file=err)
             return 2
     try:
-        rec = load_run(run_dir)
+        rec = load_run(run_dir, run=run)
     except RunDirError as e:
         print(f"error: {e}", file=err)
         return 2
     for b in rec.bad_lines:
-        print(f"warning: events.jsonl line {b.lineno} skipped ({b.error}): {b.text[:80]}",
-              file=err)
+        print(f"warning: events.jsonl line {b.lineno} skipped ({safe_text(b.error, 120)}): "
+              f"{safe_text(b.text)}", file=err)
     if rec.bad_metric_lines:
         print(f"warning: metrics.jsonl lines {rec.bad_metric_lines[:10]} skipped", file=err)
+    if rec.unattributed_metric_rows:
+        print(f"warning: {rec.unattributed_metric_rows} metrics.jsonl rows carry no run_id and "
+              f"several runs share this directory: they are not plotted", file=err)
     if rec.summary_error:
         print(f"warning: {rec.summary_error}", file=err)
     rows = timeline_rows(rec.events, include_skipped=include_skipped)
@@ -365,6 +479,10 @@ def inspect_main(
     if as_json:
         doc = {
             "run_dir": str(rec.run_dir),
+            "run_id": rec.run_id,
+            "other_run_ids": rec.other_run_ids,
+            "status": rec.status,
+            "incomplete": rec.incomplete,
             "timeline": rows,
             "events": [e.to_dict() for e in rec.events],
             "bad_lines": [{"lineno": b.lineno, "error": b.error} for b in rec.bad_lines],
@@ -374,6 +492,18 @@ def inspect_main(
         print(json.dumps(jsonable(doc), indent=2, allow_nan=False), file=out)
         return 0
     print(f"run: {rec.run_dir}", file=out)
+    if rec.run_id is not None:
+        print(f"run id: {rec.run_id}", file=out)
+    if rec.other_run_ids:
+        print(f"this directory holds {len(rec.run_ids)} runs; showing {rec.run_id!r} "
+              f"(--run ID selects another): {', '.join(rec.other_run_ids)}", file=out)
+    if rec.incomplete:
+        st = rec.status or {}
+        where = f" at {st['progress']}" if st.get("progress") else ""
+        state = ("is still running, or was killed" if st.get("status") == "running"
+                 else "did not finish")
+        print(f"INCOMPLETE: this run {state} (status {st.get('status')!r}{where}); "
+              f"continue it with: {cli_command()} run --resume {rec.run_dir}", file=out)
     if not rec.has_events_file:
         print("no events.jsonl in this run directory", file=out)
     else:
@@ -381,7 +511,7 @@ def inspect_main(
         n_anom = sum(1 for e in rec.events if e.kind == "anomaly")
         hint = "" if include_skipped else "; --all shows skipped ones"
         print(f"\ngrowth timeline ({len(rec.growths)} growths, {n_skip} skipped decisions, "
-              f"{n_anom} anomalies{hint}):", file=out)
+              f"{n_anom} anomalies{hint}; exp is 1-based):", file=out)
         print(format_timeline(rows) if rows else "(no growth events)", file=out)
     if rec.summary:
         print("\nsummary:", file=out)

@@ -38,7 +38,15 @@ def test_run_tiny_with_baselines(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "final avg acc" in out and "fixed small" in out and "exp 5/5" in out
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["spec"]["benchmark"] == "split-digits"
-    # the baselines log the grown run's training scalars too, so the three compare in TB
+    # J: experiences not trained yet are null, not 0.0; trained ones are numbers
+    for v in summary["variants"].values():
+        for i, row in enumerate(v["accuracy_matrix"]):
+            assert all(a is None for a in row[i + 1:]), row
+            assert all(isinstance(a, float) for a in row[: i + 1]), row
+    assert json.loads((d / "status.json").read_text())["status"] == "complete"
+    assert not (d / "resume").exists()  # checkpoints are dropped once the run is complete
+    # K: one tag scheme; the baselines log the grown run's training scalars too, so the three
+    # compare in TB, and there is exactly one parameter-count tag
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for variant in ("grown", "fixed_small", "fixed_grown"):
@@ -46,9 +54,97 @@ def test_run_tiny_with_baselines(tmp_path: Path, capsys: pytest.CaptureFixture[s
         acc.Reload()
         tags = set(acc.Tags()["scalars"])
         assert {"train/loss", "model/params", "eval/avg_acc_seen"} <= tags, (variant, tags)
+        assert {t for t in tags if "param" in t} == {"model/params"}, (variant, tags)
+        assert not {t for t in tags if t.startswith("selfgrow/")} - {
+            "selfgrow/n_growths", "selfgrow/n_anomalies"}, tags
     acc = EventAccumulator(str(d / "tb" / "fixed_grown"))
     acc.Reload()
     assert {e.value for e in acc.Scalars("model/params")} == {float(big["final_params"])}
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    keys = {k for r in rows for k in r}
+    assert {"train/loss", "model/params", "run_id"} <= keys and "selfgrow/n_params" not in keys
+    assert {r["run_id"] for r in rows} == {"t"}
+    # L: the printed hints are commands that work from the current directory
+    import shlex
+
+    hint = next(x for x in out.splitlines() if x.startswith("inspect it:"))
+    cmd = shlex.split(hint.split(":", 1)[1])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (cmd, r.stderr)
+    assert "run id: t" in r.stdout and (d / "growth.png").is_file()
+    tb_hint = next(x for x in out.splitlines() if x.startswith("TensorBoard:"))
+    assert Path(shlex.split(tb_hint.split(":", 1)[1])[0]).is_file() or " -m tensorboard" in tb_hint
+
+
+def test_cli_command_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """L: a `selfgrow` script that PATH does not find is named by its path (as after
+    ./scripts/demo: .venv/bin/selfgrow); anything else by `PYTHON -m selfgrow`."""
+    from selfgrow.runs import cli_command
+
+    script = tmp_path / ".venv" / "bin" / "selfgrow"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "argv", [str(script), "run"])
+    assert cli_command() == ".venv/bin/selfgrow"
+    monkeypatch.setenv("PATH", str(script.parent))
+    assert cli_command() == "selfgrow"
+    monkeypatch.setattr(sys, "argv", ["/x/pytest"])
+    assert cli_command().endswith(" -m selfgrow")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import selfgrow
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"selfgrow {selfgrow.__version__}"
+
+
+def test_seeds_report_mean_and_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A: every variant once per seed; summary and table give mean and std, per-seed kept."""
+    import statistics
+
+    runs = tmp_path / "runs"
+    assert main([*TINY, "--runs-dir", str(runs), "--name", "s", "--seeds", "0,1"]) == 0
+    out = capsys.readouterr().out
+    s = json.loads((runs / "s" / "summary.json").read_text())
+    assert s["seeds"] == [0, 1] and set(s["per_seed"]) == {"0", "1"}
+    assert set(s["variants"]) == {"grown", "fixed_small", "fixed_grown"}
+    for name, v in s["variants"].items():
+        per = [s["per_seed"][k][name] for k in ("0", "1")]
+        assert v["n_seeds"] == 2 and [p["seed"] for p in per] == [0, 1]
+        accs = [p["final_avg_accuracy"] for p in per]
+        assert v["final_avg_accuracy"] == pytest.approx(statistics.mean(accs))
+        assert v["final_avg_accuracy_std"] == pytest.approx(statistics.stdev(accs))
+        assert v["train_flops_std"] is not None and len(v["accuracy_matrix"]) == 5
+    assert s["per_seed"]["0"]["grown"] != s["per_seed"]["1"]["grown"]
+    assert "mean ± std over seeds 0, 1" in out and "±" in out.split("final avg acc")[1]
+    assert "[grown (selfgrow) s1] exp 5/5" in out
+    cfg = json.loads((runs / "s" / "config.json").read_text())
+    assert cfg["spec"]["seeds"] == [0, 1]
+    assert (runs / "s" / "tb" / "seed1" / "fixed_grown").is_dir()
+
+
+def test_max_params_budget_and_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """E: --max-params reaches the controller's budget; a starting model over it warns."""
+    runs = tmp_path / "runs"
+    with pytest.warns(UserWarning, match="over the growth budget"):
+        code = main([*TINY, "--runs-dir", str(runs), "--name", "b", "--no-baselines",
+                     "--max-params", "100"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "warning: the starting model already has 610 parameters" in out
+    assert "--max-params 100" in out
+    cfg = json.loads((runs / "b" / "config.json").read_text())
+    assert cfg["spec"]["max_params"] == 100 and cfg["controller"]["budget"]["max_params"] == 100
+    s = json.loads((runs / "b" / "summary.json").read_text())
+    assert s["variants"]["grown"]["final_params"] == 610
 
 
 def test_run_no_baselines_and_no_overwrite(
@@ -84,6 +180,16 @@ def test_run_no_baselines_and_no_overwrite(
         (["--name", "a/b"], ["single path component"]),
         (["--name", ""], ["single path component"]),
         (["--name", "sp ace"], ["letters, digits"]),
+        (["--seeds", "0,x"], ["--seeds", "'x' is not an integer", "0,1,2"]),
+        (["--seeds", ""], ["--seeds", "is not an integer"]),
+        (["--seeds", "1,1"], ["--seeds", "repeat [1]"]),
+        (["--seeds", "0,-2"], ["--seeds", "-2", ">= 0"]),
+        (["--seed", "1", "--seeds", "0,1"], ["--seeds", "not allowed with argument --seed"]),
+        (["--max-params", "0"], ["max_params=0", "> 0"]),
+        (["--max-params", "nan"], ["max_params=nan", "> 0"]),
+        (["--on-forgetting", "widen_ffn"], ["widen_ffn", "deepen, widen, widen_layers"]),
+        (["--model", "cnn", "--on-plateau", "add_heads"], ["add_heads", "widen_layers"]),
+        (["--resume", "nowhere", "--epochs", "2"], ["--resume", "drop --epochs, --runs-dir"]),
     ],
 )
 def test_bad_names_exit_2_and_write_nothing(
@@ -160,3 +266,104 @@ def test_demo_configuration_grows_and_beats_fixed_small(tmp_path: Path) -> None:
     assert signals <= {"loss_plateau", "replay_forgetting"} and signals
     assert v["grown"]["final_avg_accuracy"] > v["fixed_small"]["final_avg_accuracy"]
     assert v["grown"]["train_flops"] < v["fixed_grown"]["train_flops"]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else b""
+            for p in sorted(root.rglob("*"))}
+
+
+def test_bad_usage_leaves_existing_runs_dir_unchanged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """C: every check runs before anything is written, also those only the controller makes
+    (signal ranges, action arguments): an existing runs dir is left byte for byte."""
+    from selfgrow.continual.runner import RunSpec, run_experiment
+    from selfgrow.errors import GrowthConfigError
+
+    runs = tmp_path / "runs"
+    (runs / "old").mkdir(parents=True)
+    (runs / "old" / "summary.json").write_text("{}")
+    before = _tree(runs)
+    for bad in (["--seeds", "3,3"], ["--max-params", "-5"], ["--lr", "0"],
+                ["--on-plateau", "nope"], ["--resume", str(runs / "old")]):
+        try:
+            code = main([*TINY, "--runs-dir", str(runs), "--name", "old", *bad])
+        except SystemExit as e:
+            code = e.code
+        assert code == 2, bad
+        assert _tree(runs) == before, bad
+    for where, why in ((runs / "old", "already complete"), (runs / "nope", "no such run")):
+        assert main(["run", "--resume", str(where)]) == 2
+        assert why in capsys.readouterr().err
+        assert _tree(runs) == before
+    for kw in ({"plateau_min_rel_drop": 1.5}, {"forgetting_threshold": 0.0}):
+        with pytest.raises(GrowthConfigError):
+            run_experiment(RunSpec(benchmark="split-digits", epochs=1, baselines=False, **kw),
+                           runs, "new", print_fn=lambda s: None, progress=False)
+        assert _tree(runs) == before, kw
+
+
+def _growth_spec(**kw: object) -> object:
+    from selfgrow.continual.runner import RunSpec
+
+    base: dict[str, object] = {
+        "benchmark": "split-digits", "epochs": 1, "baselines": False, "plateau_window": 5,
+        "plateau_min_rel_drop": 0.5, "cooldown": 5,
+    }
+    return RunSpec(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _actions() -> list[tuple[str, str]]:
+    from selfgrow.continual.runner import MODELS, available_actions
+
+    return [(m, a) for m in MODELS for a in available_actions(m)]
+
+
+@pytest.mark.parametrize("model, action", _actions())
+def test_every_listed_action_grows(tmp_path: Path, model: str, action: str) -> None:
+    """B: every action `selfgrow run` accepts for --on-plateau / --on-forgetting (the list
+    its help and errors show) grows the model in a real run (widen_layers used to fail:
+    it needs `layers`, now every hidden layer of the starting model)."""
+    from selfgrow.continual.runner import run_experiment
+
+    spec = _growth_spec(model=model, on_plateau=action, on_forgetting=action, max_growths=1)
+    d, s = run_experiment(spec, tmp_path, "a", print_fn=lambda s: None,  # type: ignore[arg-type]
+                          progress=False)
+    events = [json.loads(x) for x in (d / "events.jsonl").read_text().splitlines()]
+    grown = [e for e in events if e["kind"] == "growth"]
+    assert grown and {e["action"]["name"] for e in grown} == {action}, events[:2]
+    assert not [e for e in events if e.get("blocked") == "error"
+                or "growth failed" in e.get("reason", "")]
+    v = s["variants"]["grown"]
+    assert v["n_growths"] == 1 and v["final_params"] > v["initial_params"]
+
+
+def test_experience_numbers_agree(tmp_path: Path) -> None:
+    """F: progress lines and inspect's timeline number experiences the same way (1-based;
+    the files keep 0-based ids): the parameters printed after `exp k/5` are those after the
+    last growth of experience id k-1, and the timeline shows that growth with exp k."""
+    import io
+    import re
+
+    from selfgrow.continual.runner import run_experiment
+    from selfgrow.inspect_run import inspect_main
+
+    lines: list[str] = []
+    d, _ = run_experiment(_growth_spec(max_growths=3), tmp_path, "f",  # type: ignore[arg-type]
+                          print_fn=lines.append, progress=False)
+    events = [json.loads(x) for x in (d / "events.jsonl").read_text().splitlines()]
+    grown = [e for e in events if e["kind"] == "growth"]
+    assert len({e["experience"] for e in grown}) >= 2, grown
+    printed = {int(m.group(1)): int(m.group(2)) for m in
+               (re.search(r"exp (\d+)/5 .*params=(\d+)", x) for x in lines) if m}
+    assert sorted(printed) == [1, 2, 3, 4, 5]
+    for k in printed:
+        before = [e for e in grown if e["experience"] <= k - 1]
+        assert printed[k] == (before[-1]["params_after"] if before else 610), (k, printed)
+    out = io.StringIO()
+    assert inspect_main(str(d), out=out, err=io.StringIO()) == 0
+    table = out.getvalue().split("growth timeline")[1]
+    for e in grown:
+        row = next(r for r in table.splitlines() if r.startswith(f"{e['seq']} "))
+        assert row.split()[1:4] == ["growth", str(e["step"]), str(e["experience"] + 1)], row

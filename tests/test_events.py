@@ -73,10 +73,12 @@ def test_tensorboard_sink_writes_real_event_files(tmp_path: Path) -> None:
     acc = ea_mod.EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = acc.Tags()
-    assert "growth/params" in tags["scalars"]
+    # a growth's parameter count goes to the one parameter-count tag, at the growth's step
+    assert "model/params" in tags["scalars"] and "growth/params" not in tags["scalars"]
     assert "signal/loss_plateau" in tags["scalars"]
     assert any(t.startswith("selfgrow/") for t in tags["scalars"])  # controller scalars
-    assert acc.Scalars("growth/params")[0].value == growths[0].params_after
+    at_growth = [s.value for s in acc.Scalars("model/params") if s.step == growths[0].step]
+    assert growths[0].params_after in at_growth
     assert any("growth" in t for t in tags.get("tensors", []))  # add_text -> tensor summary
     tb.close()
     tb.close()  # idempotent

@@ -167,3 +167,96 @@ def test_events_only_dir_and_its_plot(tmp_path: Path) -> None:
     assert max(ax_p.lines[0].get_xdata()) == 300
     png = tmp_path / "g.png"
     assert _run(str(d), plot=str(png))[0] == 0 and png.is_file()
+
+
+def test_all_shows_why_decisions_were_skipped(run_dir: Path) -> None:
+    """G: --all shows each skipped decision's reason and the policy's block reason."""
+    p = run_dir / "events.jsonl"
+    lines = p.read_text().splitlines()
+    ev = json.loads(lines[1])
+    ev["reason"] = "replay_forgetting 0.31 > 0.2; cooldown: 60 of 100 steps since last growth"
+    ev["extra"] = {"blocked": "cooldown", "n_skipped": 3}
+    lines[1] = json.dumps(ev)
+    p.write_text("\n".join(lines) + "\n")
+    code, out, _ = _run(str(run_dir), include_skipped=True)
+    row = next(r for r in out.splitlines() if r.startswith("1 ") and "skipped" in r)
+    assert "cooldown: replay_forgetting 0.31 > 0.2; cooldown: 60 of 100 steps" in row
+    assert "why skipped" in out
+    code, out, _ = _run(str(run_dir), as_json=True, include_skipped=True)
+    skipped = [r for r in json.loads(out)["timeline"] if r["kind"] == "skipped"]
+    assert skipped[0]["blocked"] == "cooldown" and "60 of 100" in skipped[0]["reason"]
+    code, out, _ = _run(str(run_dir))  # without --all: no such column
+    assert "why skipped" not in out
+
+
+def _shared_dir(tmp_path: Path) -> Path:
+    """Two runs appended to one log directory, as two GrowthController(log_dir=d) do."""
+    from selfgrow.runs import ScalarJsonlSink
+
+    d = tmp_path / "shared"
+    sink = JsonlSink(d / "events.jsonl", fsync=False)
+    for run_id, steps in (("first", (40, 80)), ("second", (30,))):
+        for seq, step in enumerate(steps):
+            e = _event(seq, step)
+            e.run_id = run_id
+            sink.emit(e)
+    sink.close()
+    for run_id, last in (("first", 500), ("second", 100)):
+        m = ScalarJsonlSink(d / "metrics.jsonl", run_id=run_id)
+        for s in range(10, last + 1, 10):
+            m.log_scalars(s, {"train/loss": 1.0, "model/params": 1000.0})
+        m.close()
+    return d
+
+
+def test_shared_log_dir_shows_one_run(tmp_path: Path) -> None:
+    """H: inspect names the run id, shows the latest run and lists the others; --run picks
+    one; plots never merge runs."""
+    from selfgrow.inspect_run import build_figure, load_run
+
+    d = _shared_dir(tmp_path)
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert {r["run_id"] for r in rows} == {"first", "second"}  # ScalarJsonlSink(run_id=)
+    code, out, err = _run(str(d))
+    assert code == 0 and not err
+    assert "run id: second" in out and "holds 2 runs" in out and "first" in out
+    assert "1 growths" in out
+    code, out, _ = _run(str(d), run="first")
+    assert "run id: first" in out and "2 growths" in out and "second" in out
+    assert _run(str(d), run="latest")[1] == _run(str(d))[1]
+    code, out, err = _run(str(d), run="third")
+    assert code == 2 and not out and "'third'" in err and "first, latest, second" in err
+    doc = json.loads(_run(str(d), as_json=True, run="first")[1])
+    assert doc["run_id"] == "first" and doc["other_run_ids"] == ["second"]
+    assert {e["run_id"] for e in doc["events"]} == {"first"}
+    for run, last in (("first", 500), ("second", 100)):
+        rec = load_run(d, run=run)
+        assert {r["run_id"] for r in rec.metrics} == {run}
+        ax_p, ax_l, _ = build_figure(rec).axes
+        assert max(ax_l.lines[0].get_xdata()) == last
+        assert max(ax_p.lines[0].get_xdata()) == last
+    from selfgrow.cli import main
+
+    assert main(["inspect", str(d), "--run", "first", "--json"]) == 0
+
+
+def test_rows_without_run_id_in_a_shared_dir_are_not_plotted(tmp_path: Path) -> None:
+    d = _shared_dir(tmp_path)
+    with open(d / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": 9999, "train/loss": 5.0}) + "\n")
+    code, out, err = _run(str(d))
+    assert code == 0 and "1 metrics.jsonl rows carry no run_id" in err
+    from selfgrow.inspect_run import load_run
+
+    assert all(r["step"] != 9999 for r in load_run(d).metrics)
+
+
+def test_binary_junk_is_escaped(run_dir: Path) -> None:
+    """M: a corrupt line's bytes are shown escaped and truncated, never raw."""
+    p = run_dir / "events.jsonl"
+    junk = b"\x1b[2J\x1b]0;pwned\x07\x00\xff\xfe" + b"A" * 500
+    p.write_bytes(p.read_bytes() + junk + b"\n")
+    code, out, err = _run(str(run_dir))
+    assert code == 0 and "line 4" in err
+    assert "\x1b" not in err and "\x00" not in err and "\x07" not in err
+    assert "\\x1b[2J" in err and "A" * 100 not in err

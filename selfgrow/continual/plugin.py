@@ -29,7 +29,6 @@ identical to the same strategy without the plugin.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -38,7 +37,7 @@ from avalanche.evaluation.metric_results import MetricValue
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..core import count_params, eval_mode, rng_isolated
+from ..core import eval_mode, rng_isolated
 from ..errors import GrowthConfigError
 from ..events.record import GrowthEvent
 
@@ -55,9 +54,9 @@ class GrowthPlugin(SupervisedPlugin):
             for replay accuracy (cost: one forward pass over them).
         held_per_experience: without a replay buffer in the strategy, keep this many samples
             of each experience's training data to measure accuracy on instead.
-        sinks: extra sinks receiving ``log_scalars`` (loss, parameters, replay accuracy)
-            every ``log_every`` steps.
-        log_every: scalar logging period in optimizer steps.
+        sinks: extra sinks receiving ``log_scalars`` of the per-experience accuracy
+            (``replay/acc_exp<k>``, ``replay/acc_mean``, ``replay/max_drop``) at every
+            measurement; loss and parameter count are the controller's scalars.
 
     Attributes:
         events: growth events this plugin saw returned by the controller.
@@ -74,20 +73,18 @@ class GrowthPlugin(SupervisedPlugin):
         max_replay_samples: int = 200,
         held_per_experience: int = 100,
         sinks: list[Any] | None = None,
-        log_every: int = 10,
     ) -> None:
         super().__init__()
-        if replay_eval_every < 0 or log_every < 1 or max_replay_samples < 1:
+        if replay_eval_every < 0 or max_replay_samples < 1:
             raise GrowthConfigError(
-                f"need replay_eval_every >= 0, log_every >= 1, max_replay_samples >= 1; got "
-                f"{replay_eval_every}, {log_every}, {max_replay_samples}"
+                f"need replay_eval_every >= 0 and max_replay_samples >= 1; got "
+                f"{replay_eval_every}, {max_replay_samples}"
             )
         self.controller = controller
         self.replay_eval_every = replay_eval_every
         self.max_replay_samples = max_replay_samples
         self.held_per_experience = held_per_experience
         self.sinks = list(sinks or [])
-        self.log_every = log_every
         self.events: list[GrowthEvent] = []
         self.reference_accuracy: dict[int, float] = {}
         self.last_replay_accuracy: dict[int, float] = {}
@@ -271,8 +268,6 @@ class GrowthPlugin(SupervisedPlugin):
             experience=self._exp_id,
             **metrics,
         )
-        if self.step % self.log_every == 0 and math.isfinite(loss):
-            self._log({"train/loss": loss, "model/params": float(count_params(strategy.model))})
         if ev is not None:
             self._after_decision(strategy, ev)
 
@@ -287,7 +282,6 @@ class GrowthPlugin(SupervisedPlugin):
         self._refresh_param_map(strategy)
         self._publish(strategy, "Growth/n_params", float(ev.params_after))
         self._publish(strategy, "Growth/n_growths", float(len(self.events)))
-        self._log({"model/params": float(ev.params_after)})
 
     def _refresh_param_map(self, strategy: Any) -> None:
         """The optimizer was edited in place by name; Avalanche's name -> tensor map must

@@ -8,8 +8,12 @@ Three variants share benchmark, strategy, optimizer, learning rate and seed:
 * ``fixed_small``: the same small starting model, never grown;
 * ``fixed_grown``: a freshly initialised model of the grown run's final config.
 
-Accuracy and forgetting come from Avalanche's ``accuracy_metrics`` / ``forgetting_metrics``
-(a full test-stream evaluation after every experience). Training FLOPs are counted with
+Accuracy comes from Avalanche's ``accuracy_metrics`` (a full test-stream evaluation after
+every experience); forgetting is Avalanche's StreamForgetting computed from the accuracy
+matrix (:func:`average_forgetting`), so a resumed run reports it too. With several seeds
+every variant is trained once per seed and the summary gives mean and std. Each variant is
+checkpointed after every experience (``RUN_DIR/resume/``); :func:`resume_experiment`
+continues an interrupted run from there. Training FLOPs are counted with
 ``torch.utils.flop_counter.FlopCounterMode``: forward + backward of one mini-batch per distinct
 architecture, divided by its size, times the samples trained on with that architecture.
 """
@@ -17,6 +21,7 @@ architecture, divided by its size, times the samples trained on with that archit
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -34,7 +39,6 @@ from ..core import count_params
 from ..errors import GrowthConfigError, choices_message
 from ..runs import (
     FlopMeter,
-    ScalarJsonlSink,
     check_run_name,
     check_runs_dir,
     create_run_dir,
@@ -42,6 +46,7 @@ from ..runs import (
     format_table,
     isatty,
     package_versions,
+    truncate_jsonl,
     write_json,
 )
 from .benchmarks import BENCHMARKS, Benchmark, build_benchmark
@@ -69,6 +74,8 @@ class RunSpec:
         batch_size: mini-batch size (new data; replay adds as many buffer samples).
         lr: Adam learning rate, the same for all three variants.
         seed: seed of data split, initialisation and data order.
+        seeds: several seeds (overrides ``seed``): every variant is trained once per seed
+            and the summary reports mean and std; ``None``: just ``seed``.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         baselines: also train the two fixed baselines.
         width: hidden width of the small MLP (one hidden layer).
@@ -88,7 +95,8 @@ class RunSpec:
         replay_eval_every: replay accuracy period in optimizer steps.
         cooldown: minimum optimizer steps between two growths.
         max_growths: growth limit.
-        max_params: parameter budget of the grown model.
+        max_params: parameter budget of the grown model (a growth that would exceed it is
+            skipped, and logged as such).
     """
 
     benchmark: str = "split-mnist"
@@ -99,6 +107,7 @@ class RunSpec:
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
+    seeds: list[int] | None = None
     device: str = "cpu"
     baselines: bool = True
     width: int = 8
@@ -115,6 +124,10 @@ class RunSpec:
     cooldown: int = 100
     max_growths: int = 4
     max_params: float = 2e5
+
+    def seed_list(self) -> list[int]:
+        """The seeds the run trains with: ``seeds``, else ``[seed]``."""
+        return list(self.seeds) if self.seeds is not None else [int(self.seed)]
 
     def validate(self) -> None:
         """Check every name and range before anything is written.
@@ -147,6 +160,10 @@ class RunSpec:
         ):
             if int(v) < lo:
                 raise GrowthConfigError(f"{what}={v} is out of range; valid: >= {lo}")
+        if self.seeds is not None:
+            check_seeds(self.seeds)
+        if not (self.max_params > 0 and math.isfinite(self.max_params)):
+            raise GrowthConfigError(f"max_params={self.max_params} is out of range; valid: > 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise GrowthConfigError(f"lr={self.lr} is out of range; valid: > 0")
         if not self.widen_factor > 1:
@@ -156,6 +173,47 @@ class RunSpec:
         if not (self.widen_split_noise >= 0 and math.isfinite(self.widen_split_noise)):
             raise GrowthConfigError(f"widen_split_noise={self.widen_split_noise} must be >= 0")
         resolve_device(self.device)
+
+
+def check_seeds(seeds: Any) -> list[int]:
+    """``seeds`` as a list of distinct integers >= 0.
+
+    Raises:
+        GrowthConfigError: empty, not integers, negative or repeated (names the bad value).
+    """
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise GrowthConfigError(f"seeds={seeds!r} must be a list of integers >= 0")
+    out = list(seeds)
+    if not out:
+        raise GrowthConfigError("seeds is empty; valid: one or more distinct integers >= 0")
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise GrowthConfigError(f"seed {v!r} in seeds is out of range; valid: integers >= 0")
+    dup = sorted({v for v in out if out.count(v) > 1})
+    if dup:
+        raise GrowthConfigError(f"seeds repeat {dup}; each seed may appear once")
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (the ``--seeds`` argument).
+
+    Raises:
+        GrowthConfigError: not a comma-separated list of distinct integers >= 0.
+    """
+    parts = [t.strip() for t in str(text).split(",")]
+    try:
+        seeds = [int(t) for t in parts]
+    except ValueError:
+        bad = next(t for t in parts if not t.lstrip("-").isdigit())
+        raise GrowthConfigError(
+            f"--seeds {text!r}: {bad!r} is not an integer; valid: a comma-separated list of "
+            "distinct integers >= 0, e.g. 0,1,2"
+        ) from None
+    try:
+        return check_seeds(seeds)
+    except GrowthConfigError as e:
+        raise GrowthConfigError(f"--seeds {text!r}: {e}") from None
 
 
 def available_actions(model_kind: str) -> list[str]:
@@ -244,10 +302,14 @@ def _make_recorder_plugin(
 
 @dataclass
 class VariantResult:
-    """Outcome of one variant (a row of the summary table)."""
+    """Outcome of one variant and seed (a row of the summary table).
+
+    ``accuracy_matrix[i][j]``: test accuracy on experience ``j`` after training experience
+    ``i`` (0-based ids); ``None`` for experiences not trained yet (``j > i``).
+    """
 
     variant: str
-    accuracy_matrix: list[list[float]] = field(default_factory=list)  # [after exp i][on exp j]
+    accuracy_matrix: list[list[float | None]] = field(default_factory=list)
     avg_accuracy_per_exp: list[float] = field(default_factory=list)
     final_avg_accuracy: float = float("nan")
     avg_forgetting: float = float("nan")
@@ -257,6 +319,7 @@ class VariantResult:
     wall_seconds: float = 0.0
     n_growths: int = 0
     final_model_config: dict[str, Any] | None = None
+    seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -264,6 +327,15 @@ class VariantResult:
             if isinstance(v, float) and not math.isfinite(v):
                 d[k] = None
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VariantResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("final_avg_accuracy", "avg_forgetting"):
+            if kw.get(k) is None:
+                kw[k] = float("nan")
+        return cls(**kw)
 
 
 def _metric(metrics: dict[str, Any], prefix: str, suffix: str = "") -> float:
@@ -275,17 +347,95 @@ def _metric(metrics: dict[str, Any], prefix: str, suffix: str = "") -> float:
     return float("nan")
 
 
+def average_forgetting(matrix: list[list[float | None]]) -> float:
+    """Avalanche's StreamForgetting after the last row: the mean over earlier experiences
+    ``j`` of (accuracy on ``j`` right after training it) - (accuracy on ``j`` now); NaN
+    after the first experience. Computed from the matrix so a resumed run gets it too."""
+    i = len(matrix) - 1
+    drops = [
+        float(matrix[j][j]) - float(matrix[i][j])  # type: ignore[arg-type]
+        for j in range(i)
+        if matrix[j][j] is not None and matrix[i][j] is not None
+    ]
+    return sum(drops) / len(drops) if drops else float("nan")
+
+
 ACC_EXP = "Top1_Acc_Exp/eval_phase/test_stream"
-BASELINE_LOG_EVERY = 5  # the grown run's GrowthPlugin(log_every=5)
-
-
+LOG_EVERY = 5  # training scalars (loss, parameters) every 5 optimizer steps, every variant
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream"
-STREAM_FORGET = "StreamForgetting/eval_phase/test_stream"
+
+#: the one TensorBoard / metrics.jsonl tag scheme of a run: ``train/loss``, ``model/params``
+#: (the parameter count), ``selfgrow/n_growths``, ``selfgrow/n_anomalies``,
+#: ``signal/<signal name>``, ``replay/...``, ``eval/...``
+PARAM_TAG = "model/params"
+LOSS_TAG = "train/loss"
+_CONTROLLER_COUNTERS = ("selfgrow/n_growths", "selfgrow/n_anomalies")
+
+
+def _make_replay_buffer(mem_size: int) -> Any:
+    """Avalanche's ``ExperienceBalancedBuffer(mem_size, adaptive_size=True)`` (the same
+    reservoir sampling, drawing the same random numbers) that remembers which samples of
+    each experience it keeps, so a resumed run rebuilds the identical buffer."""
+    from avalanche.training.storage_policy import ExperienceBalancedBuffer, ReservoirSamplingBuffer
+
+    class _TrackedBalancedBuffer(ExperienceBalancedBuffer):
+        def __init__(self) -> None:
+            super().__init__(max_size=mem_size, adaptive_size=True)
+            self.kept: dict[int, list[int]] = {}
+
+        def post_adapt(self, agent: Any, exp: Any) -> None:
+            self._num_exps += 1
+            lens = self.get_group_lengths(self._num_exps)
+            data = exp.dataset
+            # ReservoirSamplingBuffer.update_from_dataset on an empty buffer
+            weights, order = torch.rand(len(data)).sort(descending=True)
+            e = self._num_exps - 1
+            self.kept[e] = order[: lens[-1]].tolist()
+            self._set_group(e, data, weights[: lens[-1]])
+            for (g, b), n in zip(list(self.buffer_groups.items()), lens, strict=True):
+                b.resize(agent, n)
+                self.kept[g] = self.kept[g][:n]
+
+        def _set_group(self, e: int, data: Any, weights: torch.Tensor) -> None:
+            b = ReservoirSamplingBuffer(len(self.kept[e]))
+            b.buffer = data.subset(self.kept[e])
+            b._buffer_weights = weights.clone()
+            self.buffer_groups[e] = b
+
+        def state_dict(self) -> dict[str, Any]:
+            return {
+                "num_exps": int(self._num_exps),
+                "kept": {int(e): list(v) for e, v in self.kept.items()},
+                "weights": {int(e): b._buffer_weights.clone()
+                            for e, b in self.buffer_groups.items()},
+            }
+
+        def load_state_dict(self, state: dict[str, Any], train_stream: Any) -> None:
+            self._num_exps = int(state["num_exps"])
+            self.kept = {int(e): [int(i) for i in v] for e, v in state["kept"].items()}
+            self.buffer_groups = {}
+            for e in sorted(self.kept):
+                self._set_group(e, train_stream[e].dataset, state["weights"][e])
+
+    return _TrackedBalancedBuffer()
+
+
+@dataclass
+class _Slot:
+    """Where one variant of one seed writes: its TensorBoard directory, run id, checkpoint."""
+
+    variant: str
+    seed: int
+    tb_dir: Path
+    run_id: str
+    label: str
+    checkpoint: Path | None = None
+    after_experience: Callable[[str, int, int], None] | None = None
 
 
 def train_variant(
     variant: str,
-    model: nn.Module,
+    model: nn.Module | None,
     spec: RunSpec,
     bench: Benchmark,
     run_dir: Path,
@@ -293,76 +443,99 @@ def train_variant(
     grow: bool,
     print_fn: Callable[[str], None] = print,
     progress: bool = True,
+    slot: _Slot | None = None,
+    resume: bool = False,
 ) -> tuple[VariantResult, nn.Module, Any]:
     """Train one variant over every experience, evaluating the full test stream after each.
+
+    With ``slot.checkpoint`` the variant is checkpointed before its first experience and
+    after every one (model, optimizer, controller, GrowthPlugin, replay buffer, RNG states,
+    results so far); ``resume=True`` continues from that checkpoint (``model`` unused).
 
     Returns:
         ``(result, final_model, controller_or_None)``.
     """
-    from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics
+    from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.logging import TensorboardLogger
     from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
-    from avalanche.training.storage_policy import ExperienceBalancedBuffer
     from avalanche.training.supervised import Naive
     from tqdm import tqdm
 
+    from ..checkpoint import load_checkpoint, save_checkpoint
     from ..events.tensorboard import TensorBoardSink
 
+    seed = spec.seed if slot is None else slot.seed
+    slot = slot or _Slot(variant, seed, run_dir / "tb" / variant, run_dir.name,
+                         VARIANT_LABELS[variant])
     device = resolve_device(spec.device)
-    torch.manual_seed(spec.seed)
-    model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
-    tb_dir = run_dir / "tb" / variant
-    tb_logger = TensorboardLogger(tb_log_dir=str(tb_dir / "avalanche"))
-    evaluator = EvaluationPlugin(
-        accuracy_metrics(experience=True, stream=True),
-        forgetting_metrics(experience=True, stream=True),
-        loggers=[tb_logger],
-    )
+    ck = None
+    if resume:
+        if slot.checkpoint is None or not slot.checkpoint.is_file():
+            raise GrowthConfigError(f"no checkpoint to resume {variant} (seed {seed}) from")
+        ck = load_checkpoint(slot.checkpoint, restore_rng=False, map_location=device)
+        model, optimizer = ck.model, ck.optimizer
+        assert optimizer is not None
+        saved = ck.extra
+    else:
+        assert model is not None
+        torch.manual_seed(seed)
+        model = model.to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
+        saved = {}
+    done = int(saved.get("exps_done", 0))
+    tb_logger = TensorboardLogger(tb_log_dir=str(slot.tb_dir / "avalanche"))
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
+                                 loggers=[tb_logger])
     n_exps = bench.n_experiences
     # bars only on a terminal: piped / redirected stderr gets the plain per-experience lines
     use_bar = bool(progress) and isatty(sys.stderr)
     bar = tqdm(
         total=n_exps * spec.epochs,
-        desc=f"{VARIANT_LABELS[variant]:>18}",
+        initial=done * spec.epochs,
+        desc=f"{slot.label:>18}",
         unit="ep",
         disable=not use_bar,
         dynamic_ncols=True,
         leave=True,
     )
+    strategy: Any = None
 
     def on_epoch(rec: Any) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{rec.last_loss:.3f}", params=count_params(strategy.model))
 
+    purge = int(saved["step"]) + 1 if resume else None  # hide the interrupted tail in TB
     ctrl = None
     gplugin = None
-    sinks: list[Any] = []
+    scalars: Any = None
     on_iteration = None
     if grow:
-        ctrl, gplugin, sinks = _make_controller(model, optimizer, spec, bench, run_dir, device)
+        if resume:
+            truncate_jsonl(run_dir / "metrics.jsonl", int(saved["metrics_offset"]))
+        ctrl, gplugin, tb, scalars = _make_controller(
+            model, optimizer, spec, bench, run_dir, device, slot, purge
+        )
+        if ck is not None:
+            ck.restore_controller(ctrl)
+            gplugin.load_state_dict(saved["plugin"])
     else:
         # the baselines' training scalars, with the grown run's tags and logging period
-        base_tb = TensorBoardSink(tb_dir)
-        sinks = [base_tb]
+        tb = TensorBoardSink(slot.tb_dir, purge_step=purge)
 
         def on_iteration(strat: Any) -> None:
             n = recorder.iterations
-            if n % BASELINE_LOG_EVERY == 0 and math.isfinite(recorder.last_loss):
-                base_tb.log_scalars(n, {"train/loss": recorder.last_loss,
-                                        "model/params": float(count_params(strat.model))})
+            if n % LOG_EVERY == 0 and math.isfinite(recorder.last_loss):
+                tb.log_scalars(n, {LOSS_TAG: recorder.last_loss,
+                                   PARAM_TAG: float(count_params(strat.model))})
 
     recorder = _make_recorder_plugin(on_epoch, on_iteration)
     plugins: list[Any] = [recorder]
     if gplugin is not None:
         plugins.insert(0, gplugin)
+    buffer = None
     if spec.strategy == "replay":
-        plugins.append(
-            ReplayPlugin(
-                mem_size=spec.mem_size,
-                storage_policy=ExperienceBalancedBuffer(max_size=spec.mem_size, adaptive_size=True),
-            )
-        )
+        buffer = _make_replay_buffer(spec.mem_size)
+        plugins.append(ReplayPlugin(mem_size=spec.mem_size, storage_policy=buffer))
     strategy = Naive(
         model=model,
         optimizer=optimizer,
@@ -375,23 +548,77 @@ def train_variant(
         evaluator=evaluator,
         eval_every=-1,
     )
-    res = VariantResult(variant=variant, initial_params=count_params(model))
+    if ck is not None:
+        res = VariantResult.from_dict(saved["result"])
+        recorder.iterations = int(saved["recorder"]["iterations"])
+        recorder.last_loss = float(saved["recorder"]["last_loss"])
+        recorder.flops.samples = {str(k): int(v) for k, v in saved["recorder"]["samples"].items()}
+        recorder.flops.flops_per_sample = {
+            str(k): float(v) for k, v in saved["recorder"]["flops_per_sample"].items()}
+        if buffer is not None and saved.get("buffer") is not None:
+            buffer.load_state_dict(saved["buffer"], bench.scenario.train_stream)
+        # Avalanche resets the optimizer state at a fresh strategy's first experience;
+        # the loaded Adam state must survive: the strategy already knows these tensors
+        strategy.optimized_param_id = dict(model.named_parameters())
+        ck.restore_rng()
+    else:
+        res = VariantResult(variant=variant, initial_params=count_params(model), seed=seed)
+    wall0 = float(saved.get("wall_seconds", 0.0))
     t0 = time.perf_counter()
+
+    def step_now() -> int:
+        return gplugin.step if gplugin is not None else recorder.iterations
+
+    def checkpoint(exps_done: int) -> None:
+        if slot.checkpoint is None:
+            return
+        res.wall_seconds = wall0 + time.perf_counter() - t0
+        extra: dict[str, Any] = {
+            "variant": variant,
+            "seed": seed,
+            "exps_done": exps_done,
+            "step": step_now(),
+            "result": res.to_dict(),
+            "wall_seconds": res.wall_seconds,
+            "recorder": {
+                "iterations": recorder.iterations,
+                "last_loss": recorder.last_loss,
+                "samples": dict(recorder.flops.samples),
+                "flops_per_sample": dict(recorder.flops.flops_per_sample),
+            },
+            "buffer": buffer.state_dict() if buffer is not None else None,
+        }
+        if gplugin is not None:
+            extra["plugin"] = gplugin.state_dict()
+            extra["metrics_offset"] = scalars.tell()
+        tb.flush()
+        save_checkpoint(slot.checkpoint, strategy.model, strategy.optimizer,
+                        controller=ctrl,
+                        extra=extra)
+
     caught_cm = warnings.catch_warnings(record=True)
     caught = caught_cm.__enter__()
     try:
+        if ck is None:
+            checkpoint(0)
         for i, exp in enumerate(bench.scenario.train_stream):
+            if i < done:
+                continue
             strategy.train(exp)
             metrics = strategy.eval(bench.scenario.test_stream)
-            row = [_metric(metrics, ACC_EXP, f"Exp{j:03d}") for j in range(n_exps)]
+            # experiences not trained yet have no accuracy to report: None (null in JSON)
+            row: list[float | None] = [
+                _metric(metrics, ACC_EXP, f"Exp{j:03d}") if j <= i else None
+                for j in range(n_exps)
+            ]
             res.accuracy_matrix.append(row)
-            seen = row[: i + 1]
+            seen = [float(a) for a in row[: i + 1] if a is not None]
             res.avg_accuracy_per_exp.append(sum(seen) / len(seen))
             res.final_avg_accuracy = _metric(metrics, STREAM_ACC)
-            res.avg_forgetting = _metric(metrics, STREAM_FORGET)
-            cells = " ".join(f"{a:.2f}" if j <= i else "  - " for j, a in enumerate(row))
+            res.avg_forgetting = average_forgetting(res.accuracy_matrix)
+            cells = " ".join(f"{a:.2f}" if a is not None else "  - " for a in row)
             msg = (
-                f"[{VARIANT_LABELS[variant]}] exp {i + 1}/{n_exps} classes "
+                f"[{slot.label}] exp {i + 1}/{n_exps} classes "
                 f"{bench.classes_per_experience[i]}: acc per exp [{cells}] "
                 f"avg(seen)={res.avg_accuracy_per_exp[-1]:.3f} "
                 f"params={count_params(strategy.model)}"
@@ -400,13 +627,13 @@ def train_variant(
                 bar.write(msg)
             else:
                 print_fn(msg)
-            step_now = gplugin.step if gplugin else recorder.iterations
-            for s in sinks:
-                if isinstance(s, ScalarJsonlSink):
-                    s.log_row({"kind": "eval", "step": step_now,
-                               "experience": i, "accuracy": row})
-                elif isinstance(s, TensorBoardSink):
-                    s.log_scalars(step_now, {"eval/avg_acc_seen": res.avg_accuracy_per_exp[-1]})
+            if scalars is not None:
+                scalars.log_row({"run_id": slot.run_id, "kind": "eval", "step": step_now(),
+                                 "experience": i, "accuracy": row})
+            tb.log_scalars(step_now(), {"eval/avg_acc_seen": res.avg_accuracy_per_exp[-1]})
+            checkpoint(i + 1)
+            if slot.after_experience is not None:
+                slot.after_experience(variant, seed, i)
     finally:
         # Avalanche 0.6 calls its own deprecated storage-policy API every experience and
         # resets the warning filters to print it each time: swallow those, show the rest once
@@ -422,17 +649,67 @@ def train_variant(
         tb_logger.writer.close()
         if ctrl is not None:
             ctrl.close()
-        for s in sinks:
-            s.close()
-    res.wall_seconds = time.perf_counter() - t0
+        tb.close()
+        if scalars is not None:
+            scalars.close()
+    res.wall_seconds = wall0 + time.perf_counter() - t0
     final = strategy.model
     res.final_params = count_params(final)
     res.train_flops = float(recorder.total_flops)
-    res.n_growths = len(gplugin.events) if gplugin is not None else 0
+    res.n_growths = int(ctrl.n_growths) if ctrl is not None else 0
     from ..models import model_config_dict
 
     res.final_model_config = model_config_dict(final)
     return res, final, ctrl
+
+
+def _action_kwargs(spec: RunSpec, action: str, model: nn.Module) -> dict[str, Any]:
+    """Arguments of a growth action in ``selfgrow run``: the widening settings for ``widen``
+    and ``widen_layers`` (which widens every hidden layer of the starting model)."""
+    widen = {"factor": spec.widen_factor, "noise_std": spec.widen_noise,
+             "split_noise": spec.widen_split_noise}
+    if action == "widen":
+        return widen
+    if action == "widen_layers":
+        from ..ops.net2net import classifier_adapter
+
+        return {"layers": list(range(len(classifier_adapter(model).units()))), **widen}
+    return {}
+
+
+def _make_policy(spec: RunSpec, model: nn.Module) -> tuple[list[Any], Any]:
+    from ..control import Budget, LossPlateau, ReplayForgetting, Rule, RulePolicy
+
+    signals = [
+        ReplayForgetting(threshold=spec.forgetting_threshold, window=2),
+        LossPlateau(window=spec.plateau_window, min_rel_drop=spec.plateau_min_rel_drop),
+    ]
+    policy = RulePolicy(
+        [
+            Rule("replay_forgetting", action=spec.on_forgetting,
+                 kwargs=_action_kwargs(spec, spec.on_forgetting, model)),
+            Rule("loss_plateau", action=spec.on_plateau,
+                 kwargs=_action_kwargs(spec, spec.on_plateau, model)),
+        ],
+        budget=Budget(max_params=spec.max_params),
+        cooldown=spec.cooldown,
+        max_growths=spec.max_growths,
+    )
+    return signals, policy
+
+
+def check_controller(spec: RunSpec, model: nn.Module) -> None:
+    """Build the run's controller on ``model`` without any log (writes nothing): every
+    action and its arguments are checked as the real run will check them.
+
+    Raises:
+        GrowthConfigError: an action or its arguments do not fit the model.
+    """
+    from ..control import GrowthController
+
+    signals, policy = _make_policy(spec, model)
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
+    GrowthController(model, opt, signals=signals, policy=policy, measure_flops=False).close()
 
 
 def _make_controller(
@@ -442,56 +719,32 @@ def _make_controller(
     bench: Benchmark,
     run_dir: Path,
     device: torch.device,
-) -> tuple[Any, Any, list[Any]]:
-    from ..control import (
-        Budget,
-        GrowthController,
-        LossPlateau,
-        ReplayForgetting,
-        Rule,
-        RulePolicy,
-    )
+    slot: _Slot,
+    purge_step: int | None = None,
+) -> tuple[Any, Any, Any, Any]:
+    from ..control import GrowthController
     from ..events.tensorboard import TensorBoardSink
     from .plugin import GrowthPlugin
 
-    def action_kwargs(action: str) -> dict[str, Any]:
-        if action == "widen":
-            return {
-                "factor": spec.widen_factor,
-                "noise_std": spec.widen_noise,
-                "split_noise": spec.widen_split_noise,
-            }
-        return {}
-
-    tb = TensorBoardSink(run_dir / "tb" / "grown")
-    scalars = ScalarJsonlSink(run_dir / "metrics.jsonl")
+    tb = TensorBoardSink(slot.tb_dir, purge_step=purge_step)
     probe = bench.data.x_train[:64].to(device)
+    signals, policy = _make_policy(spec, model)
     ctrl = GrowthController(
         model,
         optimizer,
-        signals=[
-            ReplayForgetting(threshold=spec.forgetting_threshold, window=2),
-            LossPlateau(window=spec.plateau_window, min_rel_drop=spec.plateau_min_rel_drop),
-        ],
-        policy=RulePolicy(
-            [
-                Rule("replay_forgetting", action=spec.on_forgetting,
-                     kwargs=action_kwargs(spec.on_forgetting)),
-                Rule("loss_plateau", action=spec.on_plateau, kwargs=action_kwargs(spec.on_plateau)),
-            ],
-            budget=Budget(max_params=spec.max_params),
-            cooldown=spec.cooldown,
-            max_growths=spec.max_growths,
-        ),
+        signals=signals,
+        policy=policy,
         log_dir=str(run_dir),
-        sinks=[tb, scalars],
+        sinks=[tb],
         probe=probe,
-        run_id=run_dir.name,
+        run_id=slot.run_id,
+        scalar_every=LOG_EVERY,
     )
+    scalars = ctrl.metrics_sink  # metrics.jsonl, rows tagged with the run id
     gplugin = GrowthPlugin(
-        ctrl, replay_eval_every=spec.replay_eval_every, sinks=[tb, scalars], log_every=5
+        ctrl, replay_eval_every=spec.replay_eval_every, sinks=[tb, scalars]
     )
-    return ctrl, gplugin, [tb, scalars]
+    return ctrl, gplugin, tb, scalars
 
 
 def controller_description(spec: RunSpec) -> dict[str, Any]:
@@ -509,10 +762,106 @@ def controller_description(spec: RunSpec) -> dict[str, Any]:
         "widen_factor": spec.widen_factor,
         "widen_noise": spec.widen_noise,
         "widen_split_noise": spec.widen_split_noise,
+        "widen_layers": "every hidden layer of the starting model",
         "budget": {"max_params": spec.max_params},
         "cooldown": spec.cooldown,
         "max_growths": spec.max_growths,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# several seeds: mean and std per variant
+# ---------------------------------------------------------------------------------------------
+#: per-variant numbers reported as mean and std over seeds
+AGGREGATED = ("final_avg_accuracy", "avg_forgetting", "final_params", "initial_params",
+              "train_flops", "wall_seconds", "n_growths")
+
+
+def _mean_std(values: list[Any]) -> tuple[float | int | None, float | None]:
+    xs = [float(v) for v in values
+          if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    if not xs:
+        return None, None
+    mean = sum(xs) / len(xs)
+    std = (math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+           if len(xs) > 1 else None)
+    if all(isinstance(v, int) for v in values) and mean == int(mean):
+        return int(mean), std
+    return mean, std
+
+
+def _elementwise_mean(rows: list[list[Any]]) -> list[Any]:
+    out = []
+    for vals in zip(*rows, strict=False):
+        if all(isinstance(v, list) for v in vals):
+            out.append(_elementwise_mean(list(vals)))
+        else:
+            m, _ = _mean_std(list(vals))
+            out.append(None if any(v is None for v in vals) else m)
+    return out
+
+
+def aggregate_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant over seeds: every field of :data:`AGGREGATED` as the mean, plus
+    ``<field>_std`` (sample standard deviation; None for a single seed), the element-wise
+    mean of ``accuracy_matrix`` and ``avg_accuracy_per_exp``, ``seeds`` and ``n_seeds``.
+    ``final_model_config`` is kept when every seed ends with the same one (else None)."""
+    out: dict[str, Any] = {"variant": per_seed[0]["variant"],
+                           "seeds": [r.get("seed") for r in per_seed],
+                           "n_seeds": len(per_seed)}
+    for f in AGGREGATED:
+        out[f], out[f"{f}_std"] = _mean_std([r.get(f) for r in per_seed])
+    for f in ("accuracy_matrix", "avg_accuracy_per_exp"):
+        out[f] = _elementwise_mean([r.get(f) or [] for r in per_seed])
+    cfgs = [r.get("final_model_config") for r in per_seed]
+    out["final_model_config"] = cfgs[0] if all(c == cfgs[0] for c in cfgs) else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the experiment
+# ---------------------------------------------------------------------------------------------
+STATE_DIR = "resume"
+STATUS_FILE = "status.json"
+
+
+def _status(run_dir: Path, status: str, progress: str = "") -> None:
+    write_json(run_dir / STATUS_FILE, {
+        "status": status, "progress": progress,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+
+
+def preflight(spec: RunSpec, runs_dir: str | os.PathLike[str], name: str | None
+              ) -> tuple[str, Benchmark, list[str]]:
+    """Every check of a run before anything is written: the spec, name, runs directory,
+    data, every growth action with its arguments on the real starting model, and the
+    parameter budget.
+
+    Returns:
+        ``(run_name, benchmark of the first seed, warnings)``; a warning says when the
+        starting model already has more parameters than ``max_params`` (no growth can fit).
+    """
+    spec.validate()
+    run_name = name or f"{spec.benchmark}-{spec.model}-{spec.strategy}"
+    check_run_name(run_name)
+    check_runs_dir(runs_dir)
+    bench = build_benchmark(spec.benchmark, seed=spec.seed_list()[0])
+    model = build_small_model(spec.model, bench.data.input_shape, bench.data.num_classes,
+                              spec.width, spec.channels)
+    check_controller(spec, model)
+    notes = []
+    n = count_params(model)
+    if n > spec.max_params:
+        notes.append(
+            f"the starting model already has {n:,} parameters, over the growth budget "
+            f"--max-params {spec.max_params:,.0f}: it will never grow (raise --max-params)"
+        )
+    return run_name, bench, notes
+
+
+class RunBudgetWarning(UserWarning):
+    """The starting model is already over the run's parameter budget."""
 
 
 def run_experiment(
@@ -521,8 +870,16 @@ def run_experiment(
     name: str | None = None,
     print_fn: Callable[[str], None] = print,
     progress: bool = True,
+    *,
+    after_experience: Callable[[str, int, int], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Validate, create a fresh run directory, train every variant, write the summary.
+    """Validate, create a fresh run directory, train every variant for every seed, write the
+    summary.
+
+    ``status.json`` says ``running`` from the start, ``interrupted`` / ``failed`` when the
+    run stops early (it can then be continued with :func:`resume_experiment`) and
+    ``complete`` at the end. ``after_experience(variant, seed, experience_id)`` is called
+    after each experience's checkpoint.
 
     Returns:
         ``(run_dir, summary)``.
@@ -532,13 +889,11 @@ def run_experiment(
             anything is written).
         DataUnavailableError: a data package is missing (before anything is written).
     """
-    spec.validate()
-    run_name = name or f"{spec.benchmark}-{spec.model}-{spec.strategy}"
-    check_run_name(run_name)
-    check_runs_dir(runs_dir)
-    bench = build_benchmark(spec.benchmark, seed=spec.seed)
+    run_name, bench, notes = preflight(spec, runs_dir, name)
+    for note in notes:
+        print_fn(f"warning: {note}")
+        warnings.warn(note, RunBudgetWarning, stacklevel=2)
     run_dir = create_run_dir(runs_dir, run_name)
-    t_start = time.perf_counter()
     config = {
         "spec": dataclasses.asdict(spec),
         "benchmark": bench.describe(),
@@ -546,79 +901,235 @@ def run_experiment(
         "versions": package_versions(),
     }
     write_json(run_dir / "config.json", config)
+    _status(run_dir, "running", "starting")
+    (run_dir / STATE_DIR).mkdir()
+    write_json(run_dir / STATE_DIR / "state.json", {"completed": {}})
+    return _run(spec, run_dir, config, bench, print_fn, progress, after_experience, resumed=False)
+
+
+def load_resumable(run_dir: str | os.PathLike[str]) -> tuple[Path, RunSpec]:
+    """The run directory and spec of an unfinished ``selfgrow run``.
+
+    Raises:
+        RunDirError: not a directory of ``selfgrow run``, already complete, or written by a
+            version that kept no checkpoints (the message says which).
+    """
+    from ..errors import RunDirError
+
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise RunDirError(f"--resume {str(d)!r}: no such run directory")
+    try:
+        status = json.loads((d / STATUS_FILE).read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status == "complete" or (status is None and (d / "summary.json").is_file()):
+        raise RunDirError(f"--resume {str(d)!r}: this run is already complete")
+    try:
+        config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        spec_d = config["spec"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunDirError(f"--resume {str(d)!r}: not a selfgrow run directory (config.json "
+                          f"unreadable: {type(e).__name__})") from e
+    if not (d / STATE_DIR / "state.json").is_file():
+        raise RunDirError(f"--resume {str(d)!r}: the run kept no checkpoints to resume from")
+    names = {f.name for f in dataclasses.fields(RunSpec)}
+    spec = RunSpec(**{k: v for k, v in spec_d.items() if k in names})
+    spec.validate()
+    return d, spec
+
+
+def resume_experiment(
+    run_dir: str | os.PathLike[str],
+    print_fn: Callable[[str], None] = print,
+    progress: bool = True,
+    *,
+    after_experience: Callable[[str, int, int], None] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Continue an interrupted :func:`run_experiment` from its last per-experience
+    checkpoint: finished variants are kept, the interrupted one is rebuilt (grown
+    architecture, optimizer, controller, plugin, replay buffer, RNG states) and continues
+    with the next experience; events and metrics logged after the checkpoint are dropped
+    first (the resumed run logs them again)."""
+    d, spec = load_resumable(run_dir)
+    config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    bench = build_benchmark(spec.benchmark, seed=spec.seed_list()[0])
+    _status(d, "running", "resuming")
+    return _run(spec, d, config, bench, print_fn, progress, after_experience, resumed=True)
+
+
+def _run(
+    spec: RunSpec,
+    run_dir: Path,
+    config: dict[str, Any],
+    bench0: Benchmark,
+    print_fn: Callable[[str], None],
+    progress: bool,
+    after_experience: Callable[[str, int, int], None] | None,
+    resumed: bool,
+) -> tuple[Path, dict[str, Any]]:
+    from ..models import build_model
+
+    seeds = spec.seed_list()
+    multi = len(seeds) > 1
+    state_path = run_dir / STATE_DIR / "state.json"
+    ckpt = run_dir / STATE_DIR / "checkpoint.pt"
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    completed: dict[str, dict[str, Any]] = state.get("completed", {})
+    current = state.get("current")
+    t_start = time.perf_counter() - float(state.get("wall_seconds_total", 0.0))
     print_fn(
-        f"selfgrow run -> {run_dir}  ({bench.name}: {bench.n_experiences} experiences, "
-        f"{bench.data.source['n_train']} train / {bench.data.source['n_test']} test samples, "
-        f"data: {bench.data.source['package']} {bench.data.source['version']})"
+        f"selfgrow run {'(resumed) ' if resumed else ''}-> {run_dir}  ({bench0.name}: "
+        f"{bench0.n_experiences} experiences, {bench0.data.source['n_train']} train / "
+        f"{bench0.data.source['n_test']} test samples, data: {bench0.data.source['package']} "
+        f"{bench0.data.source['version']}"
+        + (f"; seeds {', '.join(map(str, seeds))}" if multi else "") + ")"
     )
+    variants = ["grown", "fixed_small", "fixed_grown"] if spec.baselines else ["grown"]
+    progress_text = "starting"
 
-    def small() -> nn.Module:
-        torch.manual_seed(spec.seed)
-        return build_small_model(
-            spec.model, bench.data.input_shape, bench.data.num_classes, spec.width, spec.channels
-        )
+    def on_exp(variant: str, seed: int, i: int) -> None:
+        nonlocal progress_text
+        progress_text = (f"seed {seed}, {variant}, experience {i + 1}/{bench0.n_experiences}"
+                         " done")
+        state["current"] = {"seed": seed, "variant": variant}
+        state["wall_seconds_total"] = time.perf_counter() - t_start
+        write_json(state_path, state)
+        _status(run_dir, "running", progress_text)
+        if after_experience is not None:
+            after_experience(variant, seed, i)
 
-    results: dict[str, VariantResult] = {}
-    grown_res, _, ctrl = train_variant(
-        "grown", small(), spec, bench, run_dir, grow=True, print_fn=print_fn, progress=progress
-    )
-    results["grown"] = grown_res
-    if spec.baselines:
-        results["fixed_small"] = train_variant(
-            "fixed_small", small(), spec, bench, run_dir, grow=False, print_fn=print_fn,
-            progress=progress,
-        )[0]
-        from ..models import build_model
+    try:
+        for seed in seeds:
+            bench = bench0 if seed == seeds[0] else build_benchmark(spec.benchmark, seed=seed)
+            done = completed.setdefault(str(seed), {})
 
-        torch.manual_seed(spec.seed)
-        big = build_model(grown_res.final_model_config)
-        results["fixed_grown"] = train_variant(
-            "fixed_grown", big, spec, bench, run_dir, grow=False, print_fn=print_fn,
-            progress=progress,
-        )[0]
-    events = [e.to_dict() for e in (ctrl.events if ctrl is not None else [])]
-    summary = {
+            def small(seed: int = seed, bench: Benchmark = bench) -> nn.Module:
+                torch.manual_seed(seed)
+                return build_small_model(spec.model, bench.data.input_shape,
+                                         bench.data.num_classes, spec.width, spec.channels)
+
+            for variant in variants:
+                if variant in done:
+                    continue
+                slot = _Slot(
+                    variant, seed,
+                    run_dir / "tb" / (f"seed{seed}/{variant}" if multi else variant),
+                    f"{run_dir.name}-seed{seed}" if multi else run_dir.name,
+                    VARIANT_LABELS[variant] + (f" s{seed}" if multi else ""),
+                    checkpoint=ckpt, after_experience=on_exp,
+                )
+                cont = bool(resumed and current == {"seed": seed, "variant": variant}
+                            and ckpt.is_file())
+                model: nn.Module | None = None
+                if not cont:
+                    if variant == "fixed_grown":
+                        torch.manual_seed(seed)
+                        model = build_model(done["grown"]["final_model_config"])
+                    else:
+                        model = small()
+                state["current"] = {"seed": seed, "variant": variant}
+                write_json(state_path, state)
+                res = train_variant(variant, model, spec, bench, run_dir,
+                                    grow=variant == "grown", print_fn=print_fn,
+                                    progress=progress, slot=slot, resume=cont)[0]
+                done[variant] = res.to_dict()
+                state["current"] = None
+                write_json(state_path, state)
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        state["wall_seconds_total"] = time.perf_counter() - t_start
+        write_json(state_path, state)
+        _status(run_dir, status, progress_text)
+        from ..runs import cli_command
+
+        print_fn(f"\nrun {status} after {progress_text}; it is incomplete. Continue it with:\n"
+                 f"  {cli_command()} run --resume {run_dir}")
+        raise
+
+    summary = _summary(spec, run_dir, config, bench0, completed, seeds,
+                       time.perf_counter() - t_start)
+    write_json(run_dir / "summary.json", summary)
+    _status(run_dir, "complete", "done")
+    import shutil
+
+    shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
+    print_fn("")
+    print_fn(format_summary_table(summary))
+    return run_dir, summary
+
+
+def _summary(
+    spec: RunSpec, run_dir: Path, config: dict[str, Any], bench: Benchmark,
+    completed: dict[str, dict[str, Any]], seeds: list[int], wall: float,
+) -> dict[str, Any]:
+    from ..events import read_events
+
+    ev_path = run_dir / "events.jsonl"
+    events = read_events(ev_path)[0] if ev_path.is_file() else []
+    per_seed = {str(s): completed[str(s)] for s in seeds}
+    names = list(per_seed[str(seeds[0])])
+    variants = {v: aggregate_seeds([per_seed[str(s)][v] for s in seeds]) for v in names}
+    if len(seeds) == 1:  # one seed: the variant's own result, with the aggregate fields
+        variants = {v: {**per_seed[str(seeds[0])][v], **{k: a for k, a in agg.items()
+                                                        if k.endswith("_std") or k in
+                                                        ("seeds", "n_seeds")}}
+                    for v, agg in variants.items()}
+    return {
         "name": run_dir.name,
         "run_dir": str(run_dir),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "status": "complete",
         "benchmark": bench.describe(),
         "data_source": bench.data.source,
         "strategy": spec.strategy,
         "model": spec.model,
         "lr": spec.lr,
         "epochs": spec.epochs,
+        "seeds": seeds,
         "versions": config["versions"],
-        "variants": {k: v.to_dict() for k, v in results.items()},
-        "growth_events": sum(1 for e in events if e.get("kind") == "growth"),
-        "skipped_events": sum(1 for e in events if e.get("kind") == "skipped"),
-        "wall_seconds_total": time.perf_counter() - t_start,
+        "variants": variants,
+        "per_seed": per_seed,
+        "growth_events": sum(1 for e in events if e.kind == "growth"),
+        "skipped_events": sum(1 for e in events if e.kind == "skipped"),
+        "wall_seconds_total": wall,
     }
-    write_json(run_dir / "summary.json", summary)
-    print_fn("")
-    print_fn(format_summary_table(summary))
-    return run_dir, summary
 
 
 def format_summary_table(summary: dict[str, Any]) -> str:
-    """Plain aligned text table of the variants in a summary (one row per variant)."""
+    """Plain aligned text table of the variants in a summary (one row per variant); with
+    several seeds the numbers are ``mean ± std`` over the seeds."""
     header = ["model", "final avg acc", "avg forgetting", "params", "train FLOPs",
               "wall s", "growths"]
     rows = []
+
+    def cell(v: dict[str, Any], key: str, f: str) -> str:
+        text = fmt(v.get(key), f)
+        std = v.get(f"{key}_std")
+        return text if std is None or text == "n/a" else f"{text} ± {fmt(std, f)}"
+
+    seeds = summary.get("seeds") or []
     for key in VARIANTS:
         v = summary.get("variants", {}).get(key)
         if v is None:
             continue
-        params = (
-            f"{v['initial_params']:,} -> {v['final_params']:,}"
-            if v["initial_params"] != v["final_params"] else f"{v['final_params']:,}"
-        )
+        if len(seeds) > 1:
+            params = cell(v, "final_params", "{:,.0f}")
+        else:
+            params = (
+                f"{v['initial_params']:,} -> {v['final_params']:,}"
+                if v["initial_params"] != v["final_params"] else f"{v['final_params']:,}"
+            )
         rows.append([
             VARIANT_LABELS[key],
-            fmt(v.get("final_avg_accuracy"), "{:.3f}"),
-            fmt(v.get("avg_forgetting"), "{:.3f}"),
+            cell(v, "final_avg_accuracy", "{:.3f}"),
+            cell(v, "avg_forgetting", "{:.3f}"),
             params,
-            fmt(v.get("train_flops"), "{:.3g}"),
-            fmt(v.get("wall_seconds"), "{:.1f}"),
-            str(v.get("n_growths", 0)),
+            cell(v, "train_flops", "{:.3g}"),
+            cell(v, "wall_seconds", "{:.1f}"),
+            cell(v, "n_growths", "{:.3g}") if len(seeds) > 1 else str(v.get("n_growths", 0)),
         ])
-    return format_table(header, rows)
+    table = format_table(header, rows)
+    if len(seeds) > 1:
+        table = f"mean ± std over seeds {', '.join(map(str, seeds))}:\n{table}"
+    return table

@@ -194,7 +194,7 @@ class GrowthController:
             given = [s for s in sinks if isinstance(s, ScalarJsonlSink)
                      and Path(s.path).resolve() == path]
             # a caller that already passes a sink on this file keeps it (one writer per file)
-            self.metrics_sink = given[0] if given else ScalarJsonlSink(path)
+            self.metrics_sink = given[0] if given else ScalarJsonlSink(path, run_id=self.run_id)
             if not given:
                 self.sinks.append(self.metrics_sink)
         self.sinks.extend(sinks)
@@ -595,7 +595,7 @@ class GrowthController:
         self.n_skipped += 1
         # one event per block reason (and schedule entry) per skip_log_every steps: signals
         # that take turns while the same limit holds must not flood the log
-        key = (d.blocked, str(d.trigger.get("entry", "")))
+        key = (str(d.blocked), str(d.trigger.get("entry", "")))
         recent = (
             self._last_skip_step is not None
             and self.step - self._last_skip_step < self.skip_log_every
@@ -701,6 +701,8 @@ class GrowthController:
                 f"{sorted(mine)}"
             )
         self.run_id = state["run_id"]
+        if self.metrics_sink is not None and self.metrics_sink.run_id is not None:
+            self.metrics_sink.run_id = self.run_id
         self.step = int(state["step"])
         self.seq = int(state["seq"])
         self.epoch = state["epoch"]

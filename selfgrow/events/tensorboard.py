@@ -13,7 +13,9 @@ from .record import GrowthEvent, as_float
 class TensorBoardSink:
     """Writes scalars and growth events with ``torch.utils.tensorboard.SummaryWriter``.
 
-    Per growth event (at the event's ``step``): ``growth/params`` (after), ``growth/event``
+    Per growth event (at the event's ``step``): ``model/params`` (the parameter count after
+    it: the same tag as the training scalars', so TensorBoard shows one parameter curve with
+    the exact growth steps), ``growth/event``
     (1 at a growth), the trigger's value and threshold under ``signal/<name>`` and
     ``signal/<name>_threshold``, the preservation error, and a Markdown text record under
     ``growth/events``. ``log_scalars`` writes any ``{tag: value}`` mapping (loss, parameter
@@ -22,12 +24,15 @@ class TensorBoardSink:
     Args:
         log_dir: directory of the event files (created if missing).
         flush_secs: SummaryWriter's background flush period in seconds.
+        purge_step: a resumed run's first step: TensorBoard hides what an interrupted run
+            logged at this step and later (``SummaryWriter(purge_step=...)``).
 
     Raises:
         DataUnavailableError-like ImportError message when ``tensorboard`` is missing.
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str], flush_secs: int = 10) -> None:
+    def __init__(self, log_dir: str | os.PathLike[str], flush_secs: int = 10,
+                 purge_step: int | None = None) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # pragma: no cover - tensorboard is a base dependency
@@ -38,7 +43,8 @@ class TensorBoardSink:
             ) from e
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._writer: Any = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs)
+        self._writer: Any = SummaryWriter(log_dir=str(self.log_dir), flush_secs=flush_secs,
+                                          purge_step=purge_step)
         self._closed = False
 
     def emit(self, event: GrowthEvent) -> None:
@@ -50,7 +56,7 @@ class TensorBoardSink:
         trig = event.trigger or {}
         sig = trig.get("signal")
         if event.kind == "growth":
-            w.add_scalar("growth/params", event.params_after, step)
+            w.add_scalar("model/params", event.params_after, step)
             w.add_scalar("growth/event", 1.0, step)
             pres = event.preservation or {}
             for key in ("max_abs", "max_rel"):
@@ -86,12 +92,19 @@ class TensorBoardSink:
             self._closed = True
 
 
+def _experience(x: Any) -> str:
+    """``experience 1 (id 0)``: ids are 0-based, user-facing numbers 1-based."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return f"experience {x + 1} (id {x})"
+    return f"experience {x}"
+
+
 def _event_markdown(event: GrowthEvent) -> str:
     trig = event.trigger or {}
     act = event.action or {}
     pres = event.preservation or {}
     lines = [
-        f"**{event.kind}** #{event.seq} at step {event.step} (experience {event.experience})",
+        f"**{event.kind}** #{event.seq} at step {event.step} ({_experience(event.experience)})",
         f"- trigger: `{trig.get('signal')}` value={trig.get('value')} "
         f"threshold={trig.get('threshold')}",
         f"- action: `{act.get('op')}` {json.dumps((act.get('config') or {}).get('data', {}))}",

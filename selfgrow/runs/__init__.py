@@ -7,13 +7,15 @@ from .dirs import (
     RUN_NAME_RULE,
     check_run_name,
     check_runs_dir,
+    cli_command,
     create_run_dir,
     package_versions,
+    tensorboard_command,
     unique_run_dir,
     write_json,
 )
 from .flops import FlopMeter, arch_key, training_flops_per_sample
-from .metrics import ScalarJsonlSink, isatty
+from .metrics import ScalarJsonlSink, isatty, truncate_jsonl
 from .summary import finite, fmt, format_table
 
 __all__ = [
@@ -23,13 +25,16 @@ __all__ = [
     "arch_key",
     "check_run_name",
     "check_runs_dir",
+    "cli_command",
     "create_run_dir",
     "finite",
     "fmt",
     "format_table",
     "isatty",
     "package_versions",
+    "tensorboard_command",
     "training_flops_per_sample",
+    "truncate_jsonl",
     "unique_run_dir",
     "write_json",
 ]

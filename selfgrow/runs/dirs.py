@@ -6,6 +6,9 @@ import json
 import os
 import platform
 import re
+import shlex
+import shutil
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -93,3 +96,33 @@ def package_versions(
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def _rel_command(path: str) -> str:
+    r = os.path.relpath(path)
+    if r.startswith(".."):
+        r = os.path.abspath(path)
+    elif os.sep not in r:
+        r = "." + os.sep + r
+    return shlex.quote(r)
+
+
+def cli_command() -> str:
+    """How to run ``selfgrow`` again from the current directory, the way this process was
+    started: ``selfgrow`` when that is what PATH finds, else the script's path (e.g.
+    ``.venv/bin/selfgrow`` after ``./scripts/demo``), else ``PYTHON -m selfgrow``."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) in ("selfgrow", "selfgrow.exe") and os.path.isfile(argv0):
+        found = shutil.which("selfgrow")
+        if found and os.path.realpath(found) == os.path.realpath(argv0):
+            return "selfgrow"
+        return _rel_command(argv0)
+    return f"{_rel_command(sys.executable)} -m selfgrow"
+
+
+def tensorboard_command() -> str:
+    """``tensorboard`` of this Python environment, runnable from the current directory."""
+    tb = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    if os.path.isfile(tb):
+        return _rel_command(tb)
+    return f"{_rel_command(sys.executable)} -m tensorboard.main"

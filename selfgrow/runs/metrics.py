@@ -14,11 +14,23 @@ from ..events.record import as_float
 class ScalarJsonlSink:
     """Controller sink writing ``log_scalars`` calls as JSON lines ``{"step": s, tag: value,
     ...}`` to ``metrics.jsonl`` (append; non-finite values dropped); ``log_row`` writes any
-    other row (evaluation results) and flushes."""
+    other row (evaluation results) and flushes.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    Args:
+        path: the JSONL file (appended to; several runs may share it).
+        run_id: added as ``"run_id"`` to every row (``selfgrow inspect`` then keeps the rows
+            of different runs apart); ``None``: rows carry no run id.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], run_id: str | None = None) -> None:
         self.path = Path(path)
+        self.run_id = run_id
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+
+    def _tag(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.run_id is not None and "run_id" not in row:
+            row = {"run_id": self.run_id, **row}
+        return row
 
     def emit(self, event: Any) -> None:
         """Growth events go to events.jsonl; nothing to do here."""
@@ -29,11 +41,16 @@ class ScalarJsonlSink:
             fv = as_float(v)
             if fv is not None and math.isfinite(fv):
                 row[k] = fv
-        self._fh.write(json.dumps(row) + "\n")
+        self._fh.write(json.dumps(self._tag(row)) + "\n")
 
     def log_row(self, row: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(row) + "\n")
+        self._fh.write(json.dumps(self._tag(dict(row))) + "\n")
         self._fh.flush()
+
+    def tell(self) -> int:
+        """Bytes written so far (flushed first): a resume point for :func:`truncate_jsonl`."""
+        self._fh.flush()
+        return self._fh.tell()
 
     def flush(self) -> None:
         self._fh.flush()
@@ -49,3 +66,17 @@ def isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
         return False
+
+
+def truncate_jsonl(path: str | os.PathLike[str], offset: int) -> int:
+    """Cut ``path`` back to ``offset`` bytes (rows logged after a checkpoint, rewritten by the
+    resumed run); returns the bytes removed (0 when the file is already that short)."""
+    p = Path(path)
+    if not p.exists():
+        return 0
+    size = p.stat().st_size
+    if size <= offset:
+        return 0
+    with open(p, "r+b") as fh:
+        fh.truncate(offset)
+    return size - offset
