@@ -260,3 +260,34 @@ def test_binary_junk_is_escaped(run_dir: Path) -> None:
     assert code == 0 and "line 4" in err
     assert "\x1b" not in err and "\x00" not in err and "\x07" not in err
     assert "\\x1b[2J" in err and "A" * 100 not in err
+
+
+def test_plain_controller_log_dir_fills_the_plot_panels(tmp_path: Path) -> None:
+    """A plain GrowthController(log_dir=...) writes loss and parameter count (tagged with its
+    run id) to metrics.jsonl, so inspect's loss and parameter panels have data."""
+    import torch
+    import torch.nn.functional as F
+
+    from selfgrow import FixedSchedule, GrowthController, build_model
+    from selfgrow.inspect_run import build_figure, load_run
+    from selfgrow.models.mlp import MLPConfig
+
+    torch.manual_seed(0)
+    model = build_model(MLPConfig(in_features=8, hidden=(4,), n_classes=3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctrl = GrowthController(model, opt, policy=FixedSchedule([(20, "widen")]),
+                            log_dir=str(tmp_path), run_id="plain", scalar_every=5)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for _ in range(40):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        ctrl.observe(loss=loss)
+    ctrl.close()
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(r["run_id"] == "plain" for r in rows)
+    assert all("train/loss" in r and "model/params" in r for r in rows)
+    assert rows[-1]["model/params"] > rows[0]["model/params"]  # the growth at step 20
+    ax_p, ax_l, _ = build_figure(load_run(tmp_path)).axes
+    assert max(ax_p.lines[0].get_xdata()) == 40 and len(ax_l.lines[0].get_xdata()) == 8
