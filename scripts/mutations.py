@@ -114,8 +114,10 @@ MUTATIONS: list[Mutation] = [
         "selfgrow/optim.py",
         "        vals, new_mask = m.gather(v, p.shape)\n",
         "        vals, new_mask = m.gather(v, p.shape)\n"
-        "        if vals.shape == v.shape and not torch.equal(vals, v):\n"
-        "            vals = v.clone()  # mutation: state left in the old order\n",
+        "        if vals.shape != v.shape:  # mutation: state padded by position, not gathered\n"
+        "            lead = tuple(slice(0, s) for s in v.shape)\n"
+        "            vals = torch.zeros_like(vals)\n"
+        "            vals[lead] = v\n",
         ("tests/test_optim.py::test_copied_units_get_scaled_moments",),
     ),
     # ---------------------------------------------------------------- growth operators
