@@ -104,17 +104,25 @@ def _same(a, b) -> bool:
 def test_grow_is_exact_and_migrates_state():
     m, opt = _trained()
     x = torch.randn(16, 4)
-    old_b_bias_state = opt.state[m.b.bias]
+    old = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in m.named_parameters()}
     ev = grow_(m, _DupConfig(unit=1), optimizer=opt, probe=x)
     assert ev.preservation["max_rel"] <= 1e-6
     assert ev.params_after > ev.params_before
     assert m.a.out_features == 4
     assert len({id(p) for g in opt.param_groups for p in g["params"]}) == 4
     assert all(p in opt.state for p in m.parameters())
-    # copies get m/c and v/c^2
+    # unit 1 now has two copies (rows 1 and 3): each gets m/2 and v/4; other rows unchanged
+    idx, share = torch.tensor([0, 1, 2, 1]), torch.tensor([1.0, 0.5, 1.0, 0.5])
     st = opt.state[m.a.weight]
-    assert torch.allclose(st["exp_avg"][1], st["exp_avg"][3])
-    assert old_b_bias_state["exp_avg"].shape == opt.state[m.b.bias]["exp_avg"].shape
+    assert torch.equal(st["exp_avg"], old["a.weight"]["exp_avg"][idx] * share.view(-1, 1))
+    assert torch.equal(st["exp_avg_sq"], old["a.weight"]["exp_avg_sq"][idx]
+                       * share.view(-1, 1) ** 2)
+    # b reads the copies: its columns' state is gathered unscaled; b.bias is carried 1:1
+    stb = opt.state[m.b.weight]
+    assert stb["exp_avg"].shape == (2, 4)  # widened (the old b.weight state was (2, 3))
+    assert torch.equal(stb["exp_avg"], old["b.weight"]["exp_avg"][:, idx])
+    for k, v in old["b.bias"].items():
+        assert torch.equal(opt.state[m.b.bias][k], v), k
     opt.zero_grad()
     m(x).sum().backward()
     opt.step()  # still steps

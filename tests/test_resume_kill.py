@@ -103,11 +103,26 @@ def _kill_points(seed: int) -> list[tuple[str, int]]:
     ]
 
 
+#: the seed of the kill points test_sigkill_and_resume_... really uses
+KILL_SEED = 20261129
+
+
+def _check_kill_points(pts: list[tuple[str, int]]) -> None:
+    """The kill points cover the cases of the module docstring (training-step units; the
+    checkpoint of step s is written before "step s" is reported)."""
+    g1, g2, g3 = (g - 1 for g in GROWTH_STEPS)
+    (k0, s0), (k1, s1), (k2, s2), (k3, s3) = pts
+    assert (k0, k1, k2, k3) == ("step", "step", "saving", "step"), pts
+    assert s0 < EVERY - 1 and s0 < g1, f"first kill {s0} not before any checkpoint / growth"
+    next_ck = (g1 // EVERY + 1) * EVERY - 1  # first checkpoint that includes growth 1
+    assert g1 <= s1 < next_ck, f"second kill {s1} not between growth 1 and its checkpoint"
+    assert (s2 + 1) % EVERY == 0 and s2 > g2, f"mid-save kill {s2} not on a later save"
+    assert s3 > g3, f"last kill {s3} not after the last growth"
+    assert len(set(pts)) == 4
+
+
 def test_kill_points_cover_the_required_cases():
-    pts = _kill_points(0)
-    g1, g3 = GROWTH_STEPS[0] - 1, GROWTH_STEPS[2] - 1
-    assert pts[0][1] < g1 and g1 <= pts[1][1] and pts[3][1] > g3
-    assert len({p for p in pts}) == 4
+    _check_kill_points(_kill_points(KILL_SEED))  # the points the kill test really uses
 
 
 @pytest.fixture(scope="module")
@@ -120,19 +135,25 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sigkill_and_resume_is_bitwise_identical_with_same_events(tmp_path, reference):
     run = tmp_path / "killed"
     resumes: list[str] = []
+    resumed_runs: list[bool] = []  # per run: did it start from a checkpoint?
     lazy_seen = False
-    for point in _kill_points(seed=20261129):
+    points = _kill_points(seed=KILL_SEED)
+    _check_kill_points(points)
+    for point in points:
         lines = _run(run, kill_at=point)
         resumes += [ln for ln in lines if ln.startswith("resumed")]
+        resumed_runs.append(any(ln.startswith("resumed") for ln in lines))
         if point[0] == "saving":  # the surviving checkpoint holds not-yet-stepped new tensors
             state = torch.load(run / "ckpt.pt", weights_only=True)["optimizer"]["state"]
             lazy_seen = any(LAZY_INIT_KEY in st for st in state.values())
     assert lazy_seen
     lines = _run(run)
     resumes += [ln for ln in lines if ln.startswith("resumed")]
+    resumed_runs.append(any(ln.startswith("resumed") for ln in lines))
     assert lines[-1] == "done"
-    # resumed from checkpoints (the first kill came before any checkpoint: a fresh restart)
-    assert len(resumes) >= 3, resumes
+    # the first kill came before any checkpoint: the second run restarted fresh; every later
+    # run resumed from a checkpoint
+    assert resumed_runs == [False, False, True, True, True], (resumed_runs, resumes)
     # events logged after a checkpoint were rewound and re-emitted at least once
     assert any(int(r.split()[-1]) > 0 for r in resumes), resumes
     # the mid-save kill left a torn temporary file; a later save of the host cleaned it up

@@ -114,15 +114,36 @@ def op_kwargs(op: str, model: nn.Module) -> dict[str, Any]:
     return dict(kw(model) if callable(kw) else kw)
 
 
+#: operators whose KW recipe reads dimensions of one kind of family only
+RECIPE_KIND: dict[str, str] = {
+    "net2wider": "classifier",
+    "ffn_net2wider": "transformer",
+    "ffn_zero_fanout": "transformer",
+    "heads_clone": "transformer",
+    "heads_fresh": "transformer",
+    "extend_positions": "transformer",
+}
+#: (operator, family) pairs excluded by hand, with the reason
+EXCLUDED: dict[tuple[str, str], str] = {
+    ("extend_positions", "torch-enc-preln"): "nn.TransformerEncoder has no position table",
+    ("extend_positions", "torch-enc-postln"): "nn.TransformerEncoder has no position table",
+}
+
+
+def _kind(family: str) -> str:
+    return "classifier" if family in CLASSIFIERS else "transformer"
+
+
 def _applies(op: str, family: str, model: nn.Module) -> bool:
-    try:
-        kw = op_kwargs(op, model)
-    except (AttributeError, IncompatibleModelError):  # recipe written for another family
+    """Whether ``op`` applies to ``family``: excluded explicitly above, or refused by the
+    operator with IncompatibleModelError (its "not this model" answer). Any other error of the
+    recipe or the operator is a bug and propagates (nothing is swallowed)."""
+    if RECIPE_KIND.get(op, _kind(family)) != _kind(family) or (op, family) in EXCLUDED:
         return False
+    cfg = make_config(op, **op_kwargs(op, model))
     try:
-        cfg = make_config(op, **kw)
         get_operator(op).validate(model, cfg)
-    except (IncompatibleModelError, GrowthConfigError, KeyError, IndexError, TypeError):
+    except IncompatibleModelError:
         return False
     return True
 
@@ -464,6 +485,8 @@ def invalid_variants(op: str, model: nn.Module) -> list[tuple[str, dict[str, Any
             bad = [-1.0, math.nan]
         elif isinstance(cur, str):
             bad = ["no-such-choice"]
+        elif name == "steps":  # compound_grow: no step, an unknown step config
+            bad = [[], [{"type": "NoSuchConfig", "data": {}}]]
         out += [(f"{name}={b!r}", {**base, name: b}) for b in bad]
     return out
 
@@ -472,12 +495,16 @@ def invalid_variants(op: str, model: nn.Module) -> list[tuple[str, dict[str, Any
 def test_invalid_arguments_raise_before_any_change(op, family, monkeypatch):
     model, opt, _ = setup(family)
     variants = invalid_variants(op, model)
+    assert variants, f"no invalid variant derived from the fields of {op}'s config"
+    reached = 0
     for label, kw in variants:
         try:
             cfg = make_config(op, **kw)
         except GrowthConfigError:
             continue  # rejected when the config is built: fine as well
         _expect_rejected(model, opt, cfg, GrowthConfigError, monkeypatch, f"{op} {label}")
+        reached += 1
+    assert reached, f"{op}: every invalid variant was refused by make_config; none by grow_"
 
 
 @pytest.mark.parametrize("op,family", CASES, ids=[f"{o}-{f}" for o, f in CASES])

@@ -1,0 +1,329 @@
+"""Structural checks of every INEXACT operator (registry-generated).
+
+An inexact operator cannot be tested by "the output is unchanged"; each promises a structure
+instead (module docstrings of selfgrow/ops/depth.py, width.py, net2net.py), checked here:
+
+* depth (``g_stack``, ``g_repeat``, ``g_interleave``, ``g_insert``, ``g_random``,
+  ``splitting_layer``): which new block is which old block (the same module object), which is
+  a copy of which (values equal), which copies are halved (``splitting_layer``: attention
+  output and FFN down projections, weights and biases, exactly x 0.5), which carry noise
+  (relative std ``noise``), which are random (weights with the source's std, norms gain 1 /
+  bias 0, other biases 0); every tensor outside the layer stack unchanged;
+* ``widen_d_model_pad``: old coordinates unchanged, new ones zero / random (std
+  ``init_std``, norm gains 1) / Net2Net copies (writers copy a source coordinate, readers
+  and a tied final norm divided by the copy count);
+* noisy variants of exact operators (``net2wider`` with ``noise_std > 0``): old units
+  unchanged, new units a source's incoming weights plus noise of std ``noise_std``, outgoing
+  weights divided by the copy count;
+
+and for all of them the measured error is finite (inf and NaN fail) and reported, and
+``exact_expected`` is False. ``test_every_inexact_operator_has_a_structural_check`` fails
+when a registered inexact operator has no case here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from _families import FAMILIES, make_input, randomize_
+from _growth_checks import output, rel_err
+from torch import nn
+
+from selfgrow.adapters import get_adapter
+from selfgrow.models.mlp import GrowableMLP, MLPConfig
+from selfgrow.ops import get_operator, grow_, list_operators, make_config
+
+Plan = list[tuple[int, str]]  # per new block: (source block, kind)
+
+
+def _ins(n: int, positions: tuple[int, ...], kind: str) -> Plan:
+    """Documented insertion plan: new blocks before old indices ``positions``, each derived
+    from its left neighbour (the right one at position 0)."""
+    out: Plan = []
+    for i in range(n + 1):
+        out += [(max(p - 1, 0), kind) for p in positions if p == i]
+        if i < n:
+            out.append((i, "old"))
+    return out
+
+
+#: depth case -> (operator, kwargs of n_layers, documented plan of n_layers)
+DEPTH: dict[str, tuple[str, Callable[[int], dict[str, Any]], Callable[[int], Plan]]] = {
+    "g_stack": ("g_stack", lambda n: {},
+                lambda n: [(i, "old" if r == 0 else "copy") for i in range(n) for r in range(2)]),
+    "g_stack-x3": ("g_stack", lambda n: dict(factor=3),
+                   lambda n: [(i, "old" if r == 0 else "copy") for i in range(n)
+                              for r in range(3)]),
+    "g_repeat": ("g_repeat", lambda n: {},
+                 lambda n: [(i, "old" if r == 0 else "copy") for r in range(2) for i in range(n)]),
+    "g_interleave": ("g_interleave", lambda n: dict(noise=0.05, seed=1),
+                     lambda n: [(i, "old" if r == 0 else "noisy") for i in range(n)
+                                for r in range(2)]),
+    "g_insert": ("g_insert", lambda n: dict(positions=(0, 1, n)),
+                 lambda n: _ins(n, (0, 1, n), "copy")),
+    "g_insert-random": ("g_insert", lambda n: dict(positions=(1,), init="random", seed=2),
+                        lambda n: _ins(n, (1,), "random")),
+    "g_random": ("g_random", lambda n: dict(n_new=2, seed=3),
+                 lambda n: _ins(n, (n, n), "random")),
+    "g_random-positions": ("g_random", lambda n: dict(n_new=2, positions=(0, 1), seed=4),
+                           lambda n: _ins(n, (0, 1), "random")),
+    "splitting_layer": ("splitting_layer", lambda n: {},
+                        lambda n: [(i, "half") for i in range(n) for _ in range(2)]),
+    "splitting_layer-one": ("splitting_layer", lambda n: dict(layers=(n - 1,)),
+                            lambda n: [(i, "old") for i in range(n - 1)]
+                            + [(n - 1, "half")] * 2),
+}
+NOISE = 0.05  # g_interleave's relative noise above
+
+#: width cases: (operator, kwargs); checked on GrowableTransformer families
+WIDTH: dict[str, tuple[str, dict[str, Any]]] = {
+    "pad-zero": ("widen_d_model_pad", dict(new_d=12, mode="zero")),
+    "pad-random": ("widen_d_model_pad", dict(new_d=12, mode="random", init_std=0.1, seed=1)),
+    "pad-net2net": ("widen_d_model_pad", dict(new_d=13, mode="net2net", seed=2)),
+}
+WIDTH_FAMILIES = ("sg-preln", "sg-untied-nobias-encoder", "sg-postln-rms-untied")
+
+#: noisy (inexact) variants of exact operators: (operator, kwargs)
+NOISY: dict[str, tuple[str, dict[str, Any]]] = {
+    "net2wider-noise": ("net2wider", dict(layer=0, new_width=11, noise_std=0.05, seed=5)),
+}
+
+#: every registered inexact operator -> the cases above that check it
+COVERED = {op for op, _, _ in DEPTH.values()} | {op for op, _ in WIDTH.values()}
+
+
+def test_every_inexact_operator_has_a_structural_check():
+    inexact = {n for n in list_operators() if not n.startswith("_") and not get_operator(n).exact}
+    assert inexact, "the registry lists no inexact operator"
+    missing = inexact - COVERED
+    assert not missing, f"inexact operators without a structural check: {sorted(missing)}"
+    for op, kw in NOISY.values():  # the noisy variants are really the inexact ones
+        assert get_operator(op).exact and not get_operator(op).is_exact(
+            _mlp(), make_config(op, **kw))
+
+
+# ------------------------------------------------------------------------------ helpers
+def _grow(model: nn.Module, op: str, kw: dict[str, Any]) -> tuple[Any, float]:
+    """Grow ``model`` (eval, fp64) with a probe; return the event and the measured error."""
+    args = make_input(model, dtype=torch.float64)
+    c0 = get_adapter(model).dims().d_model
+    before = output(model, args, c0).detach()
+    ev = grow_(model, make_config(op, **kw), probe_fn=lambda m: output(m, args, c0))
+    err = rel_err(output(model, args, c0), before)
+    return ev, err
+
+
+def _check_error_reported(ev: Any, err: float) -> None:
+    assert math.isfinite(err), err
+    assert not ev.preservation["exact_expected"]
+    assert math.isfinite(ev.preservation["max_rel"]) and math.isfinite(
+        ev.preservation["max_abs"]), ev.preservation
+
+
+def _clone(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) or "norm" in type(m).__name__.lower()
+
+
+def _out_ids(ad: Any, j: int) -> set[int]:
+    ids = set()
+    for ref in ad.layer(j).out_projections():
+        for t in (ref.raw_weight(), ref.raw_bias()):
+            if t is not None:
+                ids.add(id(t))
+    return ids
+
+
+def _model(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_(FAMILIES[family](), seed=0).double().eval()
+
+
+# ------------------------------------------------------------------------------ depth
+@pytest.mark.parametrize("case", list(DEPTH))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_depth_structure(family, case):
+    op, kw_of, plan_of = DEPTH[case]
+    model = _model(family)
+    ad = get_adapter(model)
+    lp = ad.layers_path
+    old_blocks = list(ad.layers())
+    n = len(old_blocks)
+    old_vals = [_clone(b) for b in old_blocks]
+    outside = {k: v.clone() for k, v in model.state_dict().items()
+               if not k.startswith(lp + ".")}
+    ev, err = _grow(model, op, kw_of(n))
+    _check_error_reported(ev, err)
+
+    plan = plan_of(n)
+    ad = get_adapter(model)
+    new_blocks = list(ad.layers())
+    assert len(new_blocks) == len(plan) == ad.dims().n_layers, (case, len(new_blocks))
+    sd = model.state_dict()
+    for k, v in outside.items():  # embeddings, head, final norm: untouched
+        assert torch.equal(sd[k], v), k
+    old_ids = {id(b) for b in old_blocks}
+    for j, (src, kind) in enumerate(plan):
+        blk, ref = new_blocks[j], old_vals[src]
+        vals = _clone(blk)
+        assert vals.keys() == ref.keys(), (j, kind)
+        where = f"{family} {case}: block {j} ({kind} of {src})"
+        if kind == "old":
+            assert blk is old_blocks[src], where
+        else:
+            assert id(blk) not in old_ids, f"{where} is an old module, not a new one"
+        if kind in ("old", "copy"):
+            for k in ref:
+                assert torch.equal(vals[k], ref[k]), f"{where}: {k}"
+        elif kind == "half":
+            outs = _out_ids(ad, j)
+            named = dict(blk.named_parameters())
+            halved = [k for k in ref if id(named[k]) in outs]
+            assert halved, f"{where}: no output projection found"
+            for k in ref:
+                want = ref[k] * 0.5 if k in halved else ref[k]
+                assert torch.equal(vals[k], want), f"{where}: {k}"
+        elif kind == "noisy":
+            for k in ref:
+                if ref[k].dim() < 2:
+                    assert torch.equal(vals[k], ref[k]), f"{where}: {k}"
+                    continue
+                rel = float((vals[k] - ref[k]).std() / ref[k].std())
+                assert NOISE / 3 <= rel <= NOISE * 3, f"{where}: {k} noise {rel}"
+        elif kind == "random":
+            for k in ref:
+                if ref[k].dim() >= 2:
+                    ratio = float(vals[k].std() / ref[k].std())
+                    assert not torch.equal(vals[k], ref[k]), f"{where}: {k} copied"
+                    assert 0.4 <= ratio <= 2.5, f"{where}: {k} std ratio {ratio}"
+            for mn, m in blk.named_modules():
+                w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+                if _is_norm(m) and isinstance(w, nn.Parameter):
+                    assert torch.equal(w, torch.ones_like(w)), f"{where}: {mn}.weight"
+                if isinstance(b, nn.Parameter):
+                    assert torch.equal(b, torch.zeros_like(b)), f"{where}: {mn}.bias"
+        else:  # pragma: no cover - a typo in the table
+            raise AssertionError(kind)
+    randoms = [j for j, (_, kind) in enumerate(plan) if kind == "random"]
+    if len(randoms) > 1:  # independent draws
+        a, b = (_clone(new_blocks[j]) for j in randoms[:2])
+        assert any(not torch.equal(a[k], b[k]) for k in a if a[k].dim() >= 2)
+
+
+# ------------------------------------------------------------------------------ width
+def _readers(ad: Any) -> dict[str, int]:
+    """Weights reading the stream -> the dimension they read it along."""
+    out = {}
+    for lv in ad.layer_views():
+        for r in (lv.q, lv.k, lv.v, lv.up, lv.gate):
+            if r is not None:
+                out[r.weight_name] = 0 if r.transposed else 1
+    head = ad.head()
+    if head is not None and not ad.tied():
+        out[head.weight_name] = 1
+    return out
+
+
+def _norm_names(ad: Any) -> set[str]:
+    refs = [ad.embed_norm(), ad.final_norm()]
+    for lv in ad.layer_views():
+        refs += [lv.norm1, lv.norm2]
+    return {n for r in refs if r is not None for n in (r.weight_name, r.bias_name) if n}
+
+
+@pytest.mark.parametrize("case", list(WIDTH))
+@pytest.mark.parametrize("family", WIDTH_FAMILIES)
+def test_width_pad_structure(family, case):
+    op, kw = WIDTH[case]
+    model = _model(family)
+    ad = get_adapter(model)
+    c, nd = ad.dims().d_model, kw["new_d"]
+    old = _clone(model)
+    readers, norms = _readers(ad), _norm_names(ad)
+    tied_final = ad.final_norm() if ad.tied() else None
+    ev, err = _grow(model, op, kw)
+    _check_error_reported(ev, err)
+    ad = get_adapter(model)
+    assert ad.dims().d_model == nd
+    new = _clone(model)
+    assert new.keys() == old.keys()
+    grown = [k for k in new if new[k].shape != old[k].shape]
+    assert grown and all(new[k].dim() >= 1 for k in grown)
+    # which old coordinate each stream coordinate copies, read off the token embedding
+    emb = ad.embeddings()[0].weight_name
+    if kw["mode"] == "net2net":
+        e_old, e_new = old[emb], new[emb]
+        src = torch.tensor([int((e_old == e_new[:, j:j + 1]).all(0).nonzero()[0])
+                            for j in range(nd)])
+        assert torch.equal(src[:c], torch.arange(c)), "old coordinates moved"
+        count = torch.bincount(src, minlength=c).double()
+        assert int(count.sum()) == nd and int(count.max()) >= 2
+        final_names = ({tied_final.weight_name, tied_final.bias_name} - {None}
+                       if tied_final is not None else set())
+        for k in grown:
+            dim = readers.get(k, 1 if k == emb or "emb" in k else 0)
+            if new[k].dim() == 1:
+                dim = 0
+            want = old[k].index_select(dim, src)
+            if k in readers or k in final_names:  # readers / tied final norm: / copy count
+                shape = [1] * want.dim()
+                shape[dim] = -1
+                want = want / count[src].view(shape)
+            torch.testing.assert_close(new[k], want, rtol=1e-12, atol=0, msg=k)
+        return
+    news: list[torch.Tensor] = []
+    for k in grown:
+        lead = tuple(slice(0, s) for s in old[k].shape)
+        assert torch.equal(new[k][lead], old[k]), f"{k}: old coordinates changed"
+        mask = torch.ones(new[k].shape, dtype=torch.bool)
+        mask[lead] = False
+        added = new[k][mask]
+        if kw["mode"] == "zero":
+            assert torch.count_nonzero(added) == 0, f"{k}: zero padding is not zero"
+        elif k in norms:
+            want = 1.0 if k.endswith("weight") else 0.0
+            assert torch.equal(added, torch.full_like(added, want)), k
+        else:
+            assert torch.count_nonzero(added) == added.numel(), f"{k}: random padding is 0"
+            news.append(added)
+    if kw["mode"] == "random":
+        std = float(torch.cat(news).std())
+        assert 0.7 * kw["init_std"] <= std <= 1.3 * kw["init_std"], std
+
+
+# ------------------------------------------------------------------------------ noisy variants
+def _mlp() -> nn.Module:
+    return GrowableMLP(MLPConfig(in_features=16, hidden=(6, 5), n_classes=3))
+
+
+@pytest.mark.parametrize("case", list(NOISY))
+def test_noisy_net2wider_structure(case):
+    op, kw = NOISY[case]
+    torch.manual_seed(0)
+    model = _mlp().double().eval()
+    old = _clone(model)
+    x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y0 = model(x).detach()
+    ev = grow_(model, make_config(op, **kw), probe=x)
+    _check_error_reported(ev, rel_err(model(x), y0))
+    new = _clone(model)
+    w_in, b_in, w_out = "hidden.0.weight", "hidden.0.bias", "hidden.1.weight"
+    h, nh = old[w_in].shape[0], kw["new_width"]
+    assert new[w_in].shape[0] == nh and new[w_out].shape[1] == nh
+    assert torch.equal(new[w_in][:h], old[w_in]) and torch.equal(new[b_in][:h], old[b_in])
+    # each new unit: a source unit's incoming weights plus noise of std noise_std
+    src = torch.cat([torch.arange(h), torch.cdist(new[w_in][h:], old[w_in]).argmin(1)])
+    resid = new[w_in][h:] - old[w_in][src[h:]]
+    std = float(resid.std())
+    assert 0.5 * kw["noise_std"] <= std <= 2 * kw["noise_std"], std
+    torch.testing.assert_close(new[b_in][h:], old[b_in][src[h:]], rtol=0,
+                               atol=5 * kw["noise_std"])
+    count = torch.bincount(src, minlength=h).double()
+    torch.testing.assert_close(new[w_out], old[w_out][:, src] / count[src], rtol=1e-12, atol=0)
