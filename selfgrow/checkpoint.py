@@ -512,6 +512,10 @@ def save_checkpoint(
         ev_path = events_path if events_path is not None else _controller_events_path(controller)
         cursor = EventCursor.of_file(ev_path, _controller_seq(controller, cstate))
         payload["events"] = asdict(cursor)
+        ms = getattr(controller, "metrics_sink", None)
+        if ms is not None:  # the scalar stream is rewound with the events on resume
+            ms.flush()
+            payload["metrics"] = asdict(EventCursor.of_file(ms.path))
     elif events_path is not None:
         payload["events"] = asdict(EventCursor.of_file(events_path))
     _check_loadable(payload, "checkpoint")
@@ -531,6 +535,7 @@ class Checkpoint:
         extra: the caller data given to :func:`save_checkpoint`.
         scheduler_state: the raw scheduler ``state_dict`` (use it without a factory).
         event_cursor: position of ``events.jsonl`` at save time, or None.
+        metrics_cursor: position of the controller's ``metrics.jsonl`` at save time, or None.
         rng_state: stored RNG states (already restored unless ``restore_rng=False``).
         model_config: the serialised model config (``{type, version, data}``) or the
             adapter's architecture spec.
@@ -544,6 +549,7 @@ class Checkpoint:
     extra: dict[str, Any]
     scheduler_state: dict[str, Any] | None = None
     event_cursor: EventCursor | None = None
+    metrics_cursor: EventCursor | None = None
     rng_state: dict[str, Any] | None = None
     model_config: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -551,7 +557,8 @@ class Checkpoint:
     def restore_controller(
         self, controller: Any, *, events_path: str | os.PathLike[str] | None = None
     ) -> int:
-        """Load the controller's state and rewind its ``events.jsonl`` to the cursor.
+        """Load the controller's state and rewind its ``events.jsonl`` (and the
+        ``metrics.jsonl`` of its ``metrics_sink``) to the cursors.
 
         Args:
             controller: a controller built on :attr:`model` and :attr:`optimizer`.
@@ -574,6 +581,10 @@ class Checkpoint:
         if cursor is not None and target is not None:
             # check and truncate first: a mismatching log leaves the controller untouched
             discarded = rewind_events(target, cursor)
+        ms = getattr(controller, "metrics_sink", None)
+        if self.metrics_cursor is not None and ms is not None and events_path is None:
+            ms.flush()
+            rewind_events(ms.path, self.metrics_cursor)
         controller.load_state_dict(self.controller_state)
         return discarded
 
@@ -670,6 +681,8 @@ def load_checkpoint(
         extra=payload.get("extra") or {},
         scheduler_state=sched["state"] if sched is not None else None,
         event_cursor=EventCursor(**ev) if ev is not None else None,
+        metrics_cursor=(EventCursor(**payload["metrics"]) if payload.get("metrics") is not None
+                        else None),
         rng_state=rng_state,
         model_config=mconf,
         path=path,

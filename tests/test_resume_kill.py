@@ -157,7 +157,10 @@ def test_sigkill_and_resume_is_bitwise_identical_with_same_events(tmp_path, refe
     # events logged after a checkpoint were rewound and re-emitted at least once
     assert any(int(r.split()[-1]) > 0 for r in resumes), resumes
     # the mid-save kill left a torn temporary file; a later save of the host cleaned it up
-    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "events.jsonl", "final.pt"]
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "events.jsonl", "final.pt",
+                                                     "metrics.jsonl"]
+    # the scalar stream was rewound with the events: every row exactly once, as uninterrupted
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
 
     ref = torch.load(reference / "final.pt", weights_only=True)
     got = torch.load(run / "final.pt", weights_only=True)

@@ -46,7 +46,6 @@ from ..runs import (
     format_table,
     isatty,
     package_versions,
-    truncate_jsonl,
     write_json,
 )
 from .benchmarks import BENCHMARKS, Benchmark, build_benchmark
@@ -510,8 +509,6 @@ def train_variant(
     scalars: Any = None
     on_iteration = None
     if grow:
-        if resume:
-            truncate_jsonl(run_dir / "metrics.jsonl", int(saved["metrics_offset"]))
         ctrl, gplugin, tb, scalars = _make_controller(
             model, optimizer, spec, bench, run_dir, device, slot, purge
         )
@@ -590,7 +587,6 @@ def train_variant(
         }
         if gplugin is not None:
             extra["plugin"] = gplugin.state_dict()
-            extra["metrics_offset"] = scalars.tell()
         tb.flush()
         save_checkpoint(slot.checkpoint, strategy.model, strategy.optimizer,
                         controller=ctrl,

@@ -15,7 +15,7 @@ from .dirs import (
     write_json,
 )
 from .flops import FlopMeter, arch_key, training_flops_per_sample
-from .metrics import ScalarJsonlSink, isatty, truncate_jsonl
+from .metrics import ScalarJsonlSink, isatty
 from .summary import finite, fmt, format_table
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "package_versions",
     "tensorboard_command",
     "training_flops_per_sample",
-    "truncate_jsonl",
     "unique_run_dir",
     "write_json",
 ]

@@ -47,11 +47,6 @@ class ScalarJsonlSink:
         self._fh.write(json.dumps(self._tag(dict(row))) + "\n")
         self._fh.flush()
 
-    def tell(self) -> int:
-        """Bytes written so far (flushed first): a resume point for :func:`truncate_jsonl`."""
-        self._fh.flush()
-        return self._fh.tell()
-
     def flush(self) -> None:
         self._fh.flush()
 
@@ -66,17 +61,3 @@ def isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
         return False
-
-
-def truncate_jsonl(path: str | os.PathLike[str], offset: int) -> int:
-    """Cut ``path`` back to ``offset`` bytes (rows logged after a checkpoint, rewritten by the
-    resumed run); returns the bytes removed (0 when the file is already that short)."""
-    p = Path(path)
-    if not p.exists():
-        return 0
-    size = p.stat().st_size
-    if size <= offset:
-        return 0
-    with open(p, "r+b") as fh:
-        fh.truncate(offset)
-    return size - offset
