@@ -203,6 +203,49 @@ MUTATIONS: list[Mutation] = [
         "            if v <= limit:\n                return f\"{key} {v:.4g} > {limit:.4g}\"",
         ("tests/test_controller.py", "-k", "budget"),
     ),
+    # ---------------------------------------------------------------- never fail silently
+    Mutation(
+        "growth-failure-not-warned",
+        "selfgrow/control/controller.py",
+        "            self._warn_failed(d, e, why)\n",
+        "",
+        ("tests/test_loud_failures.py",),
+    ),
+    Mutation(
+        "strict-does-not-raise",
+        "selfgrow/control/controller.py",
+        "            if self.strict:\n                raise\n",
+        "",
+        ("tests/test_loud_failures.py",),
+    ),
+    Mutation(
+        "accumulated-gradients-dropped-by-growth",
+        "selfgrow/ops/_registry.py",
+        "    for p, g in grads.items():\n        p.grad = g\n",
+        "",
+        ("tests/test_grad_accumulation.py",),
+    ),
+    Mutation(
+        "lazy-init-from-a-zero-gradient",
+        "selfgrow/optim.py",
+        "            if not bool((g if mask is None else g[mask.expand_as(g)]).any()):",
+        "            if False:",
+        ("tests/test_grad_accumulation.py",),
+    ),
+    Mutation(
+        "plugin-dataloader-draws-global-seed",
+        "selfgrow/continual/plugin.py",
+        "shuffle=False, generator=self._gen)",
+        "shuffle=False)",
+        ("tests/test_plugin_experiences.py::test_growth_disabled_is_bitwise_identical_to_no_plugin",),
+    ),
+    Mutation(
+        "plugin-ignores-experience-groups",
+        "selfgrow/continual/plugin.py",
+        "            return dict(storage_policy.buffer_groups)\n",
+        "            return {0: storage_policy}\n",
+        ("tests/test_plugin_experiences.py::test_every_past_experience_is_measured_whatever_the_buffer",),
+    ),
 ]
 
 
