@@ -250,8 +250,16 @@ MUTATIONS: list[Mutation] = [
 
 
 def _copy_repo(root: Path, dest: Path) -> None:
-    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".pytest_cache",
-                                    ".hypothesis", ".ruff_cache", "*.egg-info", "build", "dist")
+    anywhere = shutil.ignore_patterns("__pycache__", ".pytest_cache", ".hypothesis",
+                                      ".ruff_cache", "*.egg-info")
+    top = {".git", ".venv", "runs", "build", "dist"}  # only at the root: selfgrow/runs is code
+
+    def ignore(d: str, names: list[str]) -> set[str]:
+        skip = set(anywhere(d, names))
+        if Path(d).resolve() == root.resolve():
+            skip |= top & set(names)
+        return skip
+
     shutil.copytree(root, dest, ignore=ignore, symlinks=True)
 
 

@@ -425,7 +425,13 @@ def _remove_stale_tmp(path: Path) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path {str(path)!r} is a directory; pass a file name "
+                              f"such as {str(path / 'ckpt.pt')!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise CheckpointError(f"cannot create the directory of {str(path)!r}: {e}") from None
     _remove_stale_tmp(path)
     tmp = path.parent / f"{_tmp_prefix(path)}{os.getpid()}"
     try:

@@ -11,6 +11,7 @@ it), 1 unexpected failure.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -23,6 +24,10 @@ def _quiet_warnings() -> None:
     # qpsolvers warns at import that no QP solver (unused here) is installed.
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message="no QP solver found")
+    # the CLI prints the run's own warnings (over budget) as one "warning:" line
+    from .continual.runner import RunBudgetWarning
+
+    warnings.filterwarnings("ignore", category=RunBudgetWarning)
 
 
 def _version() -> str:
@@ -37,7 +42,15 @@ def _seeds_arg(text: str) -> list[int]:
     try:
         return parse_seeds(text)
     except SelfgrowError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        # argparse prefixes "argument --seeds:"; keep the value, not the flag twice
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--seeds ")) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``selfgrow run: error: ...`` and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = RunSpec()
     actions = " | ".join(f"{m}: {', '.join(available_actions(m))}" for m in MODELS)
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="selfgrow",
         description="Grow neural networks while they learn.",
     )
@@ -133,8 +146,10 @@ def _cmd_run(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .continual.runner import RunSpec, load_resumable, resume_experiment, run_experiment
     from .runs import check_run_name, check_runs_dir, cli_command, tensorboard_command
 
-    if a.threads < 1:
-        print(f"selfgrow run: error: --threads must be >= 1, got {a.threads}", file=sys.stderr)
+    max_threads = max(64, 4 * (os.cpu_count() or 1))
+    if not 1 <= a.threads <= max_threads:
+        print(f"selfgrow run: error: --threads {a.threads} is out of range; valid: 1 .. "
+              f"{max_threads}", file=sys.stderr)
         return 2
     if a.resume is not None:
         run_p = parser._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
@@ -206,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `selfgrow inspect RUN | head`: the reader left, not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

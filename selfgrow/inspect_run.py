@@ -47,6 +47,9 @@ class RunRecord:
     #: status.json of ``selfgrow run`` (``{"status": "running" | "interrupted" | "failed" |
     #: "complete", ...}``), None when absent
     status: dict[str, Any] | None = None
+    #: the summary of every seed (mean and std) when ``summary`` was narrowed to the seed of
+    #: the run shown (``selfgrow run --seeds``); None otherwise
+    seeds_summary: dict[str, Any] | None = None
 
     @property
     def growths(self) -> list[GrowthEvent]:
@@ -175,6 +178,21 @@ def _select_run(rec: RunRecord, run: str | None) -> None:
         elif rid is None:
             rec.unattributed_metric_rows += 1
     rec.metrics = kept
+    _narrow_summary_to_seed(rec)
+
+
+def _narrow_summary_to_seed(rec: RunRecord) -> None:
+    """A multi-seed run (run ids ``NAME-seedS``): the summary shown (and plotted) is the
+    chosen seed's own results; the mean and std over seeds stay in ``seeds_summary``."""
+    summ = rec.summary or {}
+    per_seed = summ.get("per_seed")
+    if not isinstance(per_seed, dict) or len(per_seed) < 2 or not rec.run_id:
+        return
+    seed = rec.run_id.rsplit("-seed", 1)[-1] if "-seed" in rec.run_id else None
+    if seed not in per_seed:
+        return
+    rec.seeds_summary = summ
+    rec.summary = {**summ, "variants": per_seed[seed], "seed": int(seed)}
 
 
 def _num(v: Any, fmt: str = "{:.4g}") -> str:
@@ -450,8 +468,8 @@ def inspect_main(
     default, shows the last one and lists the others)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    if plot:
-        why = check_plot_path(plot)
+    if plot is not None:
+        why = check_plot_path(plot) if str(plot).strip() else "--plot needs a file name"
         if why:
             print(f"error: {why}", file=err)
             return 2
@@ -487,6 +505,7 @@ def inspect_main(
             "events": [e.to_dict() for e in rec.events],
             "bad_lines": [{"lineno": b.lineno, "error": b.error} for b in rec.bad_lines],
             "summary": rec.summary,
+            "seeds_summary": rec.seeds_summary,
             "plot": str(plot_path) if plot_path else None,
         }
         print(json.dumps(jsonable(doc), indent=2, allow_nan=False), file=out)
@@ -514,8 +533,14 @@ def inspect_main(
               f"{n_anom} anomalies{hint}; exp is 1-based):", file=out)
         print(format_timeline(rows) if rows else "(no growth events)", file=out)
     if rec.summary:
-        print("\nsummary:", file=out)
+        seed = rec.summary.get("seed") if rec.seeds_summary else None
+        print("\nsummary:" if seed is None else f"\nsummary of seed {seed}:", file=out)
         print(format_summary(rec.summary), file=out)
+    if rec.seeds_summary:
+        from .continual.runner import format_summary_table
+
+        print(f"\nmean ± std over seeds {rec.seeds_summary.get('seeds')}:", file=out)
+        print(format_summary_table(rec.seeds_summary), file=out)
     if plot_path:
         print(f"\nplot written to {plot_path}", file=out)
     return 0

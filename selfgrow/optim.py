@@ -366,10 +366,12 @@ def plan_grads(
     A gradient transforms like a first moment: a copied coordinate gets its source's
     accumulated gradient times ``grad_scale`` (its documented share: the gradient it would
     have received had it existed during the backward passes; for Net2WiderNet copies with
-    ``split_noise`` a share can be negative), a brand-new coordinate gets 0, a brand-new
-    tensor a zero gradient (``None`` when no old parameter had one). For exact operators the
-    result equals the gradient of the grown model on the same batches, so the pending
-    ``step()`` updates every parameter as if the model had been grown before them.
+    ``split_noise`` the mean share ``1/c`` is used, see docs/optimizer-after-growth.md), a
+    brand-new coordinate gets 0, a brand-new tensor a zero gradient (``None`` when no old
+    parameter had one). For tensors copied with equal shares the result equals the gradient
+    of the grown model on the same batches; what the backward passes never computed (new
+    coordinates, inserted layers) is 0, so the pending ``step()`` updates every tensor that
+    derives from an old one and the new ones start at the next backward.
     Parameters that are the same objects as before keep their ``.grad`` untouched.
 
     Returns:

@@ -127,6 +127,18 @@ def test_seeds_report_mean_and_std(tmp_path: Path, capsys: pytest.CaptureFixture
     cfg = json.loads((runs / "s" / "config.json").read_text())
     assert cfg["spec"]["seeds"] == [0, 1]
     assert (runs / "s" / "tb" / "seed1" / "fixed_grown").is_dir()
+    # inspect of one seed shows (and plots) that seed's own results, never the seed mean
+    from selfgrow.inspect_run import build_figure, load_run
+
+    for seed in ("0", "1"):
+        rec = load_run(runs / "s", run=f"s-seed{seed}")
+        assert rec.summary["variants"] == s["per_seed"][seed] and rec.seeds_summary == s
+        ax_a = build_figure(rec).axes[2]
+        own = s["per_seed"][seed]["grown"]["avg_accuracy_per_exp"]
+        assert list(ax_a.lines[0].get_ydata()) == pytest.approx(own)
+    assert main(["inspect", str(runs / "s"), "--run", "s-seed0"]) == 0
+    out = capsys.readouterr().out
+    assert "summary of seed 0:" in out and "mean ± std over seeds [0, 1]:" in out
 
 
 def test_max_params_budget_and_warning(
@@ -134,11 +146,17 @@ def test_max_params_budget_and_warning(
 ) -> None:
     """E: --max-params reaches the controller's budget; a starting model over it warns."""
     runs = tmp_path / "runs"
-    with pytest.warns(UserWarning, match="over the growth budget"):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         code = main([*TINY, "--runs-dir", str(runs), "--name", "b", "--no-baselines",
                      "--max-params", "100"])
     assert code == 0
+    # printed once as a "warning:" line, not again as a Python warning with its source line
+    assert not [w for w in caught if "over the growth budget" in str(w.message)]
     out = capsys.readouterr().out
+    assert out.count("over the growth budget") == 1
     assert "warning: the starting model already has 610 parameters" in out
     assert "--max-params 100" in out
     cfg = json.loads((runs / "b" / "config.json").read_text())
@@ -183,13 +201,19 @@ def test_run_no_baselines_and_no_overwrite(
         (["--seeds", "0,x"], ["--seeds", "'x' is not an integer", "0,1,2"]),
         (["--seeds", ""], ["--seeds", "is not an integer"]),
         (["--seeds", "1,1"], ["--seeds", "repeat [1]"]),
-        (["--seeds", "0,-2"], ["--seeds", "-2", ">= 0"]),
+        (["--seeds", "0,-2"], ["--seeds", "-2", "0 .. "]),
         (["--seed", "1", "--seeds", "0,1"], ["--seeds", "not allowed with argument --seed"]),
         (["--max-params", "0"], ["max_params=0", "> 0"]),
         (["--max-params", "nan"], ["max_params=nan", "> 0"]),
         (["--on-forgetting", "widen_ffn"], ["widen_ffn", "deepen, widen, widen_layers"]),
         (["--model", "cnn", "--on-plateau", "add_heads"], ["add_heads", "widen_layers"]),
         (["--resume", "nowhere", "--epochs", "2"], ["--resume", "drop --epochs, --runs-dir"]),
+        (["--seed", str(2**70)], [f"seed={2**70}", "0 .. 9223372036854775807"]),
+        (["--seeds", f"0,{2**70}"], [str(2**70), "0 .. 9223372036854775807"]),
+        (["--threads", "100000"], ["--threads 100000", "valid: 1 .."]),
+        (["--benchmark", "split-digits", "--width", "1000000000000"],
+         ["--width 1000000000000", "GiB", "smaller --width"]),
+        (["--epochs", "1.5"], ["--epochs", "'1.5'", "--help"]),
     ],
 )
 def test_bad_names_exit_2_and_write_nothing(
@@ -202,7 +226,8 @@ def test_bad_names_exit_2_and_write_nothing(
         code = e.code
     assert code == 2
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]  # argparse prints its usage above the message
+    assert len(err.strip().splitlines()) == 1, err  # one line, also for argparse's errors
+    last = err.strip()
     assert last.startswith("selfgrow run: error:") and "Traceback" not in err
     for w in words:
         assert w in last
@@ -367,3 +392,32 @@ def test_experience_numbers_agree(tmp_path: Path) -> None:
     for e in grown:
         row = next(r for r in table.splitlines() if r.startswith(f"{e['seq']} "))
         assert row.split()[1:4] == ["growth", str(e["step"]), str(e["experience"] + 1)], row
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """``selfgrow inspect RUN | head -1``: the reader leaves early; no BrokenPipeError."""
+    import subprocess
+    import sys
+
+    from selfgrow.events import GrowthEvent, JsonlSink
+
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
+    for i in range(400):
+        sink.emit(GrowthEvent(kind="growth", run_id="r", seq=i, step=i, params_before=1,
+                              params_after=2))
+    sink.close()
+    py = f"{sys.executable} -m selfgrow inspect {tmp_path} | head -1"
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {py}"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(Path.cwd())})
+    assert "BrokenPipeError" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.strip()
+
+
+def test_inspect_plot_with_an_empty_name_exit_2(tmp_path: Path, capsys) -> None:
+    from selfgrow.events import GrowthEvent, JsonlSink
+
+    sink = JsonlSink(tmp_path / "events.jsonl", fsync=False)
+    sink.emit(GrowthEvent(kind="growth", run_id="r", seq=0, step=1))
+    sink.close()
+    assert main(["inspect", str(tmp_path), "--plot", ""]) == 2
+    assert "--plot needs a file name" in capsys.readouterr().err

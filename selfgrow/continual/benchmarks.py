@@ -156,7 +156,12 @@ def permuted_domain_incremental(
             "continual benchmarks need the package 'avalanche-lib': "
             "pip install avalanche-lib==0.6.0"
         ) from e
-    if not isinstance(n_experiences, int) or n_experiences < 1:
+    if not isinstance(data, ClassificationData):
+        raise GrowthConfigError(
+            f"data must be a ClassificationData split (selfgrow.data.load_dataset(name)), got "
+            f"{type(data).__name__} {data!r:.60}"
+        )
+    if isinstance(n_experiences, bool) or not isinstance(n_experiences, int) or n_experiences < 1:
         raise GrowthConfigError(f"n_experiences={n_experiences!r} is out of range; valid: >= 1")
     g = torch.Generator().manual_seed(seed)
     n_pix = int(torch.tensor(data.input_shape).prod())
@@ -208,6 +213,9 @@ def build_benchmark(
     """
     if name not in BENCHMARKS:
         raise GrowthConfigError(choices_message("benchmark", name, list(BENCHMARKS)))
+    if n_experiences is not None and (isinstance(n_experiences, bool)
+                                      or not isinstance(n_experiences, int)):
+        raise GrowthConfigError(f"n_experiences={n_experiences!r} must be an integer")
     ds_name, default_n = BENCHMARKS[name]
     data = load_dataset(ds_name, seed=seed, flatten=flatten)
     order = None

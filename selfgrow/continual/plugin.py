@@ -75,6 +75,19 @@ class GrowthPlugin(SupervisedPlugin):
         sinks: list[Any] | None = None,
     ) -> None:
         super().__init__()
+        if not callable(getattr(controller, "observe", None)):
+            raise GrowthConfigError(
+                f"GrowthPlugin needs a GrowthController, got {type(controller).__name__} "
+                f"{controller!r:.60}"
+            )
+        for what, v in (("replay_eval_every", replay_eval_every),
+                        ("max_replay_samples", max_replay_samples),
+                        ("held_per_experience", held_per_experience)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise GrowthConfigError(f"{what}={v!r} must be an integer")
+        if held_per_experience < 0:
+            raise GrowthConfigError(
+                f"held_per_experience={held_per_experience} is out of range; valid: >= 0")
         if replay_eval_every < 0 or max_replay_samples < 1:
             raise GrowthConfigError(
                 f"need replay_eval_every >= 0 and max_replay_samples >= 1; got "

@@ -159,6 +159,8 @@ class RunSpec:
         ):
             if int(v) < lo:
                 raise GrowthConfigError(f"{what}={v} is out of range; valid: >= {lo}")
+        if int(self.seed) > MAX_SEED:
+            raise GrowthConfigError(f"seed={self.seed} is out of range; valid: 0 .. {MAX_SEED}")
         if self.seeds is not None:
             check_seeds(self.seeds)
         if not (self.max_params > 0 and math.isfinite(self.max_params)):
@@ -174,6 +176,10 @@ class RunSpec:
         resolve_device(self.device)
 
 
+#: the largest seed every generator of a run accepts (torch.manual_seed takes 64-bit values)
+MAX_SEED = 2**63 - 1
+
+
 def check_seeds(seeds: Any) -> list[int]:
     """``seeds`` as a list of distinct integers >= 0.
 
@@ -186,8 +192,9 @@ def check_seeds(seeds: Any) -> list[int]:
     if not out:
         raise GrowthConfigError("seeds is empty; valid: one or more distinct integers >= 0")
     for v in out:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise GrowthConfigError(f"seed {v!r} in seeds is out of range; valid: integers >= 0")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SEED:
+            raise GrowthConfigError(
+                f"seed {v!r} in seeds is out of range; valid: integers 0 .. {MAX_SEED}")
     dup = sorted({v for v in out if out.count(v) > 1})
     if dup:
         raise GrowthConfigError(f"seeds repeat {dup}; each seed may appear once")
@@ -828,6 +835,30 @@ def _status(run_dir: Path, status: str, progress: str = "") -> None:
     })
 
 
+def _check_fits(spec: RunSpec, bench: Benchmark) -> None:
+    """The starting model, sized on the meta device (nothing allocated), must fit: weights,
+    gradients and Adam's two moments, against the memory available on the run's device.
+
+    Raises:
+        InsufficientMemoryError: it cannot (names --width / --channels).
+    """
+    from ..errors import InsufficientMemoryError
+    from ..ops._registry import available_memory
+
+    with torch.device("meta"):
+        model = build_small_model(spec.model, bench.data.input_shape, bench.data.num_classes,
+                                  spec.width, spec.channels)
+    need = count_params(model) * 4 * 4
+    free = available_memory(resolve_device(spec.device))
+    if free is not None and need > free:
+        flag = f"--width {spec.width}" if spec.model == "mlp" else f"--channels {spec.channels}"
+        raise InsufficientMemoryError(
+            f"the starting {spec.model} ({flag}) has {count_params(model):,} parameters and "
+            f"needs about {need / 2**30:.1f} GiB for weights, gradients and Adam state; "
+            f"{free / 2**30:.1f} GiB are available: choose a smaller {flag.split()[0]}"
+        )
+
+
 def preflight(spec: RunSpec, runs_dir: str | os.PathLike[str], name: str | None
               ) -> tuple[str, Benchmark, list[str]]:
     """Every check of a run before anything is written: the spec, name, runs directory,
@@ -843,6 +874,7 @@ def preflight(spec: RunSpec, runs_dir: str | os.PathLike[str], name: str | None
     check_run_name(run_name)
     check_runs_dir(runs_dir)
     bench = build_benchmark(spec.benchmark, seed=spec.seed_list()[0])
+    _check_fits(spec, bench)
     model = build_small_model(spec.model, bench.data.input_shape, bench.data.num_classes,
                               spec.width, spec.channels)
     check_controller(spec, model)

@@ -106,7 +106,16 @@ def available_actions(model: nn.Module) -> dict[str, ActionFn]:
 
 
 def list_actions(model: nn.Module) -> list[str]:
-    """Actions available for this model, sorted."""
+    """Actions available for this model, sorted.
+
+    Raises:
+        IncompatibleModelError: ``model`` is not an ``nn.Module`` (e.g. a model NAME).
+    """
+    if not isinstance(model, nn.Module):
+        raise IncompatibleModelError(
+            f"list_actions needs the model (an nn.Module), got {type(model).__name__} "
+            f"{model!r:.60}"
+        )
     return sorted(available_actions(model))
 
 
@@ -141,6 +150,11 @@ def resolve_action(action: str, model: nn.Module, **kwargs: Any) -> OpConfig:
             the supported families when it offers none).
         GrowthConfigError: the action's function rejects the arguments (names them).
     """
+    if not isinstance(action, str):
+        raise GrowthConfigError(
+            f"an action is a name (see list_actions(model)) or an operator config "
+            f"(make_config(name, **fields)); got {type(action).__name__} {action!r:.80}"
+        )
     table = available_actions(model)
     fn = table.get(action)
     if fn is None:
@@ -149,7 +163,15 @@ def resolve_action(action: str, model: nn.Module, **kwargs: Any) -> OpConfig:
         inspect.signature(fn).bind(model, **kwargs)
     except TypeError as e:
         raise GrowthConfigError(f"bad arguments for action {action!r}: {e}") from None
-    cfg = fn(model, **kwargs)
+    try:
+        cfg = fn(model, **kwargs)
+    except (TypeError, ValueError) as e:  # a wrongly typed argument (factor="2" ...)
+        if isinstance(e, GrowthConfigError):
+            raise
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise GrowthConfigError(
+            f"bad arguments for action {action!r} ({args}): {type(e).__name__}: {e}"
+        ) from None
     if not isinstance(cfg, OpConfig):
         raise GrowthConfigError(
             f"action {action!r} returned {type(cfg).__name__}, not an operator config"

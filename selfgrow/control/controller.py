@@ -22,6 +22,7 @@ the same, so LR schedulers and framework references keep working.
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 import warnings
@@ -76,6 +77,28 @@ def _optimizer_state_tensors(opt: torch.optim.Optimizer | None) -> int:
     for st in opt.state.values():
         return sum(1 for v in st.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
     return 2  # not stepped yet: assume Adam's two moments
+
+
+def _loss_value(loss: Any) -> float:
+    """A loss as a float; the project's error for anything that is not one number."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise GrowthConfigError(
+                f"loss must be a scalar (one element), got a tensor of shape "
+                f"{tuple(loss.shape)}; reduce it first (e.g. loss.mean())"
+            )
+        return float(loss.detach())
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        try:
+            import numpy as np
+
+            if isinstance(loss, np.generic) and loss.size == 1:
+                return float(loss)
+        except ImportError:  # pragma: no cover - numpy comes with torch
+            pass
+        raise GrowthConfigError(f"loss must be a number or a scalar tensor, got "
+                                f"{type(loss).__name__} {loss!r:.60}")
+    return float(loss)
 
 
 def _default_run_id() -> str:
@@ -155,11 +178,19 @@ class GrowthController:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise IncompatibleModelError(f"model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(signals, Signal) or not hasattr(signals, "__iter__"):
+            raise GrowthConfigError(
+                f"signals must be a list of Signal instances, got {type(signals).__name__} "
+                f"{signals!r:.80}; wrap a single signal in a list: signals=[signal]"
+            )
         signals = list(signals)
-        names = [s.name for s in signals]
         for s in signals:
             if not isinstance(s, Signal):
-                raise GrowthConfigError(f"signals must be Signal instances, got {s!r}")
+                raise GrowthConfigError(
+                    f"signals must be Signal instances (LossPlateau(...), ReplayForgetting(...)"
+                    f" ...), got {type(s).__name__} {s!r:.80}"
+                )
+        names = [s.name for s in signals]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise GrowthConfigError(
@@ -189,6 +220,13 @@ class GrowthController:
         #: the ``metrics.jsonl`` sink of ``log_dir`` (None without a log directory)
         self.metrics_sink: ScalarJsonlSink | None = None
         if log_dir is not None:
+            if not isinstance(log_dir, (str, os.PathLike)):
+                raise GrowthConfigError(
+                    f"log_dir must be a directory path, got {type(log_dir).__name__} {log_dir!r}"
+                )
+            if Path(log_dir).exists() and not Path(log_dir).is_dir():
+                raise GrowthConfigError(f"log_dir {os.fspath(log_dir)!r} exists and is not a "
+                                        f"directory")
             self.sinks.append(JsonlSink(Path(log_dir) / "events.jsonl"))
             path = (Path(log_dir) / "metrics.jsonl").resolve()
             given = [s for s in sinks if isinstance(s, ScalarJsonlSink)
@@ -352,7 +390,7 @@ class GrowthController:
         if experience is not None:
             self.experience = experience
         if loss is not None:
-            lv = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            lv = _loss_value(loss)
             if not math.isfinite(lv):
                 self._anomaly(lv)
                 return None

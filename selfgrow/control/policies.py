@@ -291,6 +291,11 @@ class RulePolicy(Policy):
         max_growths: int | None = None,
         growth_window: tuple[float, float] | None = None,
     ) -> None:
+        if isinstance(rules, Rule) or not hasattr(rules, "__iter__"):
+            raise GrowthConfigError(
+                f"RulePolicy needs a list of Rule, got {type(rules).__name__} {rules!r}; "
+                f"wrap a single rule in a list: RulePolicy([rule])"
+            )
         rules = list(rules)
         if not rules or not all(isinstance(r, Rule) for r in rules):
             raise GrowthConfigError(f"RulePolicy needs a non-empty list of Rule, got {rules!r}")

@@ -56,6 +56,11 @@ class FixedSchedule(Policy):
                     f"schedule entry {e!r} must be (step, action) or (step, action, kwargs)"
                 )
             step, action = e[0], e[1]
+            if len(e) == 3 and e[2] is not None and not isinstance(e[2], Mapping):
+                raise GrowthConfigError(
+                    f"schedule entry {e!r}: kwargs must be a dict of action arguments, got "
+                    f"{type(e[2]).__name__} {e[2]!r}"
+                )
             kwargs = dict(e[2]) if len(e) == 3 and e[2] is not None else {}
             if not isinstance(step, (int, float)) or isinstance(step, bool) or step < 0:
                 raise GrowthConfigError(f"schedule step {step!r} must be a number >= 0")

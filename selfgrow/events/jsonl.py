@@ -54,8 +54,13 @@ def read_events(path: str | os.PathLike[str]) -> tuple[list[GrowthEvent], list[B
     separately with their line numbers instead of aborting the read.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        EventFormatError: ``path`` is not a path, does not exist or is not a file.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise EventFormatError(f"read_events needs a path, got {type(path).__name__} {path!r}")
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise EventFormatError(f"event log {os.fspath(path)!r} {what}; pass an events.jsonl file")
     events: list[GrowthEvent] = []
     bad: list[BadLine] = []
     with open(path, encoding="utf-8", errors="replace") as fh:

@@ -1,0 +1,98 @@
+"""Bad inputs to public functions get the project's own error naming the bad value (found by
+a new user trying the product; each raised a raw TypeError / AttributeError / OSError)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfgrow import (
+    FixedSchedule,
+    GrowthController,
+    LossPlateau,
+    Rule,
+    RulePolicy,
+    build_model,
+    list_actions,
+    read_events,
+    save_checkpoint,
+)
+from selfgrow.errors import (
+    CheckpointError,
+    EventFormatError,
+    GrowthConfigError,
+    IncompatibleModelError,
+)
+from selfgrow.models.mlp import MLPConfig
+
+
+def _mlp() -> torch.nn.Module:
+    return build_model(MLPConfig(in_features=8, hidden=(4,), n_classes=3))
+
+
+def test_controller_arguments():
+    m = _mlp()
+    with pytest.raises(GrowthConfigError, match=r"signals=\[signal\]"):
+        GrowthController(m, None, signals=LossPlateau(window=5))  # type: ignore[arg-type]
+    with pytest.raises(GrowthConfigError, match="'loss_plateau'"):
+        GrowthController(m, None, signals=["loss_plateau"])  # type: ignore[list-item]
+    with pytest.raises(GrowthConfigError, match="log_dir must be a directory path"):
+        GrowthController(m, None, log_dir=5)  # type: ignore[arg-type]
+
+
+def test_log_dir_that_is_a_file(tmp_path: Path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    with pytest.raises(GrowthConfigError, match="not a directory"):
+        GrowthController(_mlp(), None, log_dir=str(f))
+
+
+@pytest.mark.parametrize("loss", ["high", torch.ones(3), [1.0]])
+def test_observe_rejects_a_loss_that_is_not_one_number(loss):
+    ctrl = GrowthController(_mlp(), None)
+    with pytest.raises(GrowthConfigError, match="loss must be"):
+        ctrl.observe(loss=loss)
+
+
+def test_policies_and_actions():
+    with pytest.raises(GrowthConfigError, match=r"RulePolicy\(\[rule\]\)"):
+        RulePolicy(Rule("loss_plateau", "widen"))  # type: ignore[arg-type]
+    with pytest.raises(GrowthConfigError, match="kwargs must be a dict"):
+        FixedSchedule([(5, "widen", 3)])
+    m = _mlp()
+    ctrl = GrowthController(m, torch.optim.SGD(m.parameters(), lr=0.1))
+    with pytest.raises(GrowthConfigError, match="factor='2'"):
+        ctrl.grow("widen", factor="2")
+    with pytest.raises(GrowthConfigError, match="make_config"):
+        ctrl.grow({"op": "net2wider"})  # type: ignore[arg-type]
+    with pytest.raises(IncompatibleModelError, match="'mlp'"):
+        list_actions("mlp")  # type: ignore[arg-type]
+
+
+def test_events_and_checkpoints(tmp_path: Path):
+    for bad in (tmp_path / "missing.jsonl", tmp_path, None):
+        with pytest.raises(EventFormatError):
+            read_events(bad)  # type: ignore[arg-type]
+    m = _mlp()
+    with pytest.raises(CheckpointError, match="is a directory"):
+        save_checkpoint(tmp_path, m)
+
+
+def test_plugin_and_benchmarks():
+    pytest.importorskip("avalanche")
+    from selfgrow.continual import GrowthPlugin
+    from selfgrow.continual.benchmarks import build_benchmark, permuted_domain_incremental
+
+    with pytest.raises(GrowthConfigError, match="GrowthController"):
+        GrowthPlugin("ctrl")
+    ctrl = GrowthController(_mlp(), None)
+    with pytest.raises(GrowthConfigError, match="held_per_experience=-1"):
+        GrowthPlugin(ctrl, held_per_experience=-1)
+    with pytest.raises(GrowthConfigError, match="replay_eval_every='5'"):
+        GrowthPlugin(ctrl, replay_eval_every="5")  # type: ignore[arg-type]
+    with pytest.raises(GrowthConfigError, match="ClassificationData"):
+        permuted_domain_incremental("digits", 2)  # type: ignore[arg-type]
+    with pytest.raises(GrowthConfigError, match="n_experiences='5'"):
+        build_benchmark("split-digits", n_experiences="5")  # type: ignore[arg-type]
