@@ -31,6 +31,12 @@ class Mutation:
     old: str  # exact snippet, found exactly once
     new: str
     tests: tuple[str, ...]  # pytest arguments (files, node ids, -k expressions)
+    #: further (file, old, new) edits applied together with this one (a bug that takes two
+    #: lines, e.g. removing both of two redundant defences)
+    also: tuple[tuple[str, str, str], ...] = ()
+
+    def edits(self) -> list[tuple[str, str, str]]:
+        return [(self.file, self.old, self.new), *self.also]
 
 
 MUTATIONS: list[Mutation] = [
@@ -233,11 +239,15 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_grad_accumulation.py",),
     ),
     Mutation(
-        "plugin-dataloader-draws-global-seed",
+        # two redundant defences (own generator, RNG-isolated callbacks): remove both
+        "plugin-draws-from-the-global-rng",
         "selfgrow/continual/plugin.py",
         "shuffle=False, generator=self._gen)",
         "shuffle=False)",
         ("tests/test_plugin_experiences.py::test_growth_disabled_is_bitwise_identical_to_no_plugin",),
+        also=(("selfgrow/continual/plugin.py",
+               "        with rng_isolated():\n            self._before_training_exp(strategy)",
+               "        self._before_training_exp(strategy)"),),
     ),
     Mutation(
         "plugin-ignores-experience-groups",
@@ -290,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
 
     stale = []
     for m in todo:
-        n = (root / m.file).read_text().count(m.old)
-        if n != 1:
-            stale.append(f"{m.name}: snippet found {n} times in {m.file} (expected once)")
+        for file, old, _ in m.edits():
+            n = (root / file).read_text().count(old)
+            if n != 1:
+                stale.append(f"{m.name}: snippet found {n} times in {file} (expected once)")
     if stale:
         print("STALE mutation list (update scripts/mutations.py):", *stale, sep="\n  ")
         return 2
@@ -313,14 +324,17 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
             print(f"baseline: {len(seen)} test selections green on the unmutated copy", flush=True)
         for m in todo:
-            path = repo / m.file
-            original = path.read_text()
-            path.write_text(original.replace(m.old, m.new))
+            originals: dict[Path, str] = {}
+            for file, old, new in m.edits():
+                path = repo / file
+                originals.setdefault(path, path.read_text())
+                path.write_text(path.read_text().replace(old, new))
             t0 = time.monotonic()
             try:
                 rc, last = _pytest(py, repo, m.tests)
             finally:
-                path.write_text(original)
+                for path, text in originals.items():
+                    path.write_text(text)
             dt = time.monotonic() - t0
             if rc == 1:
                 verdict = "killed"
