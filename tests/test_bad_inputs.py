@@ -96,3 +96,8 @@ def test_plugin_and_benchmarks():
         permuted_domain_incremental("digits", 2)  # type: ignore[arg-type]
     with pytest.raises(GrowthConfigError, match="n_experiences='5'"):
         build_benchmark("split-digits", n_experiences="5")  # type: ignore[arg-type]
+
+
+def test_a_probe_that_cannot_run_fails_at_construction():
+    with pytest.raises(IncompatibleModelError, match="the probe does not run"):
+        GrowthController(_mlp(), None, probe=torch.randn(2, 7))  # the model takes 8 features

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..adapters import ADAPTER_KINDS, find_adapter, supported_families
 from ..core import register_unique
-from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
+from ..errors import GrowthConfigError, IncompatibleModelError, SelfgrowError, choices_message
 from ..ops import OpConfig
 
 ActionFn = Callable[..., OpConfig]
@@ -166,7 +166,7 @@ def resolve_action(action: str, model: nn.Module, **kwargs: Any) -> OpConfig:
     try:
         cfg = fn(model, **kwargs)
     except (TypeError, ValueError) as e:  # a wrongly typed argument (factor="2" ...)
-        if isinstance(e, GrowthConfigError):
+        if isinstance(e, SelfgrowError):  # the action's own, precise error
             raise
         args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         raise GrowthConfigError(

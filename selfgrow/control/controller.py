@@ -48,6 +48,7 @@ from ..ops import (
     ProbeFn,
     default_probe_fn,
     estimate_growth,
+    eval_output,
     get_operator,
     grow_,
 )
@@ -152,7 +153,8 @@ class GrowthController:
     Raises:
         GrowthConfigError: duplicate signal names, a rule referring to a missing signal, a
             required metric not in ``provides``, or ``total_steps`` missing where needed.
-        IncompatibleModelError: the policy uses an action this model family does not offer.
+        IncompatibleModelError: the policy uses an action this model family does not offer,
+            or the probe does not run on the model.
     """
 
     def __init__(
@@ -214,6 +216,15 @@ class GrowthController:
         self.probe_fn = probe_fn if probe_fn is not None else (
             default_probe_fn(probe) if probe is not None else None
         )
+        if self.probe_fn is not None:  # a probe that cannot run fails here, not at every growth
+            try:
+                with rng_isolated():
+                    eval_output(model, self.probe_fn)
+            except Exception as e:  # noqa: BLE001 - the user's probe
+                raise IncompatibleModelError(
+                    f"the probe does not run on the model ({type(e).__name__}: {e}); pass a "
+                    f"batch the model accepts (probe=...) or probe_fn=model->Tensor"
+                ) from e
         self.run_id = run_id or _default_run_id()
         self.sinks: list[Any] = []
         sinks = list(sinks)
