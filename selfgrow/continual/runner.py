@@ -843,7 +843,7 @@ def _check_fits(spec: RunSpec, bench: Benchmark) -> None:
         InsufficientMemoryError: it cannot (names --width / --channels).
     """
     from ..errors import InsufficientMemoryError
-    from ..ops._registry import available_memory
+    from ..ops import available_memory
 
     with torch.device("meta"):
         model = build_small_model(spec.model, bench.data.input_shape, bench.data.num_classes,
