@@ -12,22 +12,18 @@ sees a divergence.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
-from _growth_helpers import _reader, _TinyNet, _TinyNetConfig, batch
+from _growth_helpers import _TinyNet, _TinyNetConfig, batch, init_gloo, split_units
 from torch import nn
 
 from selfgrow.control.distributed import DistributedGrowthController, model_fingerprint
 from selfgrow.control.policies import Decision, Policy
 from selfgrow.ops import GrowthResult, OpConfig, Operator, Transaction, register_operator
-from selfgrow.optim import ParamMap
 
 GROW_AT = (3, 7)
 STEPS = 10
@@ -51,31 +47,9 @@ class _SplitUnits(Operator):
     def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
         if not isinstance(model, _TinyNet) or not isinstance(config, _SplitUnitsConfig):
             raise TypeError("_tiny_split_units needs a _TinyNet and a _SplitUnitsConfig")
-        i = config.layer
-        src = model.layers[i]
-        h = src.out_features
+        h = model.layers[config.layer].out_features
         idx = torch.cat([torch.arange(h), torch.tensor(config.units, dtype=torch.long)])
-        scale = 1.0 / torch.bincount(idx, minlength=h).float()[idx]
-        new = nn.Linear(src.in_features, len(idx))
-        new.weight.data = src.weight.data[idx].clone()
-        new.bias.data = src.bias.data[idx].clone()
-        parent, child = _reader(model, i)
-        rd = parent._modules[child]
-        new_rd = nn.Linear(len(idx), rd.out_features)
-        new_rd.weight.data = rd.weight.data[:, idx] * scale
-        new_rd.bias.data = rd.bias.data.clone()
-        tx.replace_module(model.layers, str(i), new)
-        tx.replace_module(parent, child, new_rd)
-        hidden = list(model.config.hidden)
-        hidden[i] = len(idx)
-        tx.set_attr(model, "config", dataclasses.replace(model.config, hidden=tuple(hidden)))
-        rd_name = f"layers.{i + 1}" if parent is model.layers else "head"
-        w, b = f"layers.{i}.weight", f"layers.{i}.bias"
-        return GrowthResult(param_maps={
-            w: ParamMap(w, (idx, None), scale.view(-1, 1)),
-            b: ParamMap(b, (idx,), scale),
-            f"{rd_name}.weight": ParamMap(f"{rd_name}.weight", (None, idx)),
-        })
+        return split_units(model, config.layer, idx, tx)
 
 
 class _RankLocalPolicy(Policy):
@@ -110,12 +84,7 @@ class _RecordingController(DistributedGrowthController):
 
 
 def run(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port)
     try:
         torch.manual_seed(0)
         model = _TinyNet(_TinyNetConfig(hidden=(12,)))

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import datetime
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from _growth_helpers import _DeepenConfig, _TinyNet, _TinyNetConfig, _WidenConfig, batch
+from _growth_helpers import (
+    _DeepenConfig,
+    _TinyNet,
+    _TinyNetConfig,
+    _WidenConfig,
+    batch,
+    init_gloo,
+)
 from torch import nn
 
 from selfgrow.checkpoint import load_checkpoint, save_checkpoint
@@ -65,12 +70,7 @@ def run(rank: int, world: int, port: int, out: str, sync_rng: bool = True,
     final parameters, events and per-growth fingerprints to ``out/rank<r>.pt``. With
     ``resume_at``, rank 0 checkpoints after that step and every rank then rebuilds model,
     optimizer and controller from the checkpoint before going on."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port)
     try:
         outp = Path(out)
         torch.manual_seed(0)  # same initial weights (DDP would broadcast them anyway)

@@ -74,30 +74,49 @@ class _TinyWiden(Operator):
         src = model.layers[i]
         h = src.out_features
         idx = torch.cat([torch.arange(h), torch.randint(0, h, (config.add,))])  # global RNG
-        counts = torch.bincount(idx, minlength=h).float()
-        scale = 1.0 / counts[idx]
-        new = nn.Linear(src.in_features, h + config.add)
-        new.weight.data = src.weight.data[idx].clone()
-        new.bias.data = src.bias.data[idx].clone()
-        parent, child = _reader(model, i)
-        rd = parent._modules[child]
-        new_rd = nn.Linear(h + config.add, rd.out_features)
-        new_rd.weight.data = rd.weight.data[:, idx] * scale
-        new_rd.bias.data = rd.bias.data.clone()
-        tx.replace_module(model.layers, str(i), new)
-        tx.replace_module(parent, child, new_rd)
-        hidden = list(model.config.hidden)
-        hidden[i] += config.add
-        tx.set_attr(model, "config", dataclasses.replace(model.config, hidden=tuple(hidden)))
-        rd_name = f"layers.{i + 1}" if parent is model.layers else "head"
-        w, b = f"layers.{i}.weight", f"layers.{i}.bias"
-        return GrowthResult(
-            param_maps={
-                w: ParamMap(w, (idx, None), scale.view(-1, 1)),
-                b: ParamMap(b, (idx,), scale),
-                f"{rd_name}.weight": ParamMap(f"{rd_name}.weight", (None, idx)),
-            }
-        )
+        return split_units(model, i, idx, tx)
+
+
+def split_units(model: _TinyNet, i: int, idx: torch.Tensor, tx: Transaction) -> GrowthResult:
+    """Net2WiderNet of hidden layer ``i`` of a _TinyNet: new unit ``j`` copies old unit
+    ``idx[j]``; the reader's columns are divided by each unit's copy count (exact)."""
+    src = model.layers[i]
+    scale = 1.0 / torch.bincount(idx, minlength=src.out_features).float()[idx]
+    new = nn.Linear(src.in_features, len(idx))
+    new.weight.data = src.weight.data[idx].clone()
+    new.bias.data = src.bias.data[idx].clone()
+    parent, child = _reader(model, i)
+    rd = parent._modules[child]
+    new_rd = nn.Linear(len(idx), rd.out_features)
+    new_rd.weight.data = rd.weight.data[:, idx] * scale
+    new_rd.bias.data = rd.bias.data.clone()
+    tx.replace_module(model.layers, str(i), new)
+    tx.replace_module(parent, child, new_rd)
+    hidden = list(model.config.hidden)
+    hidden[i] = len(idx)
+    tx.set_attr(model, "config", dataclasses.replace(model.config, hidden=tuple(hidden)))
+    rd_name = f"layers.{i + 1}" if parent is model.layers else "head"
+    w, b = f"layers.{i}.weight", f"layers.{i}.bias"
+    return GrowthResult(param_maps={
+        w: ParamMap(w, (idx, None), scale.view(-1, 1)),
+        b: ParamMap(b, (idx,), scale),
+        f"{rd_name}.weight": ParamMap(f"{rd_name}.weight", (None, idx)),
+    })
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """One thread per worker and a CPU (gloo) process group on localhost:``port``."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
 
 
 @dataclass

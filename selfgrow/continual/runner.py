@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..core import count_params
-from ..errors import GrowthConfigError, choices_message
+from ..errors import CheckpointError, GrowthConfigError, choices_message
 from ..runs import (
     FlopMeter,
     check_run_name,
@@ -480,10 +480,12 @@ def train_variant(
             raise GrowthConfigError(f"no checkpoint to resume {variant} (seed {seed}) from")
         ck = load_checkpoint(slot.checkpoint, restore_rng=False, map_location=device)
         model, optimizer = ck.model, ck.optimizer
-        assert optimizer is not None
+        if optimizer is None:
+            raise CheckpointError(f"checkpoint {slot.checkpoint} holds no optimizer to resume")
         saved = ck.extra
     else:
-        assert model is not None
+        if model is None:
+            raise GrowthConfigError(f"train_variant({variant!r}) needs a model unless resuming")
         torch.manual_seed(seed)
         model = model.to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
