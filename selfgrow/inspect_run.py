@@ -254,6 +254,32 @@ def _why(r: dict[str, Any]) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+def _brief_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)) and len(v) > 6:
+        return f"[{len(v)} values]"
+    if isinstance(v, dict) and "weights" not in v and len(str(v)) > 60:
+        return "{...}"
+    return str(v)
+
+
+def _brief_op(op: Any, cfg: dict[str, Any]) -> str:
+    """``op(k=v, ...)`` with long lists elided; a compound growth lists its steps' operators
+    (``compound_grow(widen_d_model + heads_clone + ...)``)."""
+    if op == "compound_grow" and isinstance(cfg.get("steps"), list):
+        from .ops import op_config_from_dict
+
+        names = []
+        for st in cfg["steps"]:
+            try:
+                names.append(type(op_config_from_dict(st)).name)
+            except Exception:  # noqa: BLE001 - an unknown step still shows its type
+                names.append(str((st or {}).get("type", "?")))
+        return f"compound_grow({' + '.join(names)})"
+    brief = ", ".join(f"{k}={_brief_value(v)}" for k, v in cfg.items()
+                      if k not in ("seed", "noise_std", "weights"))
+    return f"{op}({brief})" if brief else str(op)
+
+
 def format_timeline(rows: list[dict[str, Any]]) -> str:
     """Aligned text table of :func:`timeline_rows` (with a ``why skipped`` column when there
     are skipped decisions or anomalies). The ``exp`` column is 1-based."""
@@ -264,9 +290,7 @@ def format_timeline(rows: list[dict[str, Any]]) -> str:
         header.append("why skipped")
     table = [header]
     for r in rows:
-        cfg = r["operator_config"]
-        brief = ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("seed", "noise_std"))
-        op = f"{r['operator']}({brief})" if brief else str(r["operator"])
+        op = _brief_op(r["operator"], r["operator_config"])
         line = [
             str(r["seq"]),
             r["kind"],
@@ -292,7 +316,12 @@ def format_timeline(rows: list[dict[str, Any]]) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """Human summary: benchmark, data source and the variants' table."""
+    """Human summary: benchmark, data source and the variants' table (a pretrain run: its
+    schedule, budget, growths and final validation loss)."""
+    if summary.get("kind") == "pretrain":
+        from .pretrain import format_summary as pretrain_summary
+
+        return pretrain_summary(summary)
     from .continual.runner import format_summary_table
 
     lines = []
@@ -408,6 +437,21 @@ def build_figure(rec: RunRecord) -> Any:
     if not lx:
         ax_l.text(0.5, 0.5, "no loss recorded (metrics.jsonl missing)", ha="center",
                   transform=ax_l.transAxes)
+
+    if (rec.summary or {}).get("kind") == "pretrain" or any(
+            r.get("kind") == "val" for r in rec.metrics):
+        vals = [r for r in rec.metrics if r.get("kind") == "val" and "val_loss" in r]
+        ax_a.plot([float(r["step"]) for r in vals], [float(r["val_loss"]) for r in vals],
+                  marker=".", color="tab:green", label="validation loss")
+        for e in growths:
+            ax_a.axvline(float(e.step or 0), color="tab:red", ls="--", lw=1)
+        ax_a.set_xlabel("optimizer step")
+        ax_a.set_ylabel("validation loss (nats/token)")
+        ax_a.set_title("validation loss (red: growth)")
+        if vals:
+            ax_a.legend(loc="upper right", fontsize=8)
+        fig.suptitle(f"selfgrow pretrain {rec.run_dir.name}")
+        return fig
 
     # accuracy per experience
     variants = (rec.summary or {}).get("variants") or {}

@@ -438,26 +438,29 @@ class GrowthController:
             event = ev
         return event
 
-    def grow(self, config_or_action: Action, reason: str = "manual", **action_kwargs: Any
-             ) -> GrowthEvent:
+    def grow(self, config_or_action: Action, reason: str = "manual", *,
+             trigger: Mapping[str, Any] | None = None, **action_kwargs: Any) -> GrowthEvent:
         """Grow now through the same path as automatic growth (event logged, optimizer
         migrated, stabilizer re-warmed). Budget and cooldown are not applied.
 
         Args:
             config_or_action: operator config or action name (resolved for this model).
             reason: free text recorded in the event.
+            trigger: what decided the growth, recorded as the event's trigger (default
+                ``{"signal": "manual"}``; a schedule passes ``{"signal": "schedule",
+                "value": progress, "threshold": stage fraction}``).
             **action_kwargs: arguments of the action.
 
         Raises:
             GrowthConfigError / IncompatibleModelError / IncompatibleOptimizerError: the growth
                 is invalid; model and optimizer are unchanged.
         """
-        d = Decision(
-            config_or_action,
-            dict(action_kwargs),
-            reason,
-            {"signal": "manual", "value": None, "threshold": None, "window": None},
-        )
+        trig = {"signal": "manual", "value": None, "threshold": None, "window": None}
+        if trigger is not None:
+            if not isinstance(trigger, Mapping):
+                raise GrowthConfigError(f"trigger must be a dict, got {trigger!r}")
+            trig.update(trigger)
+        d = Decision(config_or_action, dict(action_kwargs), reason, trig)
         with rng_isolated():
             ev = self._apply(d, reason, raise_errors=True)
         if ev is None:  # pragma: no cover - raise_errors=True always returns or raises

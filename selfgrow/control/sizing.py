@@ -257,9 +257,9 @@ def flops_per_sample(model: nn.Module, probe_fn: Callable[[nn.Module], torch.Ten
     Runs in eval mode (each module's mode restored) with ``torch.utils.flop_counter``; counts
     matmuls/convolutions/attention (elementwise ops are not counted).
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from ..runs.flops import flop_counter
 
-    with eval_mode(model), FlopCounterMode(display=False) as fc:
+    with eval_mode(model), flop_counter() as fc:
         out = probe_fn(model)
     n = int(out.shape[0]) if out.dim() > 0 else 1
     return float(fc.get_total_flops()) / max(n, 1)

@@ -14,7 +14,7 @@ from .dirs import (
     unique_run_dir,
     write_json,
 )
-from .flops import FlopMeter, arch_key, training_flops_per_sample
+from .flops import FlopMeter, arch_key, flop_counter, training_flops_per_sample
 from .metrics import ScalarJsonlSink, isatty
 from .summary import finite, fmt, format_table
 
@@ -28,6 +28,7 @@ __all__ = [
     "cli_command",
     "create_run_dir",
     "finite",
+    "flop_counter",
     "fmt",
     "format_table",
     "isatty",
