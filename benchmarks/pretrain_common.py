@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import statistics
 from typing import Any
 
@@ -56,7 +57,7 @@ def run_one(preset: dict[str, Any], budget_flops: float, strategy: str, *, seed:
                 data=corpus(0), tokens_per_step=preset["tokens_per_step"],
                 n_evals=preset["n_evals"], eval_windows=preset["eval_windows"], seed=seed,
                 runs_dir=runs_dir, progress=False, device=device,
-                name=(label or strategy).replace(" ", "_").replace("/", "-")
+                name=re.sub(r"[^A-Za-z0-9._-]+", "_", label or strategy).strip("._")
                 if runs_dir else None)
     args.update(kw)
     model_or_config = args.pop("model_or_config", None)

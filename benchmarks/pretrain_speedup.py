@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, flush=True)
         log.append(msg)
 
-    say(f"preset {preset_name}: target {preset['target']} ({b['target_params']:,} params), "
+    say(f"preset {preset_name}: target {preset['target']} ({int(b['target_params']):,} params), "
         f"{preset['tokens_per_param']} tokens/param = {b['tokens']:.3g} tokens, budget "
         f"{budget:.3g} FLOPs")
     common = dict(device=a.device, runs_dir=a.runs_dir)

