@@ -256,6 +256,35 @@ MUTATIONS: list[Mutation] = [
         "            return {0: storage_policy}\n",
         ("tests/test_plugin_experiences.py::test_every_past_experience_is_measured_whatever_the_buffer",),
     ),
+    # ---------------------------------------------------------------- pretrain
+    Mutation(
+        "flops-miss-cpu-attention",
+        "selfgrow/runs/flops.py",
+        "    return FlopCounterMode(display=False, custom_mapping=_cpu_attention_mapping())",
+        "    return FlopCounterMode(display=False)",
+        ("tests/test_pretrain.py::test_flop_counter_counts_cpu_attention",),
+    ),
+    Mutation(
+        "search-overhead-not-counted",
+        "selfgrow/pretrain/search.py",
+        "    win.overhead = tr.overhead + overhead\n",
+        "    win.overhead = tr.overhead\n",
+        ("tests/test_pretrain.py::test_search_counts_its_own_flops_and_logs_the_winner",),
+    ),
+    Mutation(
+        "compound-seq-warmup-ignored",
+        "selfgrow/pretrain/api.py",
+        "                      seq_len=min(start_cfg.max_seq_len, tgt.seq_len))",
+        "                      seq_len=tgt.seq_len)",
+        ("tests/test_pretrain.py::test_compound_grows_sequence_length_as_a_data_warm_up",),
+    ),
+    Mutation(
+        "auto-deadline-never-forces",
+        "selfgrow/pretrain/auto.py",
+        "        forced = p >= self.deadline\n",
+        "        forced = False\n",
+        ("tests/test_pretrain.py::test_toward_target_decides_when_and_what",),
+    ),
 ]
 
 

@@ -506,6 +506,8 @@ def grow_and_train(
     if run_dir is not None and tensorboard:
         sinks.append(TensorBoardSink(run_dir / "tb"))
     t0 = time.perf_counter()
+    ctls: list[GrowthController] = []
+    run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
     run = _Run(run_dir, sinks, EvalSet(val, tgt.seq_len, eval_windows), max(8, eval_windows // 4),
                [], [], [(i + 1) / n_evals for i in range(n_evals)], t0)
     try:
@@ -526,8 +528,11 @@ def grow_and_train(
 
         def ctl_factory(m: nn.Module, o: torch.optim.Optimizer, policy: Any = None,
                         signals: Sequence[Any] = (), logged: bool = True) -> GrowthController:
-            return _controller(m, o, run if logged else None, rewarm_steps, lr_scale_after,
-                               probe, signals, policy)
+            c = _controller(m, o, run if logged else None, rewarm_steps, lr_scale_after,
+                            probe, signals, policy, run_id=run_id)
+            if logged:
+                ctls.append(c)
+            return c
 
         def on_step(t: Trainer) -> None:
             run.maybe_eval(t)
@@ -594,9 +599,10 @@ def grow_and_train(
         if run_dir is not None:
             _save_model(tr.model, run_dir)
             write_json(run_dir / "summary.json", summary)
-        tr.controller.close()
         return PretrainResult(tr.model, run_dir, summary)
     finally:
+        for c in ctls:  # flushes events.jsonl / metrics.jsonl also when the run fails
+            c.close()
         for s in sinks:
             close = getattr(s, "close", None)
             if close is not None:
