@@ -41,7 +41,7 @@ from .trainer import Trainer, lm_loss
 
 __all__ = ["fastest_width", "measure_shape", "run_search"]
 
-SEARCH_OPS = (*DEPTH_OPS, "ligo")
+SEARCH_OPS = DEPTH_OPS
 
 
 def measure_shape(config: TransformerConfig, tokens_per_step: int, seq_len: int,
