@@ -75,7 +75,10 @@ def test_compound_matrix(family, dtype):
         assert r["err"] <= tolerance(family, dtype), (family, r["err"])
     else:  # e.g. the post-LN norm transfer of nn.TransformerEncoder is not exact
         print(f"[compound] {family} {dtype}: inexact step, measured {r['err']:.3e}")
-        assert r["event"].preservation["max_rel"] == pytest.approx(r["err"], rel=1e-3, abs=1e-12)
+        # the event and this test measure the same error in separate forward passes: in fp32
+        # they agree to rounding (a few float32 ulps of the output scale), not to 1e-3
+        noise = 1e-6 if dtype == torch.float32 else 1e-12
+        assert r["event"].preservation["max_rel"] == pytest.approx(r["err"], rel=1e-3, abs=noise)
     check_roundtrip(r["model"], r["args"], r["c0"])
     if dtype == torch.float32:
         check_grads(r["model"], r["args"])
