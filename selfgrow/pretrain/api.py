@@ -614,14 +614,13 @@ def _estimate_steps(model: nn.Module, budget: Budget, tokens_per_step: int, seq_
     FLOP counter on a copy of the model), or one step per 0.05 s (seconds budgets)."""
     if budget.kind != "flops":
         return max(1, int(budget.amount / 0.05))
-    import copy
+    from ..runs import training_flops_per_sample
 
     b = max(1, tokens_per_step // seq_len)
     dev = next(model.parameters()).device
     x = torch.zeros((b, seq_len), dtype=torch.long, device=dev)
-    with flop_counter() as fc:
-        lm_loss(copy.deepcopy(model), x, x).backward()
-    return max(1, int(budget.amount / max(fc.get_total_flops(), 1)))
+    per_step = training_flops_per_sample(model, x, x, lm_loss) * b
+    return max(1, int(budget.amount / max(per_step, 1.0)))
 
 
 def _auto_policy(src: TransformerConfig, dst: TransformerConfig, progress: Callable[[], float],
