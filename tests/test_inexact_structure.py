@@ -92,8 +92,16 @@ NOISY: dict[str, tuple[str, dict[str, Any]]] = {
     "net2wider-noise": ("net2wider", dict(layer=0, new_width=11, noise_std=0.05, seed=5)),
 }
 
+#: learned operators: (operator, kwargs); random coefficients, checked against the formula
+LEARNED: dict[str, tuple[str, dict[str, Any]]] = {
+    "ligo-stack-x2": ("ligo", dict(depth_factor=2, width_factor=2)),
+    "ligo-repeat-depth": ("ligo", dict(depth_factor=2, pattern="repeat")),
+    "ligo-width-heads1": ("ligo", dict(depth_factor=1, width_factor=2, heads_factor=1)),
+}
+
 #: every registered inexact operator -> the cases above that check it
-COVERED = {op for op, _, _ in DEPTH.values()} | {op for op, _ in WIDTH.values()}
+COVERED = ({op for op, _, _ in DEPTH.values()} | {op for op, _ in WIDTH.values()}
+           | {op for op, _ in LEARNED.values()})
 
 
 def test_every_inexact_operator_has_a_structural_check():
@@ -327,3 +335,50 @@ def test_noisy_net2wider_structure(case):
                                atol=5 * kw["noise_std"])
     count = torch.bincount(src, minlength=h).double()
     torch.testing.assert_close(new[w_out], old[w_out][:, src] / count[src], rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------ learned (LiGO)
+@pytest.mark.parametrize("case", list(LEARNED))
+@pytest.mark.parametrize("family", WIDTH_FAMILIES)
+def test_ligo_structure(family, case):
+    """Random coefficients: every grown tensor is ``sum_j D[l, j] B W_j A^T`` computed here
+    independently (einsum, fp64) from the documented axis of each dimension; the function
+    change is measured and reported."""
+    from selfgrow.ops.learned import _BLOCK, _plan, init_coefficients, learned_axes
+
+    op, kw = LEARNED[case]
+    model = _model(family)
+    small = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg0 = make_config(op, **kw)
+    plan = _plan(model, cfg0)
+    g = torch.Generator().manual_seed(7)
+    co = init_coefficients(plan)
+    for a in learned_axes(plan):
+        co["width"][a] = co["width"][a] + 0.1 * torch.randn(co["width"][a].shape, generator=g,
+                                                            dtype=torch.float64)
+    for k in co["depth"]:
+        co["depth"][k] = co["depth"][k] + 0.1 * torch.randn(co["depth"][k].shape, generator=g,
+                                                            dtype=torch.float64)
+    coeffs = {"width": {a: co["width"][a].tolist() for a in learned_axes(plan)},
+              "depth": {k: v.tolist() for k, v in co["depth"].items()}}
+    ev, err = _grow(model, op, {**kw, "coefficients": coeffs})
+    _check_error_reported(ev, err)
+    assert err > 1e-6  # random coefficients really change the function
+    w, n = co["width"], len(plan.depth_src)
+    grown = dict(model.named_parameters())
+    assert model.config.n_layers == n
+    for kind, (r, c) in _BLOCK.items():
+        if f"layers.0.{kind}" not in small:
+            continue
+        for l in range(n):
+            want = sum(co["depth"][kind][l, j] * small[f"layers.{j}.{kind}"]
+                       for j in range(plan.src.n_layers))
+            want = (torch.einsum("ar,r->a", w[r], want) if c is None
+                    else torch.einsum("ar,rc,bc->ab", w[r], want, w[c]))
+            torch.testing.assert_close(grown[f"layers.{l}.{kind}"].detach(), want, rtol=1e-12,
+                                       atol=1e-12, msg=f"{case} {family} layer {l} {kind}")
+    emb = torch.einsum("vc,bc->vb", small["tok_emb.weight"], w["stream_out"])
+    torch.testing.assert_close(grown["tok_emb.weight"].detach(), emb, rtol=1e-12, atol=1e-12)
+    norm_axis = "stream_in" if model.config.tie_embeddings else "stream_out"
+    torch.testing.assert_close(grown["norm_f.weight"].detach(),
+                               w[norm_axis] @ small["norm_f.weight"], rtol=1e-12, atol=1e-12)

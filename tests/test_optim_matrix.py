@@ -103,6 +103,8 @@ REPS: list[tuple[str, str, str, str, Any]] = [
      lambda m: dict(new_n_heads=2 * _d(m).n_heads)),
     ("heads-fresh-sg", "heads", "sg-preln", "heads_fresh",
      lambda m: dict(new_n_heads=2 * _d(m).n_heads)),
+    ("ligo-sg-gqa", "learned", "sg-rms-rope-swiglu-gqa", "ligo",
+     dict(depth_factor=2, width_factor=2)),
     ("net2wider-mlp", "classifier", "mlp", "net2wider", dict(layer=0, new_width=19)),
     ("net2wider-cnn", "classifier", "cnn", "net2wider", dict(layer=(0, 1), new_width=(9, 12))),
     ("net2deeper-mlp", "classifier", "mlp", "net2deeper", dict(layer=0)),
@@ -110,7 +112,7 @@ REPS: list[tuple[str, str, str, str, Any]] = [
 ]
 #: dimensions that must have a registered representative once their module exists
 DIM_MODULES = {"depth": "depth", "d_model": "width", "ffn": "ffn", "heads": "heads",
-               "classifier": "net2net"}
+               "classifier": "net2net", "learned": "learned"}
 
 
 def test_every_dimension_is_represented():
