@@ -72,7 +72,8 @@ def run_one(preset: dict[str, Any], budget_flops: float, strategy: str, *, seed:
             "steps": s["steps"], "tokens": s["tokens"],
             "growths": [{k: g.get(k) for k in ("op", "progress", "from", "to", "spike",
                                                 "val_loss_before", "val_loss_after",
-                                                "preservation", "reason", "trigger")}
+                                                "preservation", "reason", "trigger",
+                                                "ligo")}
                         for g in s["growths"]],
             "search": copy.deepcopy(s.get("search")),
             "curve": [{"flops": r["flops"], "val_loss": r["val_loss"], "step": r["step"],

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pretrain_common import PRESETS, budget_for, mean_std, run_one, speedup  # noqa: E402
 
-SCHEDULES = ("gstack", "grepeat", "ginterleave", "compound", "auto", "search")
+SCHEDULES = ("gstack", "grepeat", "ginterleave", "compound", "ligo", "auto", "search")
 TARGET_SPEEDUP = 2.0
 TARGET_AUTO_SEARCH = 0.10  # within 10% of the best hand schedule's speedup
 

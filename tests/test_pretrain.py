@@ -47,9 +47,9 @@ def _run(corpus, strategy, tmp_path=None, **kw):
 
 
 # --- schedules -------------------------------------------------------------------------------
-@pytest.mark.parametrize("strategy", [s for s in SCHEDULES if s != "ligo"])
+@pytest.mark.parametrize("strategy", SCHEDULES)
 def test_every_schedule_reaches_the_target_within_the_budget(corpus, strategy, tmp_path):
-    res = _run(corpus, strategy, tmp_path)
+    res = _run(corpus, strategy, tmp_path, **({"ligo_steps": 5} if strategy == "ligo" else {}))
     s = res.summary
     assert s["final_shape"] == str(Shape(*TARGET))
     assert res.model.config.n_layers == TARGET[0] and res.model.config.d_model == TARGET[1]
@@ -65,6 +65,31 @@ def test_every_schedule_reaches_the_target_within_the_budget(corpus, strategy, t
     assert "final: shape" in format_summary(s)
     for g in rec.growths:
         assert g.trigger.get("signal") in ("schedule", "loss_plateau", "deadline")
+
+
+def test_ligo_fits_then_materialises_and_its_flops_count(corpus, tmp_path):
+    """The ligo schedule fits the operator on the training loss (the held-out loss of the
+    grown model does not rise), charges the fitting FLOPs to the budget and leaves a plain
+    model of the target shape that load_pretrained rebuilds."""
+    res = _run(corpus, "ligo", tmp_path, ligo_steps=10)
+    s = res.summary
+    g = s["growths"][0]
+    assert g["op"] == "ligo" and g["ligo"]["steps"] == 10
+    assert g["ligo"]["loss_final"] <= g["ligo"]["loss_init"]
+    assert g["ligo"]["flops"] > 0 and "LiGO fitted 10 steps" in g["reason"]
+    assert BUDGET <= s["flops"]  # fitting FLOPs are part of what was spent
+    assert s["ligo_settings"] == {"steps": 10, "lr": 1e-2}
+    ev = load_run(res.run_dir).growths[0]
+    assert ev.action["op"] == "ligo"
+    assert ev.action["config"]["data"]["coefficients"]["depth"]  # the learned operator
+    again = load_pretrained(res.run_dir)
+    assert again.config == res.model.config
+    assert not any("ligo" in n for n, _ in res.model.named_parameters())
+    with pytest.raises(GrowthConfigError, match="ligo_steps=100 would spend"):
+        _run(corpus, "ligo", ligo_steps=100)  # the default fit is most of this tiny budget
+    res0 = _run(corpus, "ligo", ligo_steps=0)
+    assert res0.summary["growths"][0]["ligo"]["kept"] == "init"
+    assert res0.summary["steps"] > s["steps"]  # the fit's FLOPs bought fewer training steps
 
 
 def test_function_preserving_growth_has_no_spike_and_plain_stack_has_one(corpus):

@@ -17,6 +17,9 @@ ginterleave    every block followed by a noisy copy (Du et al. 2024)
 compound       CompoundGrow (Gu et al. 2021): stages of (layers, d_model, heads, seq_len), one
                compound event per stage boundary, exact operators; the data loader's
                sequence length follows the stage (short sequences first)
+ligo           LiGO (Wang et al. 2023): at ``grow_at`` a learned linear growth operator (depth
+               initialised to stacking, width to duplication) is fitted for ``ligo_steps`` on
+               the training loss, materialised, and training goes on; its FLOPs are counted
 auto           the controller decides when (loss plateau) and what (gradient saturation:
                width first) to grow toward the target, no hand-set growth step
 search         budgeted successive-halving search over depth operators, LAG predictor (the
@@ -54,15 +57,17 @@ from ..runs import create_run_dir, isatty, package_versions, write_json
 from ..runs.flops import flop_counter
 from .auto import TowardTarget
 from .lr import check_lr_schedule
-from .shapes import Shape, config_for, growth_steps
+from .shapes import Shape, config_for, growth_steps, ligo_config
 from .trainer import Budget, EvalSet, Trainer, default_stabilizer, lm_loss, make_optimizer
 
 __all__ = ["SCHEDULES", "PretrainResult", "budget_for_tokens", "flops_to_reach", "format_summary",
            "grow_and_train", "load_pretrained", "plan_stages", "start_shape",
            "training_flops_per_token"]
 
-#: LiGO (a learned growth operator, Wang et al. 2023) is not implemented yet; see docs/pretrain.md
-SCHEDULES = ("scratch", "gstack", "grepeat", "ginterleave", "compound", "auto", "search")
+SCHEDULES = ("scratch", "gstack", "grepeat", "ginterleave", "compound", "ligo", "auto",
+             "search")
+#: largest share of a FLOP budget the ligo schedule's fitting phase may take
+LIGO_MAX_SHARE = 0.25
 _DEPTH_OF = {"gstack": "g_stack", "grepeat": "g_repeat", "ginterleave": "g_interleave"}
 
 
@@ -292,20 +297,21 @@ def _grow_to(tr: Trainer, run: _Run, dst_cfg: TransformerConfig, op: str, reason
     before = run.evals.loss(tr.model, limit=run.spike_evals, seq_len=t_before)
     extra: dict[str, Any] = {}
     if op == "ligo":
-        from ..ops.learned import LiGOConfig, fit_ligo
+        from ..ops.learned import fit_ligo
 
-        cfg = LiGOConfig(depth_factor=dst_cfg.n_layers // src_cfg.n_layers,
-                         width_factor=dst_cfg.d_model // src_cfg.d_model,
-                         pattern=ligo.get("pattern", "stack"))
+        first, *rest = ligo_config(src_cfg, dst_cfg, ligo.get("pattern", "stack"))
         b = max(1, tr.tokens_per_step // tr.seq_len)
-        grown_cfg, rep = fit_ligo(tr.model, cfg, lambda: tr.batches.sample(b, tr.seq_len),
-                                  steps=int(ligo.get("steps", 100)),
-                                  lr=float(ligo.get("lr", 1e-3)))
+        fitted, rep = fit_ligo(tr.model, first,  # type: ignore[arg-type]
+                               lambda: tr.batches.sample(b, tr.seq_len),
+                               steps=int(ligo.get("steps", 100)),
+                               lr=float(ligo.get("lr", 1e-3)))
         tr.meter.add_flops(rep["flops"])
-        extra = {"ligo": {k: rep[k] for k in ("steps", "loss_init", "loss_final", "flops")}}
-        config: OpConfig = grown_cfg
-        reason += (f"; LiGO fitted {rep['steps']} steps (loss {rep['loss_init']:.3f} -> "
-                   f"{rep['loss_final']:.3f}, {rep['flops']:.3g} FLOPs counted)")
+        extra = {"ligo": {k: rep[k] for k in ("steps", "loss_init", "loss_final", "kept",
+                                               "flops")}}
+        config: OpConfig = fitted if not rest else CompoundGrowConfig(steps=[fitted, *rest])
+        reason += (f"; LiGO fitted {rep['steps']} steps (held-out loss {rep['loss_init']:.3f} "
+                   f"-> {rep['loss_fitted']:.3f}, kept {rep['kept']}; {rep['flops']:.3g} "
+                   f"FLOPs counted)")
     else:
         steps = growth_steps(src_cfg, dst_cfg, op)
         if not steps:
@@ -347,7 +353,7 @@ def grow_and_train(
     lr_scale_after: float = 1.0,
     ffn_mult: int = 4,
     ligo_steps: int = 100,
-    ligo_lr: float = 1e-3,
+    ligo_lr: float = 1e-2,
     auto_window: float = 0.04,
     auto_min_rel_drop: float = 0.01,
     auto_deadline: float = 0.6,
@@ -497,6 +503,14 @@ def grow_and_train(
     if strategy == "auto":
         spec["auto_settings"] = {"window": auto_window, "min_rel_drop": auto_min_rel_drop,
                                  "deadline": auto_deadline}
+    if strategy == "ligo" and budget.kind == "flops" and ligo_steps:
+        fit = ligo_steps * tokens_per_step * training_flops_per_token(tgt, tokens_per_step,
+                                                                      ffn_mult)
+        if fit > LIGO_MAX_SHARE * budget.amount:
+            raise GrowthConfigError(
+                f"ligo_steps={ligo_steps} would spend about {fit:.3g} FLOPs fitting the LiGO "
+                f"operator, {fit / budget.amount:.0%} of budget_flops={budget.amount:.3g}; "
+                f"valid: at most {LIGO_MAX_SHARE:.0%} (lower ligo_steps or raise the budget)")
     run_dir = None
     if runs_dir is not None:
         run_dir = create_run_dir(runs_dir, name or f"pretrain-{strategy}")

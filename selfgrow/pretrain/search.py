@@ -41,7 +41,7 @@ from .trainer import Trainer, lm_loss
 
 __all__ = ["fastest_width", "measure_shape", "run_search"]
 
-SEARCH_OPS = DEPTH_OPS
+SEARCH_OPS = (*DEPTH_OPS, "ligo")
 
 
 def measure_shape(config: TransformerConfig, tokens_per_step: int, seq_len: int,
@@ -178,7 +178,7 @@ def run_search(
     for op in ops:
         b = tr.branch(branch_controller)
         g = grow_fn(b, shadow, target_cfg, op, f"search candidate {op}",
-                    {"steps": 50, "lr": 1e-3}, at)
+                    {"steps": 50, "lr": 1e-2}, at)
         live.append((op, b, g))
     table: list[dict[str, Any]] = []
     point = at

@@ -114,6 +114,32 @@ def config_for(shape: Shape, base: TransformerConfig, head_dim: int, ffn_mult: i
     )
 
 
+def ligo_config(src: TransformerConfig, dst: TransformerConfig, pattern: str = "stack"
+                ) -> list[OpConfig]:
+    """The LiGO growth from ``src`` to ``dst``: ``[LiGOConfig(factors, pattern)]`` plus
+    ``extend_positions`` when the learned position table grows (LiGO itself keeps the
+    sequence length). The first config is the one :func:`~selfgrow.ops.learned.fit_ligo`
+    fits.
+
+    Raises:
+        GrowthConfigError: a dimension shrinks or does not grow by a whole multiple, the head
+            width differs, or nothing grows but the sequence length.
+    """
+    from ..ops.learned import LiGOConfig
+
+    if src.head_dim != dst.head_dim:
+        raise GrowthConfigError(
+            f"head widths differ ({src.head_dim} vs {dst.head_dim}); LiGO keeps head_dim")
+    cfg = LiGOConfig(depth_factor=_ratio("n_layers", src.n_layers, dst.n_layers),
+                     width_factor=_ratio("d_model", src.d_model, dst.d_model),
+                     heads_factor=_ratio("n_heads", src.n_heads, dst.n_heads),
+                     ffn_factor=_ratio("d_ff", src.d_ff, dst.d_ff), pattern=pattern)
+    steps: list[OpConfig] = [cfg]
+    if dst.max_seq_len > src.max_seq_len and dst.positions == "learned":
+        steps.append(ExtendPositionsConfig(new_len=dst.max_seq_len))
+    return steps
+
+
 def _ratio(what: str, old: int, new: int) -> int:
     if new < old or new % old:
         raise GrowthConfigError(
