@@ -285,6 +285,35 @@ MUTATIONS: list[Mutation] = [
         "        forced = False\n",
         ("tests/test_pretrain.py::test_toward_target_decides_when_and_what",),
     ),
+    # ---------------------------------------------------------------- LiGO
+    Mutation(
+        "ligo-readers-not-divided",
+        "selfgrow/ops/learned.py",
+        "            m = m * (old / new)  # each old coordinate read by new/old copies\n",
+        "",
+        ("tests/test_learned_ops.py", "-k", "bitwise or exact"),
+    ),
+    Mutation(
+        "ligo-tied-final-norm-as-writer",
+        "selfgrow/ops/learned.py",
+        '    norm_axis = "stream_in" if cfg.tie_embeddings else "stream_out"\n',
+        '    norm_axis = "stream_out"\n',
+        ("tests/test_learned_ops.py", "-k", "bitwise"),
+    ),
+    Mutation(
+        "ligo-fit-keeps-a-worse-operator",
+        "selfgrow/ops/learned.py",
+        '    kept = "fitted" if steps and loss_final < loss_init else "init"\n',
+        '    kept = "fitted" if steps else "init"\n',
+        ("tests/test_learned_ops.py::test_a_fit_that_does_not_help_keeps_the_initialisation",),
+    ),
+    Mutation(
+        "ligo-fit-flops-not-charged",
+        "selfgrow/pretrain/api.py",
+        '        tr.meter.add_flops(rep["flops"])\n',
+        "",
+        ("tests/test_pretrain.py::test_ligo_fits_then_materialises_and_its_flops_count",),
+    ),
 ]
 
 

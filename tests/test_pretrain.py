@@ -3,6 +3,7 @@ accounting, LR schedules, search, auto, run directories and bad inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -90,6 +91,18 @@ def test_ligo_fits_then_materialises_and_its_flops_count(corpus, tmp_path):
     res0 = _run(corpus, "ligo", ligo_steps=0)
     assert res0.summary["growths"][0]["ligo"]["kept"] == "init"
     assert res0.summary["steps"] > s["steps"]  # the fit's FLOPs bought fewer training steps
+
+
+def test_a_start_config_is_not_grown_in_place(corpus):
+    """The caller's config is the start of every run it is passed to (regression: a run grew
+    the passed config object, so a second seed started at the target)."""
+    start = TransformerConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2, d_ff=128,
+                              max_seq_len=32)
+    before = dataclasses.asdict(start)
+    r1 = _run(corpus, "gstack", model_or_config=start)
+    assert dataclasses.asdict(start) == before
+    r2 = _run(corpus, "gstack", model_or_config=start, seed=1)
+    assert r1.summary["start"] == r2.summary["start"] == "1,32,2,32"
 
 
 def test_function_preserving_growth_has_no_spike_and_plain_stack_has_one(corpus):

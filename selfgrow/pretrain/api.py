@@ -197,7 +197,8 @@ def _base_config(model_or_config: Any) -> TransformerConfig | None:
     if isinstance(model_or_config, GrowableTransformer):
         return model_or_config.config
     if isinstance(model_or_config, TransformerConfig):
-        return model_or_config
+        # a copy: the run grows its model's config in place, the caller's stays the start
+        return dataclasses.replace(model_or_config)
     raise IncompatibleModelError(
         f"grow_and_train takes a GrowableTransformer, a TransformerConfig or None, got "
         f"{type(model_or_config).__name__}; other models grow with GrowthController"
