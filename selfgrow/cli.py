@@ -221,9 +221,10 @@ def _add_pretrain_parser(sub: Any) -> None:
                    help="LR re-warm-up steps after each growth")
     p.add_argument("--lr-scale-after", type=_positive_float, default=1.0,
                    help="permanent LR factor at each growth (G_stack: 0.5)")
-    p.add_argument("--ligo-steps", type=int, default=100,
-                   help="LiGO fitting steps at the growth (schedule ligo; default 100)")
-    p.add_argument("--ligo-lr", type=_positive_float, default=1e-2,
+    p.add_argument("--ligo-steps", type=int, default=None,
+                   help="LiGO fitting steps at the growth (schedules ligo and search; "
+                        "default 100)")
+    p.add_argument("--ligo-lr", type=_positive_float, default=None,
                    help="Adam LR of the LiGO coefficients (default 1e-2)")
     p.add_argument("--search-horizon", type=_positive_float, default=0.03,
                    help="search proxy length after growth (fraction of the budget)")
@@ -253,6 +254,11 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
     start = None
     if a.start is not None:
         start = config_for(Shape.of(a.start), TransformerConfig(), target.head_dim, 4)
+    given = [f for f, v in (("--ligo-steps", a.ligo_steps), ("--ligo-lr", a.ligo_lr))
+             if v is not None]
+    if given and a.schedule not in ("ligo", "search"):
+        raise _usage(f"{' and '.join(given)} set the LiGO fitting phase; --schedule "
+                     f"{a.schedule} has none (valid with --schedule ligo or search)")
     bf, bs = a.budget_flops, a.budget_seconds
     if bf is None and bs is None:
         bf = budget_for_tokens(target, 20.0, a.tokens_per_step)["budget_flops"]
@@ -264,8 +270,9 @@ def _cmd_pretrain(a: argparse.Namespace) -> int:
         data=a.data, lr=a.lr, lr_schedule=a.lr_schedule, tokens_per_step=a.tokens_per_step,
         grow_at=a.grow_at if len(a.grow_at) > 1 else a.grow_at[0], stages=a.stages,
         rewarm_steps=a.rewarm_steps, lr_scale_after=a.lr_scale_after,
-        search_horizon=a.search_horizon, seed=a.seed, ligo_steps=a.ligo_steps,
-        ligo_lr=a.ligo_lr,
+        search_horizon=a.search_horizon, seed=a.seed,
+        ligo_steps=100 if a.ligo_steps is None else a.ligo_steps,
+        ligo_lr=1e-2 if a.ligo_lr is None else a.ligo_lr,
         runs_dir=a.runs_dir, name=a.name, tensorboard=not a.no_tensorboard,
         progress=False if a.no_progress else None, device=a.device)
     print(format_summary(res.summary))

@@ -224,9 +224,31 @@ BAD = [
     (dict(width_factor=1.5), GrowthConfigError, "width_factor"),
     (dict(depth_factor=1), GrowthConfigError, "grows nothing"),
     (dict(pattern="interleave"), GrowthConfigError, "stack"),
-    (dict(coefficients={"width": {}}), GrowthConfigError, "'width' and 'depth'"),
+    (dict(coefficients={"width": {}}), GrowthConfigError, "'width': dict, 'depth': dict"),
     (dict(coefficients={"width": {}, "depth": {"attn.q.weight": [[1.0]]}}), GrowthConfigError,
      "lack"),
+]
+
+
+def _coeffs_with(entry):
+    m = _model("sg-preln")
+    cfg = _init_as_learned(m, LiGOConfig(depth_factor=2, width_factor=2))
+    co = copy.deepcopy(cfg.coefficients)
+    entry(co)
+    return co
+
+
+BAD += [
+    (dict(coefficients=_coeffs_with(lambda c: c["width"]["stream_out"][0].__setitem__(
+        0, float("nan"))), depth_factor=2, width_factor=2), GrowthConfigError, "NaN"),
+    (dict(coefficients=_coeffs_with(lambda c: c["width"].__setitem__(
+        "stream_out", [[1.0, 2.0], [3.0]])), depth_factor=2, width_factor=2),
+     GrowthConfigError, "rectangular"),
+    (dict(coefficients=_coeffs_with(lambda c: c["depth"].__setitem__("attn.q.weight", "abc")),
+          depth_factor=2, width_factor=2), GrowthConfigError, "rectangular"),
+    (dict(coefficients=_coeffs_with(lambda c: c["depth"].__setitem__("attn.q.weight", None)),
+          depth_factor=2, width_factor=2), GrowthConfigError, "rectangular"),
+    (dict(coefficients={"width": None, "depth": {}}), GrowthConfigError, "'width': dict"),
 ]
 
 
@@ -253,3 +275,11 @@ def test_fit_ligo_rejects_bad_arguments(trained_small):
             fit_ligo(trained_small, LiGOConfig(), nxt, **kw)
     with pytest.raises(GrowthConfigError, match="LiGOConfig"):
         fit_ligo(trained_small, make_config("g_stack"), nxt)  # type: ignore[arg-type]
+    x, y = nxt()
+    for bad, match in ((lambda: None, "inputs, targets"), (lambda: (x, y, y), "length 3"),
+                       (lambda: (x[0], y[0]), "shape"), (lambda: (x.float(), y), "int64"),
+                       (lambda: (x + 1000, y), "outside"), (lambda: (x, y[:, :-1]), "differ")):
+        with pytest.raises(GrowthConfigError, match=match):
+            fit_ligo(trained_small, LiGOConfig(), bad, steps=1)
+    with pytest.raises(GrowthConfigError, match="callable"):
+        fit_ligo(trained_small, LiGOConfig(), [(x, y)], steps=1)  # type: ignore[arg-type]

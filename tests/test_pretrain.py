@@ -76,6 +76,7 @@ def test_ligo_fits_then_materialises_and_its_flops_count(corpus, tmp_path):
     s = res.summary
     g = s["growths"][0]
     assert g["op"] == "ligo" and g["ligo"]["steps"] == 10
+    assert (g["from"], g["to"]) == ("1,32,2,32", "2,32,2,32")
     assert g["ligo"]["loss_final"] <= g["ligo"]["loss_init"]
     assert g["ligo"]["flops"] > 0 and "LiGO fitted 10 steps" in g["reason"]
     assert BUDGET <= s["flops"]  # fitting FLOPs are part of what was spent
@@ -142,6 +143,17 @@ def test_search_counts_its_own_flops_and_logs_the_winner(corpus, tmp_path):
         _run(corpus, "search", search_horizon=0.5)
     with pytest.raises(GrowthConfigError, match="search operator"):
         _run(corpus, "search", search_ops=("bogus",))
+
+
+def test_search_can_compare_ligo_with_a_depth_operator(corpus):
+    res = _run(corpus, "search", search_ops=("g_stack", "ligo"), search_horizon=0.05,
+               ligo_steps=3)
+    s = res.summary
+    assert {r["op"] for r in s["search"]["rounds"]} == {"g_stack", "ligo"}
+    assert s["search"]["winner"] in ("g_stack", "ligo")
+    assert s["flops_overhead"] > 0
+    with pytest.raises(GrowthConfigError, match="ligo_steps=100 would spend"):
+        _run(corpus, "search", search_ops=("g_stack", "ligo"))
 
 
 def test_auto_grows_without_hand_set_steps(corpus):
@@ -338,6 +350,9 @@ def test_cli_pretrain_runs_and_rejects_bad_values(tmp_path, capsys):
     capsys.readouterr()
     assert main(["pretrain", "--target", "4,64", "--runs-dir", str(tmp_path / "x")]) == 2
     assert "LAYERS,D_MODEL,HEADS,SEQ_LEN" in capsys.readouterr().err
+    assert main(["pretrain", "--schedule", "gstack", "--ligo-steps", "5", "--runs-dir",
+                 str(tmp_path / "x")]) == 2
+    assert "--ligo-steps" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

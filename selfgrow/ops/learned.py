@@ -181,14 +181,15 @@ def _plan(model: nn.Module, config: LiGOConfig) -> _Plan:
 
 def _check_coefficients(co: Any, sizes: dict[str, tuple[int, int]], kinds: tuple[str, ...],
                         depth: tuple[int, int]) -> None:
-    if not isinstance(co, dict) or set(co) != {"width", "depth"}:
+    if (not isinstance(co, dict) or set(co) != {"width", "depth"}
+            or not all(isinstance(co[p], dict) for p in ("width", "depth"))):
         raise GrowthConfigError(
-            f"ligo coefficients must be a dict with keys 'width' and 'depth' (as returned by "
-            f"fit_ligo), got {type(co).__name__} {sorted(co) if isinstance(co, dict) else ''}")
+            f"ligo coefficients must be a dict {{'width': dict, 'depth': dict}} (as returned "
+            f"by fit_ligo), got {type(co).__name__} "
+            f"{sorted(co) if isinstance(co, dict) else ''}")
     want = {**{f"width.{a}": sizes[a] for a in AXES if sizes[a][0] != sizes[a][1]},
             **{f"depth.{k}": depth for k in kinds}}
-    extra = sorted({f"{p}.{k}" for p in ("width", "depth") if isinstance(co[p], dict)
-                    for k in co[p]} - set(want))
+    extra = sorted({f"{p}.{k}" for p in ("width", "depth") for k in co[p]} - set(want))
     if extra:
         raise GrowthConfigError(f"ligo coefficients {extra} do not belong to this model and "
                                 f"config (expected {sorted(want)})")
@@ -197,10 +198,18 @@ def _check_coefficients(co: Any, sizes: dict[str, tuple[int, int]], kinds: tuple
         if name not in co[part]:
             raise GrowthConfigError(f"ligo coefficients lack {key}; they were fitted for "
                                     f"another model (expected {sorted(want)})")
-        got = tuple(torch.as_tensor(co[part][name]).shape)
-        if got != tuple(shape):
-            raise GrowthConfigError(f"ligo coefficient {key} has shape {got}, expected "
-                                    f"{tuple(shape)} for this model and config")
+        try:
+            t = torch.as_tensor(co[part][name], dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise GrowthConfigError(
+                f"ligo coefficient {key} is not a rectangular array of numbers ({e}); valid: "
+                f"a nested list or tensor of shape {tuple(shape)}") from None
+        if tuple(t.shape) != tuple(shape):
+            raise GrowthConfigError(f"ligo coefficient {key} has shape {tuple(t.shape)}, "
+                                    f"expected {tuple(shape)} for this model and config")
+        if not bool(torch.isfinite(t).all()):
+            raise GrowthConfigError(f"ligo coefficient {key} holds NaN or infinite values; "
+                                    f"valid: finite numbers")
 
 
 def _tile(new: int, old: int) -> torch.Tensor:
@@ -375,12 +384,34 @@ def _lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
 
+def _check_batch(b: Any, cfg: TransformerConfig, targets: bool) -> None:
+    """A fitting batch is ``(x, y)``: token ids (B, T) in [0, vocab_size); with the default
+    loss ``y`` is ids of the same shape too (a custom loss takes any targets)."""
+    ok = isinstance(b, (tuple, list)) and len(b) == 2 and all(
+        isinstance(t, torch.Tensor) for t in b)
+    if not ok:
+        raise GrowthConfigError(
+            f"batches() must return (inputs, targets), two token-id tensors (B, T); got "
+            f"{type(b).__name__}{f' of length {len(b)}' if isinstance(b, (tuple, list)) else ''}")
+    x, y = b
+    for nm, t in (("inputs", x), ("targets", y))[: 2 if targets else 1]:
+        if t.dim() != 2 or t.dtype not in (torch.int64, torch.int32):
+            raise GrowthConfigError(f"batches() {nm} must be int64 token ids of shape (B, T), "
+                                    f"got {t.dtype} {tuple(t.shape)}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= cfg.vocab_size):
+            raise GrowthConfigError(f"batches() {nm} hold ids outside [0, {cfg.vocab_size}) "
+                                    f"(min {int(t.min())}, max {int(t.max())})")
+    if targets and x.shape != y.shape:
+        raise GrowthConfigError(f"batches() inputs {tuple(x.shape)} and targets "
+                                f"{tuple(y.shape)} differ in shape")
+
+
 def fit_ligo(
     model: nn.Module,
     config: LiGOConfig,
     batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     steps: int = 100,
-    lr: float = 1e-3,
+    lr: float = 1e-2,
     *,
     loss_fn: LossFn = _lm_loss,
     held_out: int = 2,
@@ -394,7 +425,8 @@ def fit_ligo(
         batches: called once per step (and ``held_out`` times first) for ``(inputs (B, T)
             token ids, targets (B, T))``.
         steps: fitting steps (>= 0; 0 returns the initialisation).
-        lr: Adam learning rate of the coefficients (> 0).
+        lr: Adam learning rate of the coefficients (> 0; default 1e-2, as the ligo
+            schedule).
         loss_fn: ``loss_fn(logits (B, T, V), targets (B, T))`` -> scalar (default mean
             next-token cross-entropy, nats).
         held_out: batches drawn first and kept to compare the initial and fitted operators.
@@ -408,7 +440,8 @@ def fit_ligo(
 
     Raises:
         GrowthConfigError / IncompatibleModelError: as ``grow_`` would for ``config``, or
-            bad ``steps`` / ``lr`` / ``held_out``.
+            bad ``steps`` / ``lr`` / ``held_out``, or ``batches`` not a callable returning
+            ``(x, y)`` int64 tensors of one shape (B, T) with ids in the vocabulary.
     """
     if not isinstance(config, LiGOConfig):
         raise GrowthConfigError(f"fit_ligo needs a LiGOConfig, got {type(config).__name__}")
@@ -442,7 +475,16 @@ def fit_ligo(
         logits = torch.func.functional_call(skel, params, (x,), tie_weights=False)
         return loss_fn(logits, y)
 
-    held = [batches() for _ in range(held_out)]
+    if not callable(batches):
+        raise GrowthConfigError(f"batches must be a callable returning (inputs, targets), got "
+                                f"{type(batches).__name__}")
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        b = batches()
+        _check_batch(b, plan.src, loss_fn is _lm_loss)
+        return b
+
+    held = [draw() for _ in range(held_out)]
     fc = flop_counter()
     with fc, torch.no_grad():
         loss_init = sum(float(loss_of(init, x, y)) for x, y in held) / held_out
@@ -453,7 +495,7 @@ def fit_ligo(
     first = last = float("nan")
     step_flops = 0.0
     for s in range(steps):
-        x, y = batches()
+        x, y = draw()
         opt.zero_grad(set_to_none=True)
         if s == 0:  # every step has the same shapes: count one, charge each
             with flop_counter() as counter:

@@ -292,7 +292,7 @@ def _controller(model: nn.Module, opt: torch.optim.Optimizer, run: _Run | None,
 def _grow_to(tr: Trainer, run: _Run, dst_cfg: TransformerConfig, op: str, reason: str,
              ligo: dict[str, Any], at: float) -> dict[str, Any]:
     """One stage boundary: a compound growth event (or a fitted LiGO), spike measured."""
-    src_cfg = tr.model.config
+    src_cfg = dataclasses.replace(tr.model.config)  # the growth edits the live config
     # before and after on the same windows (the pre-growth context length)
     t_before = min(src_cfg.max_seq_len, run.evals.seq_len)
     before = run.evals.loss(tr.model, limit=run.spike_evals, seq_len=t_before)
@@ -504,7 +504,8 @@ def grow_and_train(
     if strategy == "auto":
         spec["auto_settings"] = {"window": auto_window, "min_rel_drop": auto_min_rel_drop,
                                  "deadline": auto_deadline}
-    if strategy == "ligo" and budget.kind == "flops" and ligo_steps:
+    fits_ligo = strategy == "ligo" or (strategy == "search" and "ligo" in search_ops)
+    if fits_ligo and budget.kind == "flops" and ligo_steps:
         fit = ligo_steps * tokens_per_step * training_flops_per_token(tgt, tokens_per_step,
                                                                       ffn_mult)
         if fit > LIGO_MAX_SHARE * budget.amount:
@@ -588,7 +589,8 @@ def grow_and_train(
             run.record(tr, run.eval_row(tr))
             tr, search_report = run_search(
                 tr, run, plan, target_cfg, list(search_ops), search_horizon,
-                lambda m, o: ctl_factory(m, o, logged=False), on_step, _grow_to)
+                lambda m, o: ctl_factory(m, o, logged=False), on_step, _grow_to,
+                {"steps": ligo_steps, "lr": ligo_lr})
             tr.seq_len = min(tr.model.config.max_seq_len, tgt.seq_len)
             run.record(tr, run.eval_row(tr))
             tr.advance(1.0, on_step=on_step)

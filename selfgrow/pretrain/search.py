@@ -140,6 +140,7 @@ def run_search(
     branch_controller: Callable[[nn.Module, torch.optim.Optimizer], Any],
     on_step: Callable[[Trainer], None],
     grow_fn: Callable[..., dict[str, Any]],
+    ligo: dict[str, Any] | None = None,
 ) -> tuple[Trainer, dict[str, Any]]:
     """Successive halving over ``ops`` at the plan's single boundary (see module docstring).
 
@@ -178,7 +179,7 @@ def run_search(
     for op in ops:
         b = tr.branch(branch_controller)
         g = grow_fn(b, shadow, target_cfg, op, f"search candidate {op}",
-                    {"steps": 50, "lr": 1e-2}, at)
+                    dict(ligo or {"steps": 100, "lr": 1e-2}), at)
         live.append((op, b, g))
     table: list[dict[str, Any]] = []
     point = at
