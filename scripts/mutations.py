@@ -290,7 +290,7 @@ MUTATIONS: list[Mutation] = [
         "ligo-readers-not-divided",
         "selfgrow/ops/learned.py",
         "            m = m * (old / new)  # each old coordinate read by new/old copies\n",
-        "",
+        "            m = m * 1.0\n",
         ("tests/test_learned_ops.py", "-k", "bitwise or exact"),
     ),
     Mutation(
