@@ -592,3 +592,131 @@ def install_hooks(optimizer: torch.optim.Optimizer) -> None:
         return
     optimizer.register_step_pre_hook(_lazy_init_pre_step)
     optimizer._selfgrow_hooked = True  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------
+# other per-parameter state (continual-learning regularisers) after a growth
+# ---------------------------------------------------------------------------------------------
+#: how a per-parameter state tensor transforms (see :class:`ParamTransition`)
+STATE_RULES = ("anchor", "importance", "accumulator")
+
+
+@dataclass
+class ParamTransition:
+    """What one committed growth did to the parameters, by name, for code that keeps its own
+    per-parameter state (EWC's saved weights and Fisher importances, SI's path integrals,
+    MAS's importances).
+
+    Attributes:
+        old: ``{name: tensor}`` of the parameters before the growth (detached values).
+        new: ``{name: tensor}`` after it.
+        maps: the operator's ParamMaps (new name -> source).
+
+    :meth:`map` carries a state tensor of an old parameter to a new one. With ``c`` the
+    number of new coordinates (over ALL new tensors) copying a source coordinate and ``a``
+    the value ratio ``new / old`` of a copy (1 where the old value is 0), the rules keep a
+    quadratic penalty ``sum imp * (theta - anchor)**2`` and a sum of accumulators exactly
+    unchanged at the moment of growth (so right after an EXACT growth a regulariser's
+    penalty is what it was):
+
+    ======================= ================================= ==========================
+    rule                    copied coordinate                 brand-new coordinate
+    ======================= ================================= ==========================
+    ``"anchor"``            ``a * anchor[src]``               the new value (no penalty)
+    ``"importance"``        ``imp[src] / (c * a**2)``         0 (also where ``a == 0``)
+    ``"accumulator"``       ``w[src] / c``                    0
+    ======================= ================================= ==========================
+
+    A new parameter with no ParamMap that keeps its name and shape maps 1:1 (as in the
+    optimizer migration); a brand-new tensor (``ParamMap(None)``) has no state to map:
+    :meth:`map` returns None for it.
+    """
+
+    old: dict[str, torch.Tensor]
+    new: dict[str, torch.Tensor]
+    maps: dict[str, ParamMap] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._src: dict[str, tuple[str, torch.Tensor, torch.Tensor] | None] = {}
+        self._count: dict[str, torch.Tensor] = {}
+        for name in self.new:
+            self._src[name] = self._source_index(name)
+        for s in self._src.values():
+            if s is None:
+                continue
+            src, idx, fresh = s
+            n = self.old[src].numel()
+            c = torch.bincount(idx[~fresh].reshape(-1), minlength=n)
+            self._count[src] = self._count.get(src, torch.zeros(n, dtype=torch.long)) + c
+
+    def _source_index(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        pm = self.maps.get(name)
+        shape = self.new[name].shape
+        if pm is None:
+            if name in self.old and self.old[name].shape == shape:
+                pm = ParamMap(source=name)
+            else:
+                return None
+        if pm.source is None or pm.source not in self.old:
+            return None
+        old = self.old[pm.source]
+        flat = torch.arange(old.numel(), device="cpu").view(old.shape)
+        idx, fresh = pm.gather(flat, shape)
+        idx = idx.expand(shape).clone() if idx.shape != shape else idx.clone()
+        fresh = fresh.expand(shape).clone()
+        idx[fresh] = 0
+        return pm.source, idx, fresh
+
+    def source_of(self, name: str) -> str | None:
+        """The old parameter ``name``'s state comes from (None: a brand-new tensor)."""
+        s = self._src.get(name)
+        return None if s is None else s[0]
+
+    def map(self, name: str, state: torch.Tensor, rule: str) -> torch.Tensor | None:
+        """The state of new parameter ``name`` from ``state`` (the state of its source, any
+        shape with the source's number of elements, e.g. flattened); returned in the new
+        parameter's shape (reshape it yourself for flattened state) and ``state``'s
+        dtype/device. None for a brand-new tensor.
+
+        Raises:
+            GrowthConfigError: unknown ``rule`` or a ``state`` that does not match the source.
+        """
+        if rule not in STATE_RULES:
+            from .errors import choices_message
+
+            raise GrowthConfigError(choices_message("state rule", rule, STATE_RULES))
+        s = self._src.get(name)
+        if s is None:
+            return None
+        src, idx, fresh = s
+        old = self.old[src]
+        if state.numel() != old.numel():
+            raise GrowthConfigError(
+                f"state for {src!r} has {state.numel()} elements, the parameter {old.numel()}")
+        dev, dt = state.device, state.dtype
+        flat_state = state.detach().reshape(-1).to(torch.float64).cpu()
+        flat_old = old.detach().reshape(-1).to(torch.float64).cpu()
+        new = self.new[name].detach().to(torch.float64).cpu()
+        gathered = flat_state[idx]
+        c = self._count[src][idx].clamp(min=1).to(torch.float64)
+        base = flat_old[idx]
+        a = torch.where(base != 0, new / torch.where(base != 0, base, 1.0),
+                        torch.ones_like(base))
+        # a copy whose value was zeroed (a == 0) is anchored where it is, like a new one
+        fresh = fresh | (a == 0)
+        if rule == "anchor":
+            out = torch.where(fresh, new, a * gathered)
+        elif rule == "importance":
+            out = torch.where(fresh, torch.zeros_like(new),
+                              gathered / (c * torch.where(fresh, 1.0, a * a)))
+        else:
+            out = torch.where(fresh, torch.zeros_like(new), gathered / c)
+        return out.to(device=dev, dtype=dt)
+
+    @staticmethod
+    def capture(old_named: Mapping[str, nn.Parameter], new_named: Mapping[str, nn.Parameter],
+                maps: Mapping[str, ParamMap]) -> ParamTransition:
+        return ParamTransition(
+            old={n: p.detach() for n, p in old_named.items()},
+            new={n: p.detach() for n, p in new_named.items()},
+            maps=dict(maps))

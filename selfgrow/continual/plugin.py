@@ -57,6 +57,11 @@ class GrowthPlugin(SupervisedPlugin):
         sinks: extra sinks receiving ``log_scalars`` of the per-experience accuracy
             (``replay/acc_exp<k>``, ``replay/acc_mean``, ``replay/max_drop``) at every
             measurement; loss and parameter count are the controller's scalars.
+        map_regularizers: after every growth, map the per-parameter state of the strategy's
+            EWC / online EWC, Synaptic Intelligence and MAS plugins through the growth's
+            ParamMaps (:func:`selfgrow.continual.regularizers.follow_growth`), so their
+            penalty is unchanged right after an exact growth. False leaves it to them
+            (their own padding: wrong values, and online EWC / SI crash on shape checks).
 
     Attributes:
         events: growth events this plugin saw returned by the controller.
@@ -73,6 +78,7 @@ class GrowthPlugin(SupervisedPlugin):
         max_replay_samples: int = 200,
         held_per_experience: int = 100,
         sinks: list[Any] | None = None,
+        map_regularizers: bool = True,
     ) -> None:
         super().__init__()
         if not callable(getattr(controller, "observe", None)):
@@ -98,6 +104,9 @@ class GrowthPlugin(SupervisedPlugin):
         self.max_replay_samples = max_replay_samples
         self.held_per_experience = held_per_experience
         self.sinks = list(sinks or [])
+        self.map_regularizers = bool(map_regularizers)
+        #: per growth, the regularisation plugins whose state followed it
+        self.mapped_state: list[list[str]] = []
         self.events: list[GrowthEvent] = []
         self.reference_accuracy: dict[int, float] = {}
         self.last_replay_accuracy: dict[int, float] = {}
@@ -142,7 +151,10 @@ class GrowthPlugin(SupervisedPlugin):
         ctrl = self.controller
         if strategy.model is not ctrl.model:
             # the controller is the authority after a growth; before any, the strategy is
-            if self.events:
+            # (and always with GDumb, whose fresh copy of its grown initial model is meant)
+            from .regularizers import resets_model
+
+            if self.events and not resets_model(list(getattr(strategy, "plugins", []))):
                 strategy.model = ctrl.model
             else:
                 ctrl.model = strategy.model
@@ -293,6 +305,17 @@ class GrowthPlugin(SupervisedPlugin):
         if strategy.optimizer is not ctrl.optimizer:
             strategy.optimizer = ctrl.optimizer
         self._refresh_param_map(strategy)
+        transition = getattr(ctrl, "last_transition", None)
+        if transition is not None:
+            if self.map_regularizers:
+                from ..ops import op_config_from_dict
+                from .regularizers import follow_growth
+
+                cfg = ev.action.get("config")
+                self.mapped_state.append(
+                    follow_growth(list(getattr(strategy, "plugins", [])), strategy.model,
+                                  transition, op_config_from_dict(cfg) if cfg else None))
+            ctrl.last_transition = None  # do not keep the old tensors alive
         self._publish(strategy, "Growth/n_params", float(ev.params_after))
         self._publish(strategy, "Growth/n_growths", float(len(self.events)))
 

@@ -52,7 +52,7 @@ from ..ops import (
     get_operator,
     grow_,
 )
-from ..optim import check_optimizer_supported
+from ..optim import ParamTransition, check_optimizer_supported
 from ..runs.metrics import ScalarJsonlSink
 from .actions import list_actions, resolve_action, unknown_action_message
 from .policies import Action, Decision, Policy, PolicyContext, SkipReason
@@ -259,6 +259,9 @@ class GrowthController:
         self.epoch: int | None = None
         self.experience: int | None = None
         self.n_growths = 0
+        #: the last committed growth's ParamTransition (old/new parameters and ParamMaps),
+        #: for plugins keeping per-parameter state; a consumer may set it back to None
+        self.last_transition: ParamTransition | None = None
         self.last_growth_step: int | None = None
         self.last_attempt_step: int | None = None
         self.n_anomalies = 0
@@ -566,7 +569,8 @@ class GrowthController:
         try:
             cfg = self._resolve(d.action, d.kwargs)
             flops_before = self._flops()
-            ev = grow_(self.model, cfg, optimizer=opt, probe_fn=self.probe_fn)
+            ev = grow_(self.model, cfg, optimizer=opt, probe_fn=self.probe_fn,
+                       on_commit=self._keep_transition)
         except Exception as e:  # noqa: BLE001 - grow_ rolled everything back; report it loudly
             if raise_errors:
                 raise
@@ -610,6 +614,9 @@ class GrowthController:
             ev.extra["estimate"] = dict(d.estimate)
         self._emit(ev)
         return ev
+
+    def _keep_transition(self, t: ParamTransition) -> None:
+        self.last_transition = t
 
     def _warn_failed(self, d: Decision, err: BaseException, why: str) -> None:
         """One GrowthFailedWarning per distinct (action, error type, message)."""

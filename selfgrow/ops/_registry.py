@@ -45,7 +45,13 @@ from ..errors import (
     choices_message,
 )
 from ..events.record import GrowthEvent
-from ..optim import ParamMap, check_optimizer_supported, plan_grads, plan_migration
+from ..optim import (
+    ParamMap,
+    ParamTransition,
+    check_optimizer_supported,
+    plan_grads,
+    plan_migration,
+)
 
 
 @dataclass
@@ -402,6 +408,7 @@ def grow_(
     probe_fn: ProbeFn | None = None,
     check: Callable[[nn.Module], None] | None = None,
     max_bytes: int | None = None,
+    on_commit: Callable[[ParamTransition], None] | None = None,
 ) -> GrowthEvent:
     """Apply a growth operator to ``model`` in place and migrate ``optimizer``'s state.
 
@@ -415,6 +422,9 @@ def grow_(
             everything back (used by tests to inject failures).
         max_bytes: cap on the bytes the growth may allocate (default: the memory available
             on the model's device); checked from shapes before anything is allocated.
+        on_commit: called once after the growth committed (optimizer migrated) with a
+            :class:`~selfgrow.optim.ParamTransition` (old and new parameters by name and the
+            operator's ParamMaps), for code keeping its own per-parameter state.
 
     Returns:
         GrowthEvent with action, params_before/after, preservation and op_seconds filled in
@@ -490,6 +500,8 @@ def grow_(
     for p, g in grads.items():
         p.grad = g
     op_seconds += time.perf_counter() - t1
+    if on_commit is not None:
+        on_commit(ParamTransition.capture(old_named, new_named, result.param_maps))
     return GrowthEvent(
         wall_time=time.time(),
         action={"op": type(config).name, "config": op_config_to_dict(config)},
