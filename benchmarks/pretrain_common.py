@@ -26,7 +26,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "lrs": (1e-3, 2e-3, 4e-3), "n_evals": 40, "eval_windows": 128},
     # a seconds-long run of the whole harness (tests and debugging; numbers mean nothing)
     "smoke": {"target": (2, 32, 2, 32), "tokens_per_step": 512, "tokens_per_param": 2,
-              "lrs": (2e-3, 4e-3, 8e-3), "n_evals": 4, "eval_windows": 8},
+              "lrs": (2e-3, 4e-3, 8e-3), "n_evals": 4, "eval_windows": 8, "ligo_steps": 5},
     # a larger preset for a lent GPU (--device cuda)
     "cuda": {"target": (8, 256, 4, 256), "tokens_per_step": 16384, "tokens_per_param": 20,
              "lrs": (5e-4, 1e-3, 2e-3), "n_evals": 40, "eval_windows": 256},
@@ -59,6 +59,8 @@ def run_one(preset: dict[str, Any], budget_flops: float, strategy: str, *, seed:
                 runs_dir=runs_dir, progress=False, device=device,
                 name=re.sub(r"[^A-Za-z0-9._-]+", "_", label or strategy).strip("._")
                 if runs_dir else None)
+    if strategy in ("ligo", "search") and "ligo_steps" in preset:
+        args["ligo_steps"] = preset["ligo_steps"]  # the fit must fit a tiny budget
     args.update(kw)
     model_or_config = args.pop("model_or_config", None)
     res = grow_and_train(model_or_config, **args)

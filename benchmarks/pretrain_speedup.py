@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--runs-dir", default=None, help="keep every run directory here")
+    ap.add_argument("--lrs-from", default=None, metavar="JSON",
+                    help="skip the LR sweeps: take scratch's and the fixed small model's best "
+                         "LR (and scratch's LR schedule) from an earlier result of this script "
+                         "with the same preset, and rerun each once beside the schedules")
+    ap.add_argument("--stem", default=None,
+                    help="output file name stem (default pretrain_speedup[_PRESET])")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     preset_name = a.preset or ("cuda" if a.device.startswith("cuda") else
@@ -95,11 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(device=a.device, runs_dir=a.runs_dir)
     runs: dict[str, Any] = {}
 
+    prior = None
+    if a.lrs_from:
+        prior = json.loads(Path(a.lrs_from).read_text())
+        if prior.get("preset") != preset_name:
+            raise SystemExit(f"--lrs-from {a.lrs_from} is for preset {prior.get('preset')!r}, "
+                             f"not {preset_name!r}")
+        say(f"LRs from {a.lrs_from} (its sweeps): scratch {prior['runs']['scratch']['kwargs']}, "
+            f"fixed small {prior['runs']['fixed_small']['kwargs']}")
+
     # 1. scratch: LR sweep x {wsd, cosine}; a best LR at the edge of the sweep extends it
-    def lr_sweep(label: str, **kw: Any) -> list[dict[str, Any]]:
+    def lr_sweep(label: str, lrs: Any = None, **kw: Any) -> list[dict[str, Any]]:
         done: dict[float, dict[str, Any]] = {}
-        todo = list(preset["lrs"])
-        extra = 0
+        todo = list(preset["lrs"] if lrs is None else lrs)
+        extra = 0 if lrs is None else 2  # given LRs: no extension
         while todo:
             lr = todo.pop(0)
             r = run_one(preset, budget, "scratch", lr=lr, label=f"{label} lr={lr:g}", **kw,
@@ -116,8 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         return [done[k] for k in sorted(done)]
 
     sweep = []
-    for sched in ("wsd", "cosine"):
-        sweep += lr_sweep(f"scratch {sched}", lr_schedule=sched)
+    if prior is not None:
+        pk = prior["runs"]["scratch"]["kwargs"]
+        sweep += lr_sweep(f"scratch {pk['lr_schedule']}", lrs=[pk["lr"]],
+                          lr_schedule=pk["lr_schedule"])
+        if pk["lr_schedule"] != "wsd":  # growth runs use the best WSD LR
+            wk = min((r for r in prior["runs"].values() if isinstance(r, dict)
+                      and r.get("strategy") == "scratch"
+                      and (r.get("kwargs") or {}).get("lr_schedule") == "wsd"),
+                     key=lambda r: r["final_val_loss"])["kwargs"]
+            sweep += lr_sweep("scratch wsd", lrs=[wk["lr"]], lr_schedule="wsd")
+    else:
+        for sched in ("wsd", "cosine"):
+            sweep += lr_sweep(f"scratch {sched}", lr_schedule=sched)
     best = min(sweep, key=lambda r: r["final_val_loss"])
     best_lr, best_sched = best["kwargs"]["lr"], best["kwargs"]["lr_schedule"]
     wsd_best = min((r for r in sweep if r["kwargs"]["lr_schedule"] == "wsd"),
@@ -137,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         s = Shape.of(shape)
         return config_for(s, TransformerConfig(), Shape.of(tgt).head_dim, 4)
 
-    small = lr_sweep(f"fixed small {small_shape}", lr_schedule="wsd", target=small_shape)
+    small = lr_sweep(f"fixed small {small_shape}", lr_schedule="wsd", target=small_shape,
+                     lrs=None if prior is None else [prior["runs"]["fixed_small"]["kwargs"]["lr"]])
     runs["fixed_small"] = min(small, key=lambda r: r["final_val_loss"])
     mid_l = max(small_shape[0] + 1, (3 * tgt[0]) // 4)
     if mid_l < tgt[0]:
@@ -234,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
                                 for r in sweep],
               "fixed_small_sweep": [{k: r[k] for k in ("label", "final_val_loss")}
                                     for r in small],
-              "rows": rows, "seeds": seeds_table, "half_budget": half, "targets": targets,
+              "lrs_from": a.lrs_from, "rows": rows, "seeds": seeds_table,
+              "half_budget": half, "targets": targets,
               "runs": runs, "command": _command(), "machine": _machine(a),
               "elapsed_seconds": time.perf_counter() - t_start, "log": log}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "pretrain_speedup" + ("" if preset_name == "full" else f"_{preset_name}")
+    stem = a.stem or ("pretrain_speedup" + ("" if preset_name == "full" else f"_{preset_name}"))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     md = _markdown(result)
     (out / f"{stem}.md").write_text(md)
@@ -274,6 +302,9 @@ def _markdown(res: dict[str, Any]) -> str:
         f"{p['tokens_per_param']} tokens per target parameter ({b['tokens']:.3g} tokens at "
         f"the target's {b['flops_per_token']:.3g} FLOPs/token); {p['tokens_per_step']} tokens "
         f"per step. Every run below spends the same FLOPs.", "",
+        *([f"LRs (not swept here): the best of the sweeps in `{res['lrs_from']}`, each "
+           f"baseline rerun once in this invocation beside the schedules.", ""]
+          if res.get("lrs_from") else []),
         "| run | start | final val loss | FLOPs to scratch's loss | speedup | wall vs scratch "
         "| spike after growth |", "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:

@@ -26,13 +26,19 @@ def test_run_tiny_with_baselines(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert list((d / "tb" / "grown").glob("events.out.tfevents.*"))
     assert list((d / "tb" / "fixed_small").rglob("events.out.tfevents.*"))
     summary = json.loads((d / "summary.json").read_text())
-    assert set(summary["variants"]) == {"grown", "fixed_small", "fixed_grown"}
+    assert set(summary["variants"]) == {"grown", "fixed_small", "fixed_equal", "fixed_grown"}
     g = summary["variants"]["grown"]
     assert len(g["accuracy_matrix"]) == 5 and 0 <= g["final_avg_accuracy"] <= 1
     assert g["train_flops"] > 0 and g["wall_seconds"] > 0
     big = summary["variants"]["fixed_grown"]
     assert big["final_params"] == g["final_params"]
     assert big["final_model_config"] == g["final_model_config"]
+    # the equal-compute baseline: picked by width before it trained, FLOPs within ~15%
+    eq = summary["variants"]["fixed_equal"]
+    assert eq["equal_flops"]["width"] >= 1
+    assert abs(eq["train_flops"] / g["train_flops"] - 1) < 0.15, (eq["train_flops"],
+                                                                   g["train_flops"])
+    assert "fixed, equal FLOPs" in out
     assert summary["data_source"]["package"] == "scikit-learn"
     assert summary["data_source"]["version"]
     assert "final avg acc" in out and "fixed small" in out and "exp 5/5" in out
@@ -49,7 +55,7 @@ def test_run_tiny_with_baselines(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # compare in TB, and there is exactly one parameter-count tag
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for variant in ("grown", "fixed_small", "fixed_grown"):
+    for variant in ("grown", "fixed_small", "fixed_equal", "fixed_grown"):
         acc = EventAccumulator(str(d / "tb" / variant))
         acc.Reload()
         tags = set(acc.Tags()["scalars"])
@@ -113,7 +119,7 @@ def test_seeds_report_mean_and_std(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     s = json.loads((runs / "s" / "summary.json").read_text())
     assert s["seeds"] == [0, 1] and set(s["per_seed"]) == {"0", "1"}
-    assert set(s["variants"]) == {"grown", "fixed_small", "fixed_grown"}
+    assert set(s["variants"]) == {"grown", "fixed_small", "fixed_equal", "fixed_grown"}
     for name, v in s["variants"].items():
         per = [s["per_seed"][k][name] for k in ("0", "1")]
         assert v["n_seeds"] == 2 and [p["seed"] for p in per] == [0, 1]

@@ -6,6 +6,9 @@ Three variants share benchmark, strategy, optimizer, learning rate and seed:
 * ``grown``: starts small; a :class:`~selfgrow.control.GrowthController` grows it while it
   learns (through :class:`~selfgrow.continual.plugin.GrowthPlugin`);
 * ``fixed_small``: the same small starting model, never grown;
+* ``fixed_equal``: the small model's family at the width (MLP units, CNN channels) whose
+  training FLOPs match the grown run's, picked before it trains from the two runs' measured
+  FLOPs (see :func:`equal_flops_width`);
 * ``fixed_grown``: a freshly initialised model of the grown run's final config.
 
 Accuracy comes from Avalanche's ``accuracy_metrics`` (a full test-stream evaluation after
@@ -35,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import count_params
+from ..core import count_params, rng_isolated
 from ..errors import CheckpointError, GrowthConfigError, choices_message
 from ..runs import (
     FlopMeter,
@@ -52,10 +55,11 @@ from .benchmarks import BENCHMARKS, Benchmark, build_benchmark
 
 STRATEGIES = ("replay", "naive")
 MODELS = ("mlp", "cnn")
-VARIANTS = ("grown", "fixed_small", "fixed_grown")
+VARIANTS = ("grown", "fixed_small", "fixed_equal", "fixed_grown")
 VARIANT_LABELS = {
     "grown": "grown (selfgrow)",
     "fixed_small": "fixed small",
+    "fixed_equal": "fixed, equal FLOPs",
     "fixed_grown": "fixed, grown size",
 }
 
@@ -273,6 +277,47 @@ def build_small_model(
     raise GrowthConfigError(choices_message("model", kind, MODELS))
 
 
+def equal_flops_width(spec: Any, bench: Benchmark, grown_flops: float, small_flops: float,
+                      max_factor: int = 64) -> dict[str, Any]:
+    """The width (MLP hidden units, or CNN base channels) of the fixed model whose training
+    FLOPs match the grown run's, chosen before that model trains.
+
+    Both fixed runs see the same samples as the grown one, so the target is
+    ``f_small * grown_flops / small_flops`` training FLOPs per sample (forward + backward,
+    :func:`selfgrow.runs.training_flops_per_sample` on a real batch); the width (from the
+    small one up to ``max_factor`` times it) whose count is closest to it in ratio wins.
+
+    Returns:
+        ``{"width", "target_flops_per_sample", "flops_per_sample", "small_flops_per_sample"}``.
+    """
+    from ..runs import training_flops_per_sample
+
+    x = bench.data.x_train[:8]
+    y = torch.as_tensor(bench.data.y_train[:8]).long()
+    base = spec.width if spec.model == "mlp" else spec.channels
+
+    def f(w: int) -> float:
+        with rng_isolated():
+            m = build_small_model(spec.model, bench.data.input_shape, bench.data.num_classes,
+                                  w if spec.model == "mlp" else spec.width,
+                                  w if spec.model == "cnn" else spec.channels)
+        return training_flops_per_sample(m, x, y)
+
+    f0 = f(base)
+    target = f0 * grown_flops / max(small_flops, 1.0)
+    lo, hi = base, base * max_factor
+    while lo < hi:  # smallest width whose FLOPs reach the target (FLOPs grow with width)
+        mid = (lo + hi) // 2
+        if f(mid) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    cands = {w: f(w) for w in {max(base, lo - 1), lo}}
+    best = min(cands, key=lambda w: abs(math.log(cands[w] / target)))
+    return {"width": int(best), "target_flops_per_sample": target,
+            "flops_per_sample": cands[best], "small_flops_per_sample": f0}
+
+
 def _make_recorder_plugin(
     on_epoch: Callable[[Any], None], on_iteration: Callable[[Any], None] | None = None
 ) -> Any:
@@ -326,6 +371,8 @@ class VariantResult:
     n_growths: int = 0
     final_model_config: dict[str, Any] | None = None
     seed: int | None = None
+    #: fixed_equal only: how its width was picked (width, target and picked FLOPs/sample)
+    equal_flops: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -1015,7 +1062,7 @@ def _run(
         f"{bench0.data.source['version']}"
         + (f"; seeds {', '.join(map(str, seeds))}" if multi else "") + ")"
     )
-    variants = ["grown", "fixed_small", "fixed_grown"] if spec.baselines else ["grown"]
+    variants = list(VARIANTS) if spec.baselines else ["grown"]
     progress_text = "starting"
 
     def on_exp(variant: str, seed: int, i: int) -> None:
@@ -1052,10 +1099,22 @@ def _run(
                 cont = bool(resumed and current == {"seed": seed, "variant": variant}
                             and ckpt.is_file())
                 model: nn.Module | None = None
+                pick = None
+                if variant == "fixed_equal":
+                    pick = equal_flops_width(spec, bench, done["grown"]["train_flops"],
+                                             done["fixed_small"]["train_flops"])
                 if not cont:
                     if variant == "fixed_grown":
                         torch.manual_seed(seed)
                         model = build_model(done["grown"]["final_model_config"])
+                    elif variant == "fixed_equal":
+                        assert pick is not None
+                        torch.manual_seed(seed)
+                        w = pick["width"]
+                        model = build_small_model(
+                            spec.model, bench.data.input_shape, bench.data.num_classes,
+                            w if spec.model == "mlp" else spec.width,
+                            w if spec.model == "cnn" else spec.channels)
                     else:
                         model = small()
                 state["current"] = {"seed": seed, "variant": variant}
@@ -1063,6 +1122,7 @@ def _run(
                 res = train_variant(variant, model, spec, bench, run_dir,
                                     grow=variant == "grown", print_fn=print_fn,
                                     progress=progress, slot=slot, resume=cont)[0]
+                res.equal_flops = pick
                 done[variant] = res.to_dict()
                 state["current"] = None
                 write_json(state_path, state)
