@@ -75,13 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a growing model on a class-incremental benchmark, with fixed baselines",
         description=(
             "Train a small model that grows while it learns (GrowthController + Avalanche), "
-            "then the same strategy with the small model fixed and with a fixed model of the "
-            "grown run's final size. Writes RUNS_DIR/NAME/{events.jsonl,metrics.jsonl,tb/,"
+            "then the same strategy with the small model fixed, with a fixed model of equal "
+            "training FLOPs and with a fixed model of the grown run's final size. Writes "
+            "RUNS_DIR/NAME/{events.jsonl,metrics.jsonl,tb/,"
             "summary.json,config.json}."
         ),
     )
     r.add_argument("--benchmark", choices=list_benchmarks(), default=d.benchmark)
-    r.add_argument("--strategy", choices=STRATEGIES, default=d.strategy)
+    r.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="Avalanche strategy (Naive template + its plugin; default replay)")
+    r.add_argument("--reg-lambda", type=float, default=None,
+                   help="EWC/SI/MAS lambda, LwF alpha or GEM memory strength (default: "
+                        "selfgrow.continual.runner.STRATEGY_DEFAULTS)")
     r.add_argument("--model", choices=MODELS, default=d.model)
     r.add_argument("--mem-size", type=int, default=d.mem_size, help="replay buffer (samples)")
     r.add_argument("--epochs", type=int, default=d.epochs, help="epochs per experience")
@@ -326,6 +331,7 @@ def _cmd_run(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         spec = RunSpec(
             benchmark=a.benchmark,
             strategy=a.strategy,
+            reg_lambda=a.reg_lambda,
             model=a.model,
             mem_size=a.mem_size,
             epochs=a.epochs,

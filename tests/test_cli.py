@@ -427,3 +427,29 @@ def test_inspect_plot_with_an_empty_name_exit_2(tmp_path: Path, capsys) -> None:
     sink.close()
     assert main(["inspect", str(tmp_path), "--plot", ""]) == 2
     assert "--plot needs a file name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", ["naive", "ewc", "online-ewc", "si", "mas", "lwf", "gem",
+                                      "agem", "gdumb"])
+def test_run_every_strategy(tmp_path: Path, strategy: str) -> None:
+    from selfgrow.continual.runner import RunSpec, run_experiment
+
+    spec = RunSpec(benchmark="split-digits", strategy=strategy, epochs=1, baselines=False,
+                   plateau_window=5, plateau_min_rel_drop=0.5, cooldown=5, max_growths=1)
+    _, s = run_experiment(spec, tmp_path, strategy, print_fn=lambda _: None, progress=False)
+    g = s["variants"]["grown"]
+    assert len(g["accuracy_matrix"]) == 5 and 0 <= g["final_avg_accuracy"] <= 1
+    assert g["n_growths"] == 1 and g["final_params"] > g["initial_params"]
+    assert json.loads((tmp_path / strategy / "config.json").read_text())["spec"][
+        "strategy"] == strategy
+
+
+def test_reg_lambda_is_checked() -> None:
+    from selfgrow.continual.runner import RunSpec
+    from selfgrow.errors import GrowthConfigError
+
+    with pytest.raises(GrowthConfigError, match="not --strategy replay"):
+        RunSpec(reg_lambda=1.0).validate()
+    with pytest.raises(GrowthConfigError, match="reg_lambda=-1"):
+        RunSpec(strategy="ewc", reg_lambda=-1.0).validate()
+    RunSpec(strategy="ewc", reg_lambda=5.0).validate()

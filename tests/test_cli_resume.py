@@ -94,3 +94,20 @@ def test_resume_in_a_baseline_keeps_finished_variants(tmp_path: Path) -> None:
     assert len(v["fixed_small"]["accuracy_matrix"]) == 5
     assert v["fixed_small"]["final_params"] == v["grown"]["initial_params"]
     assert v["fixed_grown"]["final_model_config"] == v["grown"]["final_model_config"]
+
+
+def test_a_stateful_strategy_restarts_its_interrupted_variant(tmp_path: Path) -> None:
+    """EWC's saved weights and importances are not in the checkpoint: resuming mid-variant
+    says so and retrains that variant from its first experience, ending as an uninterrupted
+    run does (never continuing with a silently empty regulariser)."""
+    spec = _spec(strategy="ewc", max_growths=1)
+    _, s_full = run_experiment(spec, tmp_path, "full", print_fn=_quiet, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(spec, tmp_path, "cut", print_fn=_quiet, progress=False,
+                       after_experience=_stop_after("grown", 2))
+    said: list[str] = []
+    _, s = resume_experiment(tmp_path / "cut", print_fn=said.append, progress=False)
+    assert any("restarts from its first experience" in x for x in said), said
+    a, b = s_full["variants"]["grown"], s["variants"]["grown"]
+    for key in ("accuracy_matrix", "final_params", "n_growths", "final_model_config"):
+        assert a[key] == b[key], key

@@ -53,7 +53,24 @@ from ..runs import (
 )
 from .benchmarks import BENCHMARKS, Benchmark, build_benchmark
 
-STRATEGIES = ("replay", "naive")
+STRATEGIES = ("replay", "naive", "ewc", "online-ewc", "si", "mas", "lwf", "gem", "agem",
+              "gdumb")
+#: strategy -> (plugin, its regularisation strength's name, default strength); every
+#: strategy is Avalanche's Naive template plus its plugin(s), GrowthPlugin listed first
+STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "naive": {}, "replay": {},
+    "ewc": {"ewc_lambda": 10.0},
+    "online-ewc": {"ewc_lambda": 10.0, "decay_factor": 0.5},
+    "si": {"si_lambda": 1.0},
+    "mas": {"lambda_reg": 1.0, "alpha": 0.5},
+    "lwf": {"alpha": 1.0, "temperature": 2.0},
+    "gem": {"memory_strength": 0.5},  # patterns per experience: mem_size / experiences
+    "agem": {"sample_size": 64},
+    "gdumb": {},  # a buffer of mem_size samples, the model re-trained on it each experience
+}
+#: strategies whose plugin state is not in the run's checkpoints: an interrupted variant of
+#: theirs restarts from its first experience on resume (said when it happens)
+UNCHECKPOINTED = ("ewc", "online-ewc", "si", "mas", "lwf", "gem", "agem", "gdumb")
 MODELS = ("mlp", "cnn")
 VARIANTS = ("grown", "fixed_small", "fixed_equal", "fixed_grown")
 VARIANT_LABELS = {
@@ -70,7 +87,12 @@ class RunSpec:
 
     Attributes:
         benchmark: see :data:`~selfgrow.continual.benchmarks.BENCHMARKS`.
-        strategy: ``"replay"`` (experience replay, ``mem_size`` samples) or ``"naive"``.
+        strategy: ``"replay"`` (experience replay, ``mem_size`` samples), ``"naive"``, or
+            one of Avalanche's regularisation / memory strategies ``"ewc"``,
+            ``"online-ewc"``, ``"si"``, ``"mas"``, ``"lwf"``, ``"gem"``, ``"agem"``,
+            ``"gdumb"`` (defaults: :data:`STRATEGY_DEFAULTS`; ``reg_lambda`` overrides the
+            regularisation strength).
+        reg_lambda: EWC / SI / MAS lambda, LwF alpha, GEM memory strength (None: default).
         model: ``"mlp"`` or ``"cnn"`` (small starting sizes ``width`` / ``channels``).
         mem_size: replay buffer size in samples.
         epochs: training epochs per experience.
@@ -104,6 +126,7 @@ class RunSpec:
 
     benchmark: str = "split-mnist"
     strategy: str = "replay"
+    reg_lambda: float | None = None
     model: str = "mlp"
     mem_size: int = 300
     epochs: int = 5
@@ -171,6 +194,14 @@ class RunSpec:
             raise GrowthConfigError(f"max_params={self.max_params} is out of range; valid: > 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise GrowthConfigError(f"lr={self.lr} is out of range; valid: > 0")
+        if self.reg_lambda is not None:
+            if self.strategy in ("naive", "replay", "agem", "gdumb"):
+                raise GrowthConfigError(
+                    f"reg_lambda applies to ewc, online-ewc, si, mas, lwf and gem, not "
+                    f"--strategy {self.strategy}")
+            if not (self.reg_lambda >= 0 and math.isfinite(self.reg_lambda)):
+                raise GrowthConfigError(
+                    f"reg_lambda={self.reg_lambda} is out of range; valid: >= 0")
         if not self.widen_factor > 1:
             raise GrowthConfigError(f"widen_factor={self.widen_factor} must be > 1")
         if not (self.widen_noise >= 0 and math.isfinite(self.widen_noise)):
@@ -316,6 +347,46 @@ def equal_flops_width(spec: Any, bench: Benchmark, grown_flops: float, small_flo
     best = min(cands, key=lambda w: abs(math.log(cands[w] / target)))
     return {"width": int(best), "target_flops_per_sample": target,
             "flops_per_sample": cands[best], "small_flops_per_sample": f0}
+
+
+def strategy_plugins(spec: Any, n_experiences: int) -> list[Any]:
+    """Avalanche plugins of ``spec.strategy`` (none for naive; replay is built with its
+    buffer by the caller), with :data:`STRATEGY_DEFAULTS` and ``spec.reg_lambda``."""
+    from avalanche.training.plugins import (
+        AGEMPlugin,
+        EWCPlugin,
+        GDumbPlugin,
+        GEMPlugin,
+        LwFPlugin,
+        MASPlugin,
+        SynapticIntelligencePlugin,
+    )
+
+    kw = dict(STRATEGY_DEFAULTS[spec.strategy])
+    lam = spec.reg_lambda
+    per_exp = max(1, spec.mem_size // max(1, n_experiences))
+    st = spec.strategy
+    if st == "ewc":
+        return [EWCPlugin(ewc_lambda=kw["ewc_lambda"] if lam is None else lam)]
+    if st == "online-ewc":
+        return [EWCPlugin(ewc_lambda=kw["ewc_lambda"] if lam is None else lam, mode="online",
+                          decay_factor=kw["decay_factor"])]
+    if st == "si":
+        return [SynapticIntelligencePlugin(si_lambda=kw["si_lambda"] if lam is None else lam)]
+    if st == "mas":
+        return [MASPlugin(lambda_reg=kw["lambda_reg"] if lam is None else lam,
+                          alpha=kw["alpha"])]
+    if st == "lwf":
+        return [LwFPlugin(alpha=kw["alpha"] if lam is None else lam,
+                          temperature=kw["temperature"])]
+    if st == "gem":
+        return [GEMPlugin(patterns_per_experience=per_exp,
+                          memory_strength=kw["memory_strength"] if lam is None else lam)]
+    if st == "agem":
+        return [AGEMPlugin(patterns_per_experience=per_exp, sample_size=kw["sample_size"])]
+    if st == "gdumb":
+        return [GDumbPlugin(mem_size=spec.mem_size)]
+    return []
 
 
 def _make_recorder_plugin(
@@ -589,6 +660,8 @@ def train_variant(
     if spec.strategy == "replay":
         buffer = _make_replay_buffer(spec.mem_size)
         plugins.append(ReplayPlugin(mem_size=spec.mem_size, storage_policy=buffer))
+    else:
+        plugins += strategy_plugins(spec, bench.n_experiences)
     strategy = Naive(
         model=model,
         optimizer=optimizer,
@@ -1098,6 +1171,11 @@ def _run(
                 )
                 cont = bool(resumed and current == {"seed": seed, "variant": variant}
                             and ckpt.is_file())
+                if cont and spec.strategy in UNCHECKPOINTED:
+                    print_fn(f"resume: --strategy {spec.strategy} keeps plugin state that is "
+                             f"not checkpointed; {variant} (seed {seed}) restarts from its "
+                             f"first experience")
+                    cont = False
                 model: nn.Module | None = None
                 pick = None
                 if variant == "fixed_equal":
