@@ -79,6 +79,7 @@ def test_ligo_fits_then_materialises_and_its_flops_count(corpus, tmp_path):
     assert (g["from"], g["to"]) == ("1,32,2,32", "2,32,2,32")
     assert g["ligo"]["loss_final"] <= g["ligo"]["loss_init"]
     assert g["ligo"]["flops"] > 0 and "LiGO fitted 10 steps" in g["reason"]
+    assert "LiGO fit: 10 steps" in format_summary(s)
     assert BUDGET <= s["flops"]  # fitting FLOPs are part of what was spent
     assert s["ligo_settings"] == {"steps": 10, "lr": 1e-2}
     ev = load_run(res.run_dir).growths[0]

@@ -707,7 +707,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary.get('train_seconds', 0):.1f} s training)",
     ]
     if summary.get("flops_overhead"):
-        lines.append(f"search / fitting overhead: {summary['flops_overhead']:.4g} FLOPs")
+        lines.append(f"search overhead (losing candidates): {summary['flops_overhead']:.4g} "
+                     f"FLOPs")
     lines.append(f"final: shape {summary.get('final_shape')}, {summary.get('final_params'):,} "
                  f"parameters, validation loss {summary.get('final_val_loss', float('nan')):.4f}"
                  f" nats/byte")
@@ -717,6 +718,14 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"{g.get('step')}): {g.get('op')} -> {g.get('to')}"
                      + (f", val loss {g['val_loss_before']:.4f} -> {g['val_loss_after']:.4f}"
                         f" (spike {sp:+.4f})" if sp is not None else ""))
+        lg = g.get("ligo")
+        if lg:
+            bud = summary.get("budget") or {}
+            total = bud.get("amount") if bud.get("kind") == "flops" else 0
+            share = f", {lg['flops'] / total:.1%} of the budget" if total else ""
+            lines.append(f"    LiGO fit: {lg['steps']} steps, held-out loss "
+                         f"{lg['loss_init']:.4f} -> {lg['loss_final']:.4f} (kept {lg['kept']}), "
+                         f"{lg['flops']:.3g} FLOPs counted in the spend{share}")
     se = summary.get("search")
     if se:
         lines.append(f"search: winner {se.get('winner')} after {len(se.get('rounds') or [])} "
