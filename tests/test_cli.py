@@ -193,7 +193,8 @@ def test_run_no_baselines_and_no_overwrite(
     "extra, words",
     [
         (["--benchmark", "split-cifar"], ["split-digits", "split-mnist"]),
-        (["--strategy", "ewc"], ["naive", "replay"]),
+        (["--strategy", "icarl"], ["naive", "replay", "ewc", "gdumb"]),
+        (["--strategy", "replay", "--reg-lambda", "2"], ["reg_lambda", "not --strategy replay"]),
         (["--model", "resnet"], ["cnn", "mlp"]),
         (["--on-plateau", "explode"], ["deepen", "widen"]),
         (["--device", "tpu"], ["auto", "cpu", "cuda"]),
