@@ -20,8 +20,8 @@ from selfgrow.pretrain import budget_for_tokens, flops_to_reach, grow_and_train
 
 #: quick: a smoke-sized comparison (< 10 min on 2 cores); full: the committed result
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"target": (4, 64, 2, 64), "tokens_per_step": 1024, "tokens_per_param": 6,
-              "lrs": (2e-3, 4e-3, 8e-3), "n_evals": 20, "eval_windows": 128},
+    "quick": {"target": (4, 64, 2, 64), "tokens_per_step": 1024, "tokens_per_param": 3,
+              "lrs": (2e-3, 4e-3, 8e-3), "n_evals": 10, "eval_windows": 64},
     "full": {"target": (4, 64, 2, 128), "tokens_per_step": 2048, "tokens_per_param": 30,
              "lrs": (1e-3, 2e-3, 4e-3), "n_evals": 40, "eval_windows": 128},
     # a seconds-long run of the whole harness (tests and debugging; numbers mean nothing)
