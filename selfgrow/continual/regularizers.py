@@ -30,11 +30,34 @@ import copy
 from typing import Any
 
 import torch
+from avalanche.training.plugins import SynapticIntelligencePlugin
 from torch import nn
 
 from ..optim import ParamTransition
 
-__all__ = ["follow_growth", "resets_model"]
+__all__ = ["SnapshotSynapticIntelligencePlugin", "follow_growth", "resets_model"]
+
+
+class SnapshotSynapticIntelligencePlugin(SynapticIntelligencePlugin):  # type: ignore[misc]
+    """Avalanche's Synaptic Intelligence (Zenke et al. 2017) with real snapshots.
+
+    Avalanche 0.6 stores the weights at the start of an experience and before each update as
+    ``param.detach().cpu().flatten()``: on CPU that is a VIEW of the live parameter, so the
+    "old" weights move with the optimizer step, every path-integral increment
+    ``g * (new - old)`` is 0 and SI never regularises. This subclass copies those two
+    snapshots right after Avalanche takes them; everything else is Avalanche's (same
+    arguments, same state layout, so :func:`follow_growth` maps it).
+    """
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        super().before_training_exp(strategy, **kwargs)
+        for d in self.ewc_data[0].values():
+            d.data = d.data.clone()
+
+    def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        super().before_training_iteration(strategy, **kwargs)
+        for d in self.syn_data["old_theta"].values():
+            d.data = d.data.clone()
 
 
 def _param_data(name: str, t: torch.Tensor) -> Any:

@@ -359,7 +359,6 @@ def strategy_plugins(spec: Any, n_experiences: int) -> list[Any]:
         GEMPlugin,
         LwFPlugin,
         MASPlugin,
-        SynapticIntelligencePlugin,
     )
 
     kw = dict(STRATEGY_DEFAULTS[spec.strategy])
@@ -371,8 +370,11 @@ def strategy_plugins(spec: Any, n_experiences: int) -> list[Any]:
     if st == "online-ewc":
         return [EWCPlugin(ewc_lambda=kw["ewc_lambda"] if lam is None else lam, mode="online",
                           decay_factor=kw["decay_factor"])]
-    if st == "si":
-        return [SynapticIntelligencePlugin(si_lambda=kw["si_lambda"] if lam is None else lam)]
+    if st == "si":  # Avalanche's SI with real weight snapshots (its own are views on CPU)
+        from .regularizers import SnapshotSynapticIntelligencePlugin
+
+        return [SnapshotSynapticIntelligencePlugin(
+            si_lambda=kw["si_lambda"] if lam is None else lam)]
     if st == "mas":
         return [MASPlugin(lambda_reg=kw["lambda_reg"] if lam is None else lam,
                           alpha=kw["alpha"])]
