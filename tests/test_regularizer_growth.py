@@ -230,3 +230,37 @@ def test_every_strategy_trains_through_a_growth(bench, name):
 
         init = next(p for p in strat.plugins if isinstance(p, GDumbPlugin)).init_model
         assert [p.shape for p in init.parameters()] == [p.shape for p in names.values()]
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["snapshot-si", "avalanche-si"])
+def test_synaptic_intelligence_learns_importances_on_cpu(bench, fixed):
+    """Avalanche 0.6's SI snapshots are views of the live weights on CPU: its importances
+    stay 0 (the negative control documents it); selfgrow's subclass copies the snapshots
+    and gets the path integrals SI is defined by."""
+    from selfgrow.continual.regularizers import SnapshotSynapticIntelligencePlugin
+
+    torch.manual_seed(0)
+    model = build_model(MLPConfig(in_features=64, hidden=(8,), n_classes=10))
+    cls = SnapshotSynapticIntelligencePlugin if fixed else SynapticIntelligencePlugin
+    pl = cls(si_lambda=1.0)
+    strat = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                  criterion=torch.nn.CrossEntropyLoss(), train_mb_size=64, train_epochs=1,
+                  plugins=[pl], evaluator=None, eval_every=-1)
+    strat.train(bench.scenario.train_stream[0])
+    total = sum(float(d.data.abs().sum()) for d in pl.ewc_data[1].values())
+    if fixed:
+        assert total > 0
+        named = dict(model.named_parameters())
+        moved = sum(float((named[n].detach().flatten() - d.data).abs().sum())
+                    for n, d in pl.ewc_data[0].items())
+        assert moved == 0.0  # anchors = the weights at the end of the experience
+    else:
+        assert total == 0.0
+
+
+def test_run_si_strategy_uses_the_snapshot_plugin():
+    from selfgrow.continual.regularizers import SnapshotSynapticIntelligencePlugin
+    from selfgrow.continual.runner import RunSpec, strategy_plugins
+
+    (pl,) = strategy_plugins(RunSpec(strategy="si"), 5)
+    assert isinstance(pl, SnapshotSynapticIntelligencePlugin)
