@@ -74,13 +74,9 @@ def _map_dict(d: dict[str, Any], tr: ParamTransition, rule: str, names: list[str
     for n in names:
         p = model[n].detach()
         src = tr.source_of(n)
-        if src is not None and src in d:
-            t = tr.map(n, d[src].data, rule)
-            assert t is not None
-        elif rule == "anchor":
-            t = p.clone()
-        else:
-            t = torch.zeros_like(p)
+        t = tr.map(n, d[src].data, rule) if src is not None and src in d else None
+        if t is None:  # a brand-new tensor: no penalty
+            t = p.clone() if rule == "anchor" else torch.zeros_like(p)
         if flat:
             t = t.reshape(-1)
         out[n] = _param_data(f"{prefix}{n}", t.to(device=p.device))

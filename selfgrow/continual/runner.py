@@ -1179,16 +1179,14 @@ def _run(
                              f"first experience")
                     cont = False
                 model: nn.Module | None = None
-                pick = None
-                if variant == "fixed_equal":
-                    pick = equal_flops_width(spec, bench, done["grown"]["train_flops"],
-                                             done["fixed_small"]["train_flops"])
+                pick = (equal_flops_width(spec, bench, done["grown"]["train_flops"],
+                                          done["fixed_small"]["train_flops"])
+                        if variant == "fixed_equal" else None)
                 if not cont:
                     if variant == "fixed_grown":
                         torch.manual_seed(seed)
                         model = build_model(done["grown"]["final_model_config"])
-                    elif variant == "fixed_equal":
-                        assert pick is not None
+                    elif pick is not None:  # fixed_equal
                         torch.manual_seed(seed)
                         w = pick["width"]
                         model = build_small_model(

@@ -56,7 +56,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -341,7 +341,7 @@ class LiGO(Operator):
         if not isinstance(config, LiGOConfig):
             raise GrowthConfigError("expected LiGOConfig")
         plan = _plan(model, config)
-        assert isinstance(model, GrowableTransformer)
+        model = cast(GrowableTransformer, model)  # _plan refused every other model
         ref = model.tok_emb.weight
         small = dict(model.named_parameters())
         if config.coefficients is None:
@@ -452,7 +452,7 @@ def fit_ligo(
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise GrowthConfigError(f"lr must be a finite number > 0, got {lr!r}")
     plan = _plan(model, config)
-    assert isinstance(model, GrowableTransformer)
+    model = cast(GrowableTransformer, model)  # _plan refused every other model
     ref = model.tok_emb.weight
     small = {n: p.detach() for n, p in model.named_parameters()}
     start = (init_coefficients(plan, ref.dtype, ref.device) if config.coefficients is None
