@@ -637,17 +637,23 @@ class ParamTransition:
     maps: dict[str, ParamMap] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._src: dict[str, tuple[str, torch.Tensor, torch.Tensor] | None] = {}
+        # built on first use: every growth makes a transition, few consumers read it
+        self._src: dict[str, tuple[str, torch.Tensor, torch.Tensor] | None] | None = None
         self._count: dict[str, torch.Tensor] = {}
-        for name in self.new:
-            self._src[name] = self._source_index(name)
-        for s in self._src.values():
-            if s is None:
-                continue
-            src, idx, fresh = s
-            n = self.old[src].numel()
-            c = torch.bincount(idx[~fresh].reshape(-1), minlength=n)
-            self._count[src] = self._count.get(src, torch.zeros(n, dtype=torch.long)) + c
+
+    def _index(self) -> dict[str, tuple[str, torch.Tensor, torch.Tensor] | None]:
+        """Per new name: (source, flat source index per coordinate, brand-new mask), and the
+        copy count of every source coordinate over all new tensors."""
+        if self._src is None:
+            self._src = {name: self._source_index(name) for name in self.new}
+            for s in self._src.values():
+                if s is None:
+                    continue
+                src, idx, fresh = s
+                n = self.old[src].numel()
+                c = torch.bincount(idx[~fresh].reshape(-1), minlength=n)
+                self._count[src] = self._count.get(src, torch.zeros(n, dtype=torch.long)) + c
+        return self._src
 
     def _source_index(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor] | None:
         pm = self.maps.get(name)
@@ -669,7 +675,7 @@ class ParamTransition:
 
     def source_of(self, name: str) -> str | None:
         """The old parameter ``name``'s state comes from (None: a brand-new tensor)."""
-        s = self._src.get(name)
+        s = self._index().get(name)
         return None if s is None else s[0]
 
     def map(self, name: str, state: torch.Tensor, rule: str) -> torch.Tensor | None:
@@ -685,7 +691,7 @@ class ParamTransition:
             from .errors import choices_message
 
             raise GrowthConfigError(choices_message("state rule", rule, STATE_RULES))
-        s = self._src.get(name)
+        s = self._index().get(name)
         if s is None:
             return None
         src, idx, fresh = s

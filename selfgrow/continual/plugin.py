@@ -105,6 +105,8 @@ class GrowthPlugin(SupervisedPlugin):
         self.held_per_experience = held_per_experience
         self.sinks = list(sinks or [])
         self.map_regularizers = bool(map_regularizers)
+        if self.map_regularizers:  # the controller keeps each growth's ParamTransition
+            controller.keep_transition = True
         #: per growth, the regularisation plugins whose state followed it
         self.mapped_state: list[list[str]] = []
         self.events: list[GrowthEvent] = []

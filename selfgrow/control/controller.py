@@ -260,7 +260,9 @@ class GrowthController:
         self.experience: int | None = None
         self.n_growths = 0
         #: the last committed growth's ParamTransition (old/new parameters and ParamMaps),
-        #: for plugins keeping per-parameter state; a consumer may set it back to None
+        #: kept only when ``keep_transition`` is set (it holds the old tensors) by a consumer
+        #: of per-parameter state (GrowthPlugin), which sets it back to None once used
+        self.keep_transition = False
         self.last_transition: ParamTransition | None = None
         self.last_growth_step: int | None = None
         self.last_attempt_step: int | None = None
@@ -570,7 +572,7 @@ class GrowthController:
             cfg = self._resolve(d.action, d.kwargs)
             flops_before = self._flops()
             ev = grow_(self.model, cfg, optimizer=opt, probe_fn=self.probe_fn,
-                       on_commit=self._keep_transition)
+                       on_commit=self._keep_transition if self.keep_transition else None)
         except Exception as e:  # noqa: BLE001 - grow_ rolled everything back; report it loudly
             if raise_errors:
                 raise
