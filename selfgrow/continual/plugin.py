@@ -62,6 +62,11 @@ class GrowthPlugin(SupervisedPlugin):
             ParamMaps (:func:`selfgrow.continual.regularizers.follow_growth`), so their
             penalty is unchanged right after an exact growth. False leaves it to them
             (their own padding: wrong values, and online EWC / SI crash on shape checks).
+        capacity_probe: a :class:`~selfgrow.continual.probe.CapacityProbe`: before every
+            experience after the first, short trials of "no growth" and of each candidate
+            action on the new data (with half the stored old samples) decide whether to grow
+            and how; the growth goes through the controller (event logged with the trials'
+            numbers as its reason, within the policy's budget and ``max_growths``).
 
     Attributes:
         events: growth events this plugin saw returned by the controller.
@@ -79,6 +84,7 @@ class GrowthPlugin(SupervisedPlugin):
         held_per_experience: int = 100,
         sinks: list[Any] | None = None,
         map_regularizers: bool = True,
+        capacity_probe: Any = None,
     ) -> None:
         super().__init__()
         if not callable(getattr(controller, "observe", None)):
@@ -107,6 +113,11 @@ class GrowthPlugin(SupervisedPlugin):
         self.map_regularizers = bool(map_regularizers)
         if self.map_regularizers:  # the controller keeps each growth's ParamTransition
             controller.keep_transition = True
+        self.capacity_probe = capacity_probe
+        #: one :class:`~selfgrow.continual.probe.ProbeReport` dict per probed experience
+        self.probe_reports: list[dict[str, Any]] = []
+        #: FLOPs the capacity probe's trials cost (charge them to the run's budget)
+        self.probe_flops = 0.0
         #: per growth, the regularisation plugins whose state followed it
         self.mapped_state: list[list[str]] = []
         self.events: list[GrowthEvent] = []
@@ -257,6 +268,40 @@ class GrowthPlugin(SupervisedPlugin):
             for e in missing:
                 self.reference_accuracy[e] = acc[e]
                 self._publish(strategy, f"Growth/reference_acc/exp{e:03d}", acc[e])
+        if self.capacity_probe is not None and self._stored:
+            self._probe(strategy, exp)
+
+    def _probe(self, strategy: Any, exp: Any) -> None:
+        """Run the capacity probe on the new experience; grow by its choice."""
+        probe = self.capacity_probe
+        ctrl = self.controller
+        allowed = [c for c in probe.candidates
+                   if not ctrl.check_limits(c, **probe.action_kwargs.get(c, {}))]
+        if not allowed:
+            return
+        ds = exp.dataset.eval() if hasattr(exp.dataset, "eval") else exp.dataset
+        g = torch.Generator().manual_seed(10_000 + self._exp_id)
+        idx = torch.randperm(len(ds), generator=g)[: probe.max_new].tolist()
+        items = [ds[i] for i in idx]
+        new = (torch.stack([it[0] for it in items]),
+               torch.as_tensor([int(it[1]) for it in items]))
+        old = (torch.cat([x for x, _ in self._stored.values()]),
+               torch.cat([torch.as_tensor(y) for _, y in self._stored.values()]))
+        report = probe.run(strategy.model, strategy.optimizer, new, old, allowed=allowed)
+        self.probe_flops += report.flops
+        rec = {"experience": self._exp_id, "step": self.step, **report.to_dict()}
+        self.probe_reports.append(rec)
+        scal = {f"probe/gain_{t.action}": t.score - report.trials[0].score
+                for t in report.trials[1:]}
+        scal["probe/score_none"] = report.trials[0].score
+        self._log(scal)
+        if report.choice is None:
+            return
+        ev = ctrl.grow(report.choice, reason=report.describe(),
+                       trigger={"signal": "capacity_probe", "value": report.gain,
+                                "threshold": probe.margin},
+                       **probe.action_kwargs.get(report.choice, {}))
+        self._after_decision(strategy, ev)
 
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         if not strategy.is_training:
@@ -337,6 +382,8 @@ class GrowthPlugin(SupervisedPlugin):
             "group_to_exp": [[k, v] for k, v in self._group_to_exp.items()],
             "last_trained": self._last_trained,
             "held": {e: (x.clone(), y.clone()) for e, (x, y) in self._held.items()},
+            "probe_reports": list(self.probe_reports),
+            "probe_flops": self.probe_flops,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -348,6 +395,8 @@ class GrowthPlugin(SupervisedPlugin):
         lt = state.get("last_trained")
         self._last_trained = None if lt is None else int(lt)
         self._held = {int(e): (x.clone(), y.clone()) for e, (x, y) in state["held"].items()}
+        self.probe_reports = list(state.get("probe_reports", []))
+        self.probe_flops = float(state.get("probe_flops", 0.0))
 
     def after_training(self, strategy: Any, **kwargs: Any) -> None:
         for s in self.sinks:

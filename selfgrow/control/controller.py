@@ -472,6 +472,20 @@ class GrowthController:
             raise GrowthConfigError("growth failed")
         return ev
 
+    def check_limits(self, action: Action, **action_kwargs: Any) -> str:
+        """Whether growing by ``action`` now stays within the policy's ``max_growths`` and
+        ``budget`` (sized on a meta twin, nothing allocated): ``""`` if it does, else why
+        not (e.g. ``"params 2.1e5 > 2e+05"``). For callers that decide growth themselves
+        (a capacity probe) and then call :meth:`grow`, which applies no limit."""
+        pol = self.policy
+        mg = getattr(pol, "max_growths", None)
+        if mg is not None and self.n_growths >= mg:
+            return f"max_growths={mg} reached"
+        budget = getattr(pol, "budget", None)
+        if budget is None or budget.unlimited:
+            return ""
+        return str(budget.check(self._estimate(action, dict(action_kwargs))))
+
     def make_decision(self) -> tuple[Decision | None, str]:
         """Ask the policy for this step's decision from the signals' current states.
 
