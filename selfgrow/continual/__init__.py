@@ -1,25 +1,55 @@
 """Continual learning with growth: Avalanche :class:`GrowthPlugin`, offline class-incremental
-benchmarks, and the ``selfgrow run`` experiment (:mod:`selfgrow.continual.runner`).
+benchmarks, the field's expansion methods (DER, PNN: :mod:`selfgrow.continual.expansion`) and
+the ``selfgrow run`` experiment (:mod:`selfgrow.continual.runner`).
 
 Needs ``avalanche-lib`` (``pip install 'selfgrow[continual]'``); it is imported only when
-``GrowthPlugin`` or a benchmark is first used, so ``selfgrow --help`` and ``selfgrow inspect``
-stay fast.
+``GrowthPlugin``, an expansion method or a benchmark is first used, so ``selfgrow --help`` and
+``selfgrow inspect`` stay fast.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .benchmarks import Benchmark, build_benchmark, class_incremental, list_benchmarks
+from .benchmarks import (
+    BENCHMARKS,
+    SCENARIO_KINDS,
+    Benchmark,
+    BenchmarkSpec,
+    benchmark_info,
+    build_benchmark,
+    class_incremental,
+    list_benchmarks,
+    permuted_domain_incremental,
+    sea_drift,
+    split_counts,
+)
 
 __all__ = [
+    "BENCHMARKS",
     "Benchmark",
+    "BenchmarkSpec",
+    "DERNet",
+    "DERPlugin",
     "GrowthPlugin",
+    "SCENARIO_KINDS",
+    "benchmark_info",
     "build_benchmark",
     "check_optimizer_matches",
+    "check_task_incremental",
     "class_incremental",
+    "der_extractor",
+    "der_strategy",
     "list_benchmarks",
+    "permuted_domain_incremental",
+    "pnn_strategy",
+    "sea_drift",
+    "split_counts",
 ]
+
+#: names of :mod:`selfgrow.continual.expansion` (DER, PNN), imported on first use
+_EXPANSION = ("DERNet", "DERPlugin", "check_task_incremental", "der_extractor",
+              "der_strategy", "pnn_strategy")
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing avalanche takes seconds
@@ -27,4 +57,8 @@ def __getattr__(name: str) -> Any:  # lazy: importing avalanche takes seconds
         from . import plugin
 
         return getattr(plugin, name)
+    if name in _EXPANSION:
+        from . import expansion
+
+        return getattr(expansion, name)
     raise AttributeError(f"module 'selfgrow.continual' has no attribute {name!r}")

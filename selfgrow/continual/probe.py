@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +131,7 @@ class CapacityProbe:
         old: tuple[torch.Tensor, torch.Tensor] | None,
         allowed: list[str] | None = None,
         loss_fn: nn.Module | None = None,
+        apply: Callable[[str | None, nn.Module, torch.optim.Optimizer], None] | None = None,
     ) -> ProbeReport:
         """Run the trials on copies of ``model`` and ``optimizer``.
 
@@ -141,6 +143,11 @@ class CapacityProbe:
             old: ``(x, y)`` stored samples of past experiences, or None.
             allowed: candidates to consider (e.g. those that fit the budget); default all.
             loss_fn: training loss (default cross-entropy).
+            apply: ``apply(candidate, model_copy, optimizer_copy)`` prepares one trial's
+                copies in place, the "no growth" trial included (``candidate`` None); for
+                models whose candidates are not controller actions (DER: expand with or
+                without a new extractor). Default: no growth does nothing, a candidate is
+                applied with ``resolve_action`` and ``grow_`` (optimizer migrated).
 
         Returns:
             The :class:`ProbeReport`.
@@ -182,7 +189,9 @@ class CapacityProbe:
             for ci, cand in enumerate(cands):
                 torch.manual_seed(self.seed + ci)
                 m, opt = copy.deepcopy((model, optimizer))
-                if cand is not None:
+                if apply is not None:
+                    apply(cand, m, opt)
+                elif cand is not None:
                     cfg = resolve_action(cand, m, **self.action_kwargs.get(cand, {}))
                     grow_(m, cfg, optimizer=opt)
                 if ci == 0 and old_te is not None:
