@@ -57,7 +57,15 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .continual.benchmarks import list_benchmarks
-    from .continual.runner import MODELS, STRATEGIES, RunSpec, available_actions
+    from .continual.runner import (
+        CLASS_ORDERS,
+        GROWTH_MODES,
+        MODEL_DEFAULTS,
+        MODELS,
+        STRATEGIES,
+        RunSpec,
+        available_actions,
+    )
     from .runs import RUN_NAME_RULE
 
     d = RunSpec()
@@ -72,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "run",
-        help="train a growing model on a class-incremental benchmark, with fixed baselines",
+        help="train a growing model on a continual benchmark, with fixed baselines",
         description=(
             "Train a small model that grows while it learns (GrowthController + Avalanche), "
             "then the same strategy with the small model fixed, with a fixed model of equal "
@@ -81,24 +89,42 @@ def build_parser() -> argparse.ArgumentParser:
             "summary.json,config.json}."
         ),
     )
-    r.add_argument("--benchmark", choices=list_benchmarks(), default=d.benchmark)
+    r.add_argument("--benchmark", choices=list_benchmarks(), default=d.benchmark,
+                   help="offline benchmark (default %(default)s): split-mnist, split-digits, "
+                        "split-fmnist, animal-mnist: class-incremental; permuted-mnist, "
+                        "sea-drift: domain-incremental")
     r.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
-                   help="Avalanche strategy (Naive template + its plugin; default replay)")
+                   help="Avalanche strategy (Naive template + its plugin; cumulative: the "
+                        "upper bound; der: DER + replay, probe-gated with --growth auto; pnn: "
+                        "Avalanche's PNN, with --task-incremental --growth off; default "
+                        "replay)")
+    r.add_argument("--task-incremental", action="store_true",
+                   help="task labels per experience and logits restricted to the task's "
+                        "classes (class-incremental benchmarks)")
+    r.add_argument("--class-order", choices=CLASS_ORDERS, default=d.class_order,
+                   help="seeded: class order drawn from the seed and recorded in the summary; "
+                        "fixed: 0, 1, ..., C-1 (default %(default)s)")
     r.add_argument("--reg-lambda", type=float, default=None,
                    help="EWC/SI/MAS lambda, LwF alpha or GEM memory strength (default: "
                         "selfgrow.continual.runner.STRATEGY_DEFAULTS)")
     r.add_argument("--model", choices=MODELS, default=d.model)
     r.add_argument("--mem-size", type=int, default=d.mem_size, help="replay buffer (samples)")
-    r.add_argument("--epochs", type=int, default=d.epochs, help="epochs per experience")
+    per_model = "; ".join(f"{m}: {v['epochs']}" for m, v in MODEL_DEFAULTS.items())
+    r.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs per experience (default per model: {per_model})")
     r.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
-    r.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (all variants)")
+    per_model = "; ".join(f"{m}: {v['lr']:g}" for m, v in MODEL_DEFAULTS.items())
+    r.add_argument("--lr", type=float, default=None,
+                   help=f"Adam learning rate of all variants (default per model: {per_model}; "
+                        "docs/continual.md has the sweep)")
     seeds = r.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=d.seed,
                        help="seed of data split, initialisation and data order (>= 0)")
     seeds.add_argument("--seeds", type=_seeds_arg, default=None, metavar="S1,S2,...",
                        help="train every variant once per seed (distinct integers >= 0, e.g. "
                             "0,1,2) and report mean and std; not together with --seed")
-    r.add_argument("--width", type=int, default=d.width, help="hidden width of the small MLP")
+    r.add_argument("--width", type=int, default=d.width,
+                   help="hidden width of the small MLP (PNN: units per column)")
     r.add_argument("--channels", type=int, default=d.channels,
                    help="channels of the small CNN")
     r.add_argument("--on-plateau", default=d.on_plateau,
@@ -109,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many growths")
     r.add_argument("--max-params", type=float, default=d.max_params, metavar="N",
                    help="growth budget: no growth beyond N parameters (default %(default).0f)")
+    r.add_argument("--growth", choices=GROWTH_MODES, default=d.growth,
+                   help="auto: the growing model and its fixed baselines; off: only the small "
+                        "model, fixed (the strategy alone)")
+    r.add_argument("--probe-steps", type=int, default=d.probe_steps, metavar="N",
+                   help="capacity probe before each experience after the first: N-step "
+                        "trials of no growth, the --on-forgetting action and deepen on the new "
+                        "data decide whether and how to grow (0: off; default %(default)s)")
+    r.add_argument("--probe-margin", type=float, default=d.probe_margin, metavar="F",
+                   help="the probe grows when a trial beats no growth's mean new/old accuracy "
+                        "by at least F (default %(default)s)")
     r.add_argument("--name", default=None,
                    help="run name (default BENCHMARK-MODEL-STRATEGY; -1, -2 ... if taken): "
                         f"{RUN_NAME_RULE}")
@@ -302,7 +338,13 @@ RESUME_OK = {"resume", "threads", "no_progress", "command"}
 def _cmd_run(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from .continual.runner import RunSpec, load_resumable, resume_experiment, run_experiment
+    from .continual.runner import (
+        MODEL_DEFAULTS,
+        RunSpec,
+        load_resumable,
+        resume_experiment,
+        run_experiment,
+    )
     from .runs import check_run_name, check_runs_dir, cli_command, tensorboard_command
 
     max_threads = max(64, 4 * (os.cpu_count() or 1))
@@ -334,9 +376,10 @@ def _cmd_run(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             reg_lambda=a.reg_lambda,
             model=a.model,
             mem_size=a.mem_size,
-            epochs=a.epochs,
+            epochs=MODEL_DEFAULTS.get(a.model, {}).get("epochs", 1) if a.epochs is None
+            else a.epochs,
             batch_size=a.batch_size,
-            lr=a.lr,
+            lr=MODEL_DEFAULTS.get(a.model, {}).get("lr", 1e-3) if a.lr is None else a.lr,
             seed=a.seed if a.seeds is None else a.seeds[0],
             seeds=a.seeds,
             device=a.device,
@@ -347,6 +390,11 @@ def _cmd_run(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             on_forgetting=a.on_forgetting,
             max_growths=a.max_growths,
             max_params=a.max_params,
+            growth=a.growth,
+            probe_steps=a.probe_steps,
+            probe_margin=a.probe_margin,
+            task_incremental=a.task_incremental,
+            class_order=a.class_order,
         )
         spec.validate()  # before torch.set_num_threads: bad usage changes nothing
         torch.set_num_threads(a.threads)

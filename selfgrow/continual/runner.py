@@ -54,7 +54,10 @@ from ..runs import (
 from .benchmarks import BENCHMARKS, Benchmark, build_benchmark
 
 STRATEGIES = ("replay", "naive", "ewc", "online-ewc", "si", "mas", "lwf", "gem", "agem",
-              "gdumb")
+              "gdumb", "cumulative", "der", "pnn")
+#: strategies that bring their own model (DER's DERNet, PNN's columns) and their own growth:
+#: ``--growth auto`` gates DER's expansion with the capacity probe; PNN takes ``off`` only
+EXPANSION_STRATEGIES = ("der", "pnn")
 #: strategy -> (plugin, its regularisation strength's name, default strength); every
 #: strategy is Avalanche's Naive template plus its plugin(s), GrowthPlugin listed first
 STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -67,11 +70,24 @@ STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
     "gem": {"memory_strength": 0.5},  # patterns per experience: mem_size / experiences
     "agem": {"sample_size": 64},
     "gdumb": {},  # a buffer of mem_size samples, the model re-trained on it each experience
+    "cumulative": {},  # Avalanche's Cumulative: every past experience's data again (upper bound)
+    "der": {"aux_weight": 1.0},  # DER + replay memory; its auxiliary loss's weight
+    "pnn": {},  # Avalanche's PNNStrategy: a column per task (task-incremental only)
 }
 #: strategies whose plugin state is not in the run's checkpoints: an interrupted variant of
 #: theirs restarts from its first experience on resume (said when it happens)
-UNCHECKPOINTED = ("ewc", "online-ewc", "si", "mas", "lwf", "gem", "agem", "gdumb")
+UNCHECKPOINTED = ("ewc", "online-ewc", "si", "mas", "lwf", "gem", "agem", "gdumb",
+                  "cumulative", "der", "pnn")
 MODELS = ("mlp", "cnn")
+#: per model, the learning rate and epochs per experience ``selfgrow run`` uses unless given:
+#: the small CNN (BatchNorm) needs a larger LR and more epochs than the MLP
+#: (Split-MNIST-5k sweep in docs/continual.md: lr 1e-3 / 5 epochs reach 0.21 with the CNN)
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {"lr": 1e-3, "epochs": 5},
+    "cnn": {"lr": 1e-2, "epochs": 10},
+}
+GROWTH_MODES = ("auto", "off")
+CLASS_ORDERS = ("seeded", "fixed")
 VARIANTS = ("grown", "fixed_small", "fixed_equal", "fixed_grown")
 VARIANT_LABELS = {
     "grown": "grown (selfgrow)",
@@ -79,6 +95,17 @@ VARIANT_LABELS = {
     "fixed_equal": "fixed, equal FLOPs",
     "fixed_grown": "fixed, grown size",
 }
+
+#: the variants' labels for the expansion strategies (their model is DER's or PNN's)
+EXPANSION_LABELS = {
+    "der": {"grown": "DER, probe-gated (selfgrow)", "fixed_small": "DER (every experience)"},
+    "pnn": {"fixed_small": "PNN (a column per task)"},
+}
+
+
+def variant_label(variant: str, strategy: str | None = None) -> str:
+    """The table label of ``variant`` (``strategy``: the run's, for DER's and PNN's)."""
+    return EXPANSION_LABELS.get(strategy or "", {}).get(variant, VARIANT_LABELS[variant])
 
 
 @dataclass
@@ -91,7 +118,11 @@ class RunSpec:
             one of Avalanche's regularisation / memory strategies ``"ewc"``,
             ``"online-ewc"``, ``"si"``, ``"mas"``, ``"lwf"``, ``"gem"``, ``"agem"``,
             ``"gdumb"`` (defaults: :data:`STRATEGY_DEFAULTS`; ``reg_lambda`` overrides the
-            regularisation strength).
+            regularisation strength), ``"cumulative"`` (upper bound), or an expansion method:
+            ``"der"`` (DER + replay; extractors of the small model's body; with growth
+            ``auto`` a new extractor is added only when the capacity probe says it pays) or
+            ``"pnn"`` (Avalanche's PNN, columns of ``width`` units; task-incremental
+            benchmarks and growth ``off`` only).
         reg_lambda: EWC / SI / MAS lambda, LwF alpha, GEM memory strength (None: default).
         model: ``"mlp"`` or ``"cnn"`` (small starting sizes ``width`` / ``channels``).
         mem_size: replay buffer size in samples.
@@ -122,6 +153,18 @@ class RunSpec:
         max_growths: growth limit.
         max_params: parameter budget of the grown model (a growth that would exceed it is
             skipped, and logged as such).
+        growth: ``"auto"`` (the grown variant and its baselines) or ``"off"`` (only the
+            small model, trained fixed: the strategy alone).
+        class_order: ``"seeded"`` (the order of the classes is drawn from the seed, as
+            Avalanche does, and recorded in the summary) or ``"fixed"`` (``0, 1, ..., C-1``).
+        task_incremental: give every sample its experience's task label and restrict the
+            logits to the task's classes (task-incremental protocol; class-incremental
+            splits only).
+        probe_steps: capacity probe before every experience after the first
+            (:class:`~selfgrow.continual.probe.CapacityProbe`): trials of this many steps for
+            no growth, ``on_forgetting``'s action and ``deepen``; 0 disables it.
+        probe_margin: the probe grows when a candidate's mean new/old accuracy beats no
+            growth's by at least this much.
     """
 
     benchmark: str = "split-mnist"
@@ -150,6 +193,11 @@ class RunSpec:
     cooldown: int = 100
     max_growths: int = 4
     max_params: float = 2e5
+    growth: str = "auto"
+    class_order: str = "seeded"
+    task_incremental: bool = False
+    probe_steps: int = 0
+    probe_margin: float = 0.01
 
     def seed_list(self) -> list[int]:
         """The seeds the run trains with: ``seeds``, else ``[seed]``."""
@@ -164,10 +212,39 @@ class RunSpec:
         """
         if self.benchmark not in BENCHMARKS:
             raise GrowthConfigError(choices_message("benchmark", self.benchmark, list(BENCHMARKS)))
+        if self.class_order not in CLASS_ORDERS:
+            raise GrowthConfigError(choices_message("class order", self.class_order,
+                                                    CLASS_ORDERS))
+        if self.growth not in GROWTH_MODES:
+            raise GrowthConfigError(choices_message("growth", self.growth, GROWTH_MODES))
         if self.strategy not in STRATEGIES:
             raise GrowthConfigError(choices_message("strategy", self.strategy, STRATEGIES))
         if self.model not in MODELS:
             raise GrowthConfigError(choices_message("model", self.model, MODELS))
+        if not isinstance(self.task_incremental, bool):
+            raise GrowthConfigError(
+                f"task_incremental={self.task_incremental!r} must be True or False")
+        kind = BENCHMARKS[self.benchmark].kind
+        if self.task_incremental and kind != "class-incremental":
+            offer = sorted(n for n, b in BENCHMARKS.items() if b.kind == "class-incremental")
+            raise GrowthConfigError(
+                f"--task-incremental needs a class-incremental benchmark; {self.benchmark!r} "
+                f"is {kind}; valid choices: {', '.join(offer)}")
+        if self.strategy == "pnn":
+            if not self.task_incremental:
+                from .expansion import PNN_REFUSAL
+
+                raise GrowthConfigError(
+                    f"{PNN_REFUSAL} (add --task-incremental; {self.benchmark!r} is run "
+                    f"{kind} without it)")
+            if self.growth != "off":
+                raise GrowthConfigError(
+                    "PNN adds a column per task by itself: run --strategy pnn with "
+                    "--growth off; valid choices: off")
+            if self.model != "mlp":
+                raise GrowthConfigError(
+                    "PNN (Avalanche's) is built from linear columns; valid choices for "
+                    "--model with --strategy pnn: mlp")
         actions = available_actions(self.model)
         for what, a in (("on-plateau", self.on_plateau), ("on-forgetting", self.on_forgetting)):
             if a not in actions:
@@ -183,6 +260,7 @@ class RunSpec:
             ("replay_eval_every", self.replay_eval_every, 1),
             ("cooldown", self.cooldown, 0),
             ("max_growths", self.max_growths, 0),
+            ("probe_steps", self.probe_steps, 0),
         ):
             if int(v) < lo:
                 raise GrowthConfigError(f"{what}={v} is out of range; valid: >= {lo}")
@@ -195,13 +273,17 @@ class RunSpec:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise GrowthConfigError(f"lr={self.lr} is out of range; valid: > 0")
         if self.reg_lambda is not None:
-            if self.strategy in ("naive", "replay", "agem", "gdumb"):
+            if self.strategy in ("naive", "replay", "agem", "gdumb", "cumulative", "der",
+                                 "pnn"):
                 raise GrowthConfigError(
                     f"reg_lambda applies to ewc, online-ewc, si, mas, lwf and gem, not "
                     f"--strategy {self.strategy}")
             if not (self.reg_lambda >= 0 and math.isfinite(self.reg_lambda)):
                 raise GrowthConfigError(
                     f"reg_lambda={self.reg_lambda} is out of range; valid: >= 0")
+        if not (self.probe_margin >= 0 and math.isfinite(self.probe_margin)):
+            raise GrowthConfigError(f"probe_margin={self.probe_margin} is out of range; "
+                                    "valid: >= 0")
         if not self.widen_factor > 1:
             raise GrowthConfigError(f"widen_factor={self.widen_factor} must be > 1")
         if not (self.widen_noise >= 0 and math.isfinite(self.widen_noise)):
@@ -264,6 +346,14 @@ def available_actions(model_kind: str) -> list[str]:
     return list_actions(build_small_model(model_kind, (1, 8, 8), 10, 4, 2))
 
 
+def spec_benchmark(spec: RunSpec, seed: int) -> Benchmark:
+    """The run's benchmark for ``seed``: class order drawn from the seed (``class_order=
+    "seeded"``) or ``0..C-1`` (``"fixed"``), with task labels when ``task_incremental``."""
+    return build_benchmark(spec.benchmark, seed=seed,
+                           shuffle_classes=spec.class_order == "seeded",
+                           task_incremental=spec.task_incremental)
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> CUDA when available else CPU.
 
@@ -306,6 +396,33 @@ def build_small_model(
             )
         )
     raise GrowthConfigError(choices_message("model", kind, MODELS))
+
+
+def build_expansion_model(spec: Any, bench: Benchmark) -> nn.Module:
+    """The model of an expansion strategy (:data:`EXPANSION_STRATEGIES`): DER's
+    :class:`~selfgrow.continual.expansion.DERNet` whose extractors are the small model's body
+    (an MLP of ``width`` units or a CNN of ``channels`` / ``2 * channels``), or Avalanche's
+    ``PNN`` with one layer of ``width`` units per column (its default is 100).
+
+    Raises:
+        GrowthConfigError: ``spec.strategy`` is not an expansion strategy.
+    """
+    shape = tuple(bench.data.input_shape)
+    if spec.strategy == "der":
+        import functools
+
+        from .expansion import DERNet, der_extractor
+
+        return DERNet(functools.partial(der_extractor, spec.model, shape, spec.width,
+                                        (spec.channels, 2 * spec.channels)),
+                      n_classes=bench.data.num_classes)
+    if spec.strategy == "pnn":
+        from avalanche.models import PNN
+
+        return PNN(num_layers=1, in_features=math.prod(shape),
+                   hidden_features_per_column=spec.width, adapter="mlp")
+    raise GrowthConfigError(choices_message("expansion strategy", spec.strategy,
+                                            EXPANSION_STRATEGIES))
 
 
 def equal_flops_width(spec: Any, bench: Benchmark, grown_flops: float, small_flops: float,
@@ -391,9 +508,49 @@ def strategy_plugins(spec: Any, n_experiences: int) -> list[Any]:
     return []
 
 
+def _make_task_mask_plugin_class() -> type:
+    from avalanche.core import SupervisedPlugin
+
+    class TaskMaskPlugin(SupervisedPlugin):
+        """Task-incremental evaluation and training with one output layer: each sample's
+        logits outside its task's classes are set to the dtype's lowest value (after every
+        forward, before the loss and the metrics), the usual masked-head protocol. Tasks are
+        the experiences: ``classes_per_task[t]`` lists task ``t``'s classes."""
+
+        def __init__(self, classes_per_task: list[list[int]], n_classes: int) -> None:
+            super().__init__()
+            self.allowed = torch.zeros(len(classes_per_task), n_classes, dtype=torch.bool)
+            for t, cls in enumerate(classes_per_task):
+                self.allowed[t, list(cls)] = True
+
+        def _mask(self, strategy: Any) -> None:
+            out = strategy.mb_output
+            t = torch.as_tensor(strategy.mb_task_id).long().cpu()
+            keep = self.allowed[t].to(out.device)
+            strategy.mb_output = out.masked_fill(~keep, torch.finfo(out.dtype).min)
+
+        def after_forward(self, strategy: Any, **kwargs: Any) -> None:
+            self._mask(strategy)
+
+        def after_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
+            self._mask(strategy)
+
+    return TaskMaskPlugin
+
+
+def TaskMaskPlugin(classes_per_task: list[list[int]], n_classes: int) -> Any:  # noqa: N802
+    """Build the task-incremental logit mask plugin (Avalanche is imported lazily)."""
+    return _make_task_mask_plugin_class()(classes_per_task, n_classes)
+
+
 def _make_recorder_plugin(
-    on_epoch: Callable[[Any], None], on_iteration: Callable[[Any], None] | None = None
+    on_epoch: Callable[[Any], None], on_iteration: Callable[[Any], None] | None = None,
+    task_aware: bool = False,
 ) -> Any:
+    """The run's recorder: training samples per architecture (FLOPs), epochs, iterations.
+    ``task_aware``: the model is called ``model(x, task_labels)`` (PNN), and its FLOPs are
+    counted on the mini-batch's own task labels."""
+    import torch.nn.functional as F
     from avalanche.core import SupervisedPlugin
 
     class _Recorder(SupervisedPlugin):
@@ -401,11 +558,16 @@ def _make_recorder_plugin(
 
         def __init__(self) -> None:
             super().__init__()
-            self.flops = FlopMeter()
+            self._task: Any = None
+            self.flops = FlopMeter(self._task_loss) if task_aware else FlopMeter()
             self.last_loss = float("nan")
             self.iterations = 0
 
+        def _task_loss(self, model: nn.Module, x: Any, y: Any) -> torch.Tensor:
+            return F.cross_entropy(model(x, self._task), y)
+
         def before_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+            self._task = strategy.mb_task_id
             self.flops.add(strategy.model, strategy.mb_x, strategy.mb_y)
 
         def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
@@ -437,6 +599,7 @@ class VariantResult:
     avg_accuracy_per_exp: list[float] = field(default_factory=list)
     final_avg_accuracy: float = float("nan")
     avg_forgetting: float = float("nan")
+    bwt: float = float("nan")
     final_params: int = 0
     initial_params: int = 0
     train_flops: float = 0.0
@@ -446,6 +609,7 @@ class VariantResult:
     seed: int | None = None
     #: fixed_equal only: how its width was picked (width, target and picked FLOPs/sample)
     equal_flops: dict[str, Any] | None = None
+    probe_flops: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -458,7 +622,7 @@ class VariantResult:
     def from_dict(cls, d: dict[str, Any]) -> VariantResult:
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        for k in ("final_avg_accuracy", "avg_forgetting"):
+        for k in ("final_avg_accuracy", "avg_forgetting", "bwt"):
             if kw.get(k) is None:
                 kw[k] = float("nan")
         return cls(**kw)
@@ -486,7 +650,17 @@ def average_forgetting(matrix: list[list[float | None]]) -> float:
     return sum(drops) / len(drops) if drops else float("nan")
 
 
+def backward_transfer(matrix: list[list[float | None]]) -> float:
+    """BWT (Lopez-Paz & Ranzato 2017, GEM) after the last row: the mean over earlier
+    experiences ``j`` of (accuracy on ``j`` now) - (accuracy on ``j`` right after training
+    it), i.e. ``-average_forgetting`` as Avalanche's StreamBWT computes it; used when the
+    evaluator's value is missing (a resumed run's earlier experiences)."""
+    f = average_forgetting(matrix)
+    return -f if math.isfinite(f) else float("nan")
+
+
 ACC_EXP = "Top1_Acc_Exp/eval_phase/test_stream"
+BWT_STREAM = "StreamBWT/eval_phase/test_stream"
 LOG_EVERY = 5  # training scalars (loss, parameters) every 5 optimizer steps, every variant
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream"
 
@@ -581,7 +755,7 @@ def train_variant(
     Returns:
         ``(result, final_model, controller_or_None)``.
     """
-    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics
     from avalanche.logging import TensorboardLogger
     from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
     from avalanche.training.supervised import Naive
@@ -592,7 +766,7 @@ def train_variant(
 
     seed = spec.seed if slot is None else slot.seed
     slot = slot or _Slot(variant, seed, run_dir / "tb" / variant, run_dir.name,
-                         VARIANT_LABELS[variant])
+                         variant_label(variant, spec.strategy))
     device = resolve_device(spec.device)
     ck = None
     if resume:
@@ -613,7 +787,7 @@ def train_variant(
     done = int(saved.get("exps_done", 0))
     tb_logger = TensorboardLogger(tb_log_dir=str(slot.tb_dir / "avalanche"))
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True),
-                                 loggers=[tb_logger])
+                                 bwt_metrics(stream=True), loggers=[tb_logger])
     n_exps = bench.n_experiences
     # bars only on a terminal: piped / redirected stderr gets the plain per-experience lines
     use_bar = bool(progress) and isatty(sys.stderr)
@@ -637,7 +811,8 @@ def train_variant(
     gplugin = None
     scalars: Any = None
     on_iteration = None
-    if grow:
+    expansion = spec.strategy in EXPANSION_STRATEGIES
+    if grow and not expansion:
         ctrl, gplugin, tb, scalars = _make_controller(
             model, optimizer, spec, bench, run_dir, device, slot, purge
         )
@@ -654,17 +829,42 @@ def train_variant(
                 tb.log_scalars(n, {LOSS_TAG: recorder.last_loss,
                                    PARAM_TAG: float(count_params(strat.model))})
 
-    recorder = _make_recorder_plugin(on_epoch, on_iteration)
+    recorder = _make_recorder_plugin(on_epoch, on_iteration, task_aware=spec.strategy == "pnn")
     plugins: list[Any] = [recorder]
     if gplugin is not None:
         plugins.insert(0, gplugin)
+    der_plugin = None
+    if spec.strategy == "der":
+        from .expansion import DERPlugin
+
+        gate = None
+        if grow:  # selfgrow's DER-style growth: a new extractor only when the probe says so
+            from .probe import CapacityProbe
+
+            gate = CapacityProbe(candidates=("expand",), steps=spec.probe_steps or 10,
+                                 batch_size=spec.batch_size, margin=spec.probe_margin,
+                                 seed=seed)
+        der_plugin = DERPlugin(STRATEGY_DEFAULTS["der"]["aux_weight"], gate=gate)
+        plugins.insert(0, der_plugin)
     buffer = None
-    if spec.strategy == "replay":
+    if spec.strategy in ("replay", "der"):
         buffer = _make_replay_buffer(spec.mem_size)
         plugins.append(ReplayPlugin(mem_size=spec.mem_size, storage_policy=buffer))
-    else:
+    elif not expansion:
         plugins += strategy_plugins(spec, bench.n_experiences)
-    strategy = Naive(
+    task_labels = bool(getattr(bench, "task_labels", False))
+    if task_labels and spec.strategy != "pnn":  # task-incremental: logits of the task only
+        plugins.append(TaskMaskPlugin(bench.classes_per_experience, bench.data.num_classes))
+    template: Any = Naive
+    if spec.strategy == "cumulative":
+        from avalanche.training.supervised import Cumulative
+
+        template = Cumulative
+    if spec.strategy == "pnn":
+        from avalanche.training import PNNStrategy
+
+        template = PNNStrategy
+    strategy = template(
         model=model,
         optimizer=optimizer,
         criterion=nn.CrossEntropyLoss(),
@@ -698,7 +898,7 @@ def train_variant(
         return gplugin.step if gplugin is not None else recorder.iterations
 
     def checkpoint(exps_done: int) -> None:
-        if slot.checkpoint is None:
+        if slot.checkpoint is None or expansion:  # DERNet / PNN: restarted on resume
             return
         res.wall_seconds = wall0 + time.perf_counter() - t0
         extra: dict[str, Any] = {
@@ -741,8 +941,12 @@ def train_variant(
             res.accuracy_matrix.append(row)
             seen = [float(a) for a in row[: i + 1] if a is not None]
             res.avg_accuracy_per_exp.append(sum(seen) / len(seen))
-            res.final_avg_accuracy = _metric(metrics, STREAM_ACC)
+            # task-labelled streams get one stream accuracy per task: average the experiences
+            res.final_avg_accuracy = (res.avg_accuracy_per_exp[-1] if task_labels
+                                      else _metric(metrics, STREAM_ACC))
             res.avg_forgetting = average_forgetting(res.accuracy_matrix)
+            bwt = metrics.get(BWT_STREAM)
+            res.bwt = float(bwt) if bwt is not None else backward_transfer(res.accuracy_matrix)
             cells = " ".join(f"{a:.2f}" if a is not None else "  - " for a in row)
             msg = (
                 f"[{slot.label}] exp {i + 1}/{n_exps} classes "
@@ -783,10 +987,26 @@ def train_variant(
     final = strategy.model
     res.final_params = count_params(final)
     res.train_flops = float(recorder.total_flops)
+    if gplugin is not None:  # the capacity probe's trials are training compute too
+        res.probe_flops = float(gplugin.probe_flops)
+        res.train_flops += res.probe_flops
     res.n_growths = int(ctrl.n_growths) if ctrl is not None else 0
-    from ..models import model_config_dict
+    if der_plugin is not None:
+        res.probe_flops = float(der_plugin.gate_flops)
+        res.train_flops += res.probe_flops
+        res.n_growths = sum(final.extractor_added)
+        res.final_model_config = {"kind": "der", "extractors": len(final.extractors),
+                                  "extractor_added": list(final.extractor_added),
+                                  "gate_reports": der_plugin.gate_reports}
+    elif spec.strategy == "pnn":
+        n_cols = int(final.layers[0].num_columns)
+        res.n_growths = n_cols - 1
+        res.final_model_config = {"kind": "pnn", "columns": n_cols,
+                                  "hidden_per_column": spec.width}
+    else:
+        from ..models import model_config_dict
 
-    res.final_model_config = model_config_dict(final)
+        res.final_model_config = model_config_dict(final)
     return res, final, ctrl
 
 
@@ -868,8 +1088,19 @@ def _make_controller(
         scalar_every=LOG_EVERY,
     )
     scalars = ctrl.metrics_sink  # metrics.jsonl, rows tagged with the run id
+    probe = None
+    if spec.probe_steps > 0:
+        from .probe import CapacityProbe
+
+        cands = tuple(dict.fromkeys([spec.on_forgetting, "deepen"]))
+        probe = CapacityProbe(
+            candidates=cands,
+            action_kwargs={a: _action_kwargs(spec, a, model) for a in cands},
+            steps=spec.probe_steps, batch_size=spec.batch_size, margin=spec.probe_margin,
+            seed=slot.seed)
     gplugin = GrowthPlugin(
-        ctrl, replay_eval_every=spec.replay_eval_every, sinks=[tb, scalars]
+        ctrl, replay_eval_every=spec.replay_eval_every, sinks=[tb, scalars],
+        capacity_probe=probe,
     )
     return ctrl, gplugin, tb, scalars
 
@@ -893,6 +1124,9 @@ def controller_description(spec: RunSpec) -> dict[str, Any]:
         "budget": {"max_params": spec.max_params},
         "cooldown": spec.cooldown,
         "max_growths": spec.max_growths,
+        "capacity_probe": ({"steps": spec.probe_steps, "margin": spec.probe_margin,
+                            "candidates": list(dict.fromkeys([spec.on_forgetting, "deepen"]))}
+                           if spec.probe_steps > 0 else None),
     }
 
 
@@ -900,7 +1134,7 @@ def controller_description(spec: RunSpec) -> dict[str, Any]:
 # several seeds: mean and std per variant
 # ---------------------------------------------------------------------------------------------
 #: per-variant numbers reported as mean and std over seeds
-AGGREGATED = ("final_avg_accuracy", "avg_forgetting", "final_params", "initial_params",
+AGGREGATED = ("final_avg_accuracy", "avg_forgetting", "bwt", "final_params", "initial_params",
               "train_flops", "wall_seconds", "n_growths")
 
 
@@ -997,7 +1231,7 @@ def preflight(spec: RunSpec, runs_dir: str | os.PathLike[str], name: str | None
     run_name = name or f"{spec.benchmark}-{spec.model}-{spec.strategy}"
     check_run_name(run_name)
     check_runs_dir(runs_dir)
-    bench = build_benchmark(spec.benchmark, seed=spec.seed_list()[0])
+    bench = spec_benchmark(spec, spec.seed_list()[0])
     _check_fits(spec, bench)
     model = build_small_model(spec.model, bench.data.input_shape, bench.data.num_classes,
                               spec.width, spec.channels)
@@ -1105,7 +1339,7 @@ def resume_experiment(
     first (the resumed run logs them again)."""
     d, spec = load_resumable(run_dir)
     config = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    bench = build_benchmark(spec.benchmark, seed=spec.seed_list()[0])
+    bench = spec_benchmark(spec, spec.seed_list()[0])
     _status(d, "running", "resuming")
     return _run(spec, d, config, bench, print_fn, progress, after_experience, resumed=True)
 
@@ -1137,7 +1371,12 @@ def _run(
         f"{bench0.data.source['version']}"
         + (f"; seeds {', '.join(map(str, seeds))}" if multi else "") + ")"
     )
-    variants = list(VARIANTS) if spec.baselines else ["grown"]
+    if spec.growth == "off":
+        variants = ["fixed_small"]
+    elif spec.strategy in EXPANSION_STRATEGIES:  # DER: the gated one beside plain DER
+        variants = ["grown", "fixed_small"] if spec.baselines else ["grown"]
+    else:
+        variants = list(VARIANTS) if spec.baselines else ["grown"]
     progress_text = "starting"
 
     def on_exp(variant: str, seed: int, i: int) -> None:
@@ -1153,11 +1392,14 @@ def _run(
 
     try:
         for seed in seeds:
-            bench = bench0 if seed == seeds[0] else build_benchmark(spec.benchmark, seed=seed)
+            bench = bench0 if seed == seeds[0] else spec_benchmark(spec, seed)
+            state.setdefault("class_orders", {})[str(seed)] = bench.classes_per_experience
             done = completed.setdefault(str(seed), {})
 
             def small(seed: int = seed, bench: Benchmark = bench) -> nn.Module:
                 torch.manual_seed(seed)
+                if spec.strategy in EXPANSION_STRATEGIES:
+                    return build_expansion_model(spec, bench)
                 return build_small_model(spec.model, bench.data.input_shape,
                                          bench.data.num_classes, spec.width, spec.channels)
 
@@ -1168,7 +1410,7 @@ def _run(
                     variant, seed,
                     run_dir / "tb" / (f"seed{seed}/{variant}" if multi else variant),
                     f"{run_dir.name}-seed{seed}" if multi else run_dir.name,
-                    VARIANT_LABELS[variant] + (f" s{seed}" if multi else ""),
+                    variant_label(variant, spec.strategy) + (f" s{seed}" if multi else ""),
                     checkpoint=ckpt, after_experience=on_exp,
                 )
                 cont = bool(resumed and current == {"seed": seed, "variant": variant}
@@ -1217,6 +1459,7 @@ def _run(
 
     summary = _summary(spec, run_dir, config, bench0, completed, seeds,
                        time.perf_counter() - t_start)
+    summary["class_orders"] = state.get("class_orders", {})
     write_json(run_dir / "summary.json", summary)
     _status(run_dir, "complete", "done")
     import shutil
@@ -1289,7 +1532,7 @@ def format_summary_table(summary: dict[str, Any]) -> str:
                 if v["initial_params"] != v["final_params"] else f"{v['final_params']:,}"
             )
         rows.append([
-            VARIANT_LABELS[key],
+            variant_label(key, summary.get("strategy")),
             cell(v, "final_avg_accuracy", "{:.3f}"),
             cell(v, "avg_forgetting", "{:.3f}"),
             params,
