@@ -78,7 +78,8 @@ def test_benchmark_split_and_refusal() -> None:
     for e, classes in zip(b.scenario.train_stream, b.classes_per_experience, strict=True):
         assert sorted(e.classes_in_this_experience) == classes
     assert b.describe()["data_source"]["package"] == "scikit-learn"
-    with pytest.raises(GrowthConfigError, match=r"n_experiences=11 is out of range; valid: 1\.\.10"):
+    bad_n = r"n_experiences=11 is out of range; valid: 1\.\.10"
+    with pytest.raises(GrowthConfigError, match=bad_n):
         build_benchmark("split-digits", n_experiences=11)
     with pytest.raises(GrowthConfigError, match="split-digits, split-fmnist, split-mnist"):
         build_benchmark("split-cifar")
