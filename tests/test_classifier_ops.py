@@ -75,6 +75,31 @@ def _tiny_resnet(bottleneck: bool) -> nn.Module:
     return m
 
 
+def _seq_mlp_incremental() -> nn.Module:
+    """A user's Sequential ending in Avalanche's IncrementalClassifier (unmasked: every class
+    active, so the logits compared are real)."""
+    from avalanche.models import IncrementalClassifier
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10),
+                         nn.ReLU(), IncrementalClassifier(10, 10, masking=False))
+
+
+class FeaturesIncremental(nn.Module):
+    """The features + classifier pattern of Avalanche's models, with an IncrementalClassifier
+    head (unmasked)."""
+
+    def __init__(self) -> None:
+        from avalanche.models import IncrementalClassifier
+
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.ReLU(),
+                                      nn.Linear(12, 10), nn.ReLU())
+        self.classifier = IncrementalClassifier(10, 10, masking=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 FAMILIES.update({
     "seq_mlp_relu_bn": lambda: _seq_mlp(nn.ReLU),
     "seq_mlp_gelu": lambda: _seq_mlp(nn.GELU),
@@ -85,6 +110,13 @@ FAMILIES.update({
     "resnet_basic": lambda: _tiny_resnet(False),
     "resnet_bottleneck": lambda: _tiny_resnet(True),
 })
+try:
+    import avalanche  # noqa: F401
+
+    FAMILIES.update({"seq_mlp_incremental": _seq_mlp_incremental,
+                     "features_incremental": FeaturesIncremental})
+except ImportError:  # pragma: no cover - avalanche-lib is in the base requirements
+    pass
 SELFGROW = {"mlp", "cnn", "cnn_nobn_k5"}
 
 

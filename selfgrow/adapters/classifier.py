@@ -13,7 +13,12 @@ Families (``kind = "classifier"``):
 
 * ``selfgrow.GrowableMLP`` / ``selfgrow.GrowableCNN`` (:class:`SelfgrowClassifierAdapter`);
 * a user's ``nn.Sequential`` of Linear, Conv2d, BatchNorm1d/2d, ReLU/GELU/SiLU/Tanh, Flatten,
-  Dropout and pooling layers (:class:`SequentialAdapter`);
+  Dropout and pooling layers, optionally ending in Avalanche's ``IncrementalClassifier``
+  (:class:`SequentialAdapter`);
+* a module made of exactly a ``features`` ``nn.Sequential`` and a ``classifier`` head
+  (``nn.Linear``, a one-Linear ``nn.Sequential``, or Avalanche's ``IncrementalClassifier`` /
+  ``MultiHeadClassifier``): Avalanche's ``SimpleMLP`` and ``MTSimpleMLP`` and the usual
+  multi-head pattern (:class:`FeaturesClassifierAdapter`);
 * torchvision's ResNet family with BasicBlock or Bottleneck blocks (:class:`ResNetAdapter`):
   a unit is a residual stream (a stage whose first block has no downsample shares the stream
   of the stage before it, e.g. the stem and ``layer1`` of resnet18).
@@ -159,10 +164,69 @@ class ClassifierAdapter(Adapter):
         """
 
 
+# ---------------------------------------------------------------------------------------------
+# Avalanche's dynamic heads (recognised by class, never imported here: avalanche is optional)
+# ---------------------------------------------------------------------------------------------
+DYNAMIC_HEADS = ("IncrementalClassifier", "MultiHeadClassifier")
+
+
+def dynamic_head_kind(m: nn.Module) -> str | None:
+    """``"IncrementalClassifier"`` / ``"MultiHeadClassifier"`` for Avalanche's dynamic
+    classifiers (``avalanche.models.dynamic_modules``), else None."""
+    name = type(m).__name__
+    if name in DYNAMIC_HEADS and type(m).__module__.startswith("avalanche."):
+        return name
+    return None
+
+
+def head_linears(prefix: str, m: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """``(dotted name, Linear)`` of every Linear reading a head's input: the Linear itself,
+    the one Linear of an ``nn.Sequential`` head, ``{prefix}.classifier`` of an
+    IncrementalClassifier, or ``{prefix}.classifiers.{task}.classifier`` for every task head
+    of a MultiHeadClassifier (heads Avalanche adds later are built from its ``in_features``,
+    which a widening updates).
+
+    Raises:
+        IncompatibleModelError: any other head.
+    """
+    kind = dynamic_head_kind(m)
+    if isinstance(m, nn.Linear):
+        return [(prefix, m)]
+    if kind == "IncrementalClassifier":
+        return [(f"{prefix}.classifier", m.classifier)]
+    if kind == "MultiHeadClassifier":
+        return [(f"{prefix}.classifiers.{k}.classifier", h.classifier)
+                for k, h in m.classifiers.items()]
+    if type(m) is nn.Sequential:
+        inner = list(m.named_children())
+        if len(inner) == 1 and isinstance(inner[0][1], nn.Linear):
+            return [(f"{prefix}.{inner[0][0]}", inner[0][1])]
+    raise IncompatibleModelError(
+        f"head {prefix} ({type(m).__name__}) is not supported; valid heads: nn.Linear, an "
+        f"nn.Sequential of one Linear, avalanche IncrementalClassifier, MultiHeadClassifier"
+    )
+
+
+def head_in_features(m: nn.Module) -> int:
+    """Input width of a head, read from its weight (attributes may lag during a growth)."""
+    return int(head_linears("head", m)[0][1].weight.shape[1])
+
+
+def _consumer_refs(name: str, m: nn.Module, group: int) -> list[TensorRef]:
+    if isinstance(m, nn.Conv2d):
+        return _refs(name, m, 1, group=group)
+    return [r for n, lin in head_linears(name, m) for r in _refs(n, lin, 1, group=group)]
+
+
 def sync_classifier_attrs(tx: Transaction, root: nn.Module) -> None:
     """Make ``in/out_features``, ``in/out_channels`` and ``num_features`` of every Linear,
-    Conv2d and BatchNorm agree with its tensors (after a widening)."""
+    Conv2d and BatchNorm (and ``in_features`` of Avalanche's MultiHeadClassifier, from which
+    it builds the heads of new tasks) agree with its tensors (after a widening)."""
     for m in root.modules():
+        if dynamic_head_kind(m) == "MultiHeadClassifier":
+            n_in = head_in_features(m)
+            if m.in_features != n_in:
+                tx.set_attr(m, "in_features", n_in)
         if isinstance(m, nn.Linear):
             o, i = m.weight.shape
             if (m.out_features, m.in_features) != (o, i):
@@ -389,11 +453,207 @@ def _build_layer(spec: dict[str, Any]) -> nn.Module:
     return getattr(nn, t)(**kw)
 
 
+_JSON_SCALARS = (int, float, str, bool, type(None))
+
+
+def _plain_attrs(m: nn.Module) -> dict[str, Any]:
+    """The JSON-able attributes a module adds to ``nn.Module``'s own (sizes, flags, task
+    bookkeeping such as MultiTaskModule's ``known_train_tasks_labels``) for a rebuild."""
+    base = set(nn.Module().__dict__)
+    out: dict[str, Any] = {}
+    for k, v in vars(m).items():
+        if k in base:
+            continue
+        if isinstance(v, _JSON_SCALARS):
+            out[k] = v
+        elif isinstance(v, (set, frozenset)) and all(isinstance(x, _JSON_SCALARS) for x in v):
+            out[k] = {"__set__": sorted(v, key=repr)}
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, _JSON_SCALARS) for x in v):
+            out[k] = list(v)
+    return out
+
+
+def _restore_attrs(m: nn.Module, attrs: dict[str, Any]) -> None:
+    for k, v in attrs.items():
+        setattr(m, k, set(v["__set__"]) if isinstance(v, dict) and "__set__" in v else v)
+
+
+def _avalanche_models() -> Any:
+    try:
+        from avalanche.models import dynamic_modules
+    except ImportError as e:  # pragma: no cover - avalanche is in the base requirements
+        raise IncompatibleModelError(
+            "rebuilding an Avalanche dynamic head needs the package 'avalanche-lib': pip "
+            "install avalanche-lib==0.6.0") from e
+    return dynamic_modules
+
+
+def _head_spec(m: nn.Module) -> dict[str, Any]:
+    """JSON-able description of a classifier head (see :func:`head_linears`)."""
+    kind = dynamic_head_kind(m)
+    if kind == "IncrementalClassifier":
+        return {"type": kind, "in_features": m.classifier.in_features,
+                "out_features": m.classifier.out_features, "attrs": _plain_attrs(m),
+                "buffers": {n: list(b.shape) for n, b in m.named_buffers(recurse=False)}}
+    if kind == "MultiHeadClassifier":
+        return {"type": kind, "attrs": _plain_attrs(m),
+                "heads": {k: _head_spec(h) for k, h in m.classifiers.items()},
+                "buffers": {n: list(b.shape) for n, b in m.named_buffers(recurse=False)}}
+    if type(m) is nn.Sequential:
+        return {"type": "Sequential", "layers": [_spec_of(x) for x in m]}
+    head_linears("head", m)  # raises for unsupported heads
+    return _spec_of(m)
+
+
+def _build_head(spec: dict[str, Any]) -> nn.Module:
+    t = spec.get("type") if isinstance(spec, dict) else None
+    if t == "IncrementalClassifier":
+        dm = _avalanche_models()
+        h = dm.IncrementalClassifier(spec["in_features"], spec["out_features"])
+        for n, shape in spec.get("buffers", {}).items():  # active_units: its own size
+            h.register_buffer(n, torch.zeros(shape, dtype=torch.int8))
+        _restore_attrs(h, spec.get("attrs", {}))
+        return h
+    if t == "MultiHeadClassifier":
+        dm = _avalanche_models()
+        attrs = spec.get("attrs", {})
+        heads = spec["heads"]
+        first = next(iter(heads.values()))
+        mh = dm.MultiHeadClassifier(attrs.get("in_features", first["in_features"]),
+                                    attrs.get("starting_out_features", 2))
+        for k, hs in heads.items():
+            mh.classifiers[k] = _build_head(hs)
+        for n, shape in spec.get("buffers", {}).items():
+            mh.register_buffer(n, torch.zeros(shape, dtype=torch.int8))
+        _restore_attrs(mh, attrs)
+        return mh
+    if t == "Sequential":
+        return nn.Sequential(*[_build_layer(x) for x in spec["layers"]])
+    return _build_layer(spec)
+
+
+def _chain_units(layers: list[tuple[str, nn.Module]]) -> list[Unit]:
+    """Units of a feed-forward chain of ``(dotted name, layer)``: every Linear / Conv2d but
+    the last compute layer (a Linear, Conv2d or classifier head, see :func:`head_linears`);
+    a unit spans the layer and the BatchNorm right after it.
+
+    Raises:
+        IncompatibleModelError: fewer than two compute layers, grouped convolutions, a
+            BatchNorm after the activation, a Conv2d after a Linear, or a Flatten whose
+            output does not split into the channels.
+    """
+    def is_compute(m: nn.Module) -> bool:
+        return isinstance(m, (nn.Linear, nn.Conv2d)) or dynamic_head_kind(m) is not None
+
+    compute = [k for k, (_, m) in enumerate(layers) if is_compute(m)]
+    if len(compute) < 2:
+        raise IncompatibleModelError(
+            "a model with fewer than two Linear / Conv2d layers has no hidden unit to grow"
+        )
+    units: list[Unit] = []
+    for a, b in zip(compute[:-1], compute[1:], strict=True):
+        name, mod = layers[a]
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            raise IncompatibleModelError(f"layer {name}: a classifier head must come last")
+        if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+            raise IncompatibleModelError(f"layer {name}: grouped convolutions cannot grow")
+        width = int(mod.weight.shape[0])
+        prod = _refs(name, mod, 0)
+        act = None
+        flat = False
+        for k in range(a + 1, b):
+            n2, m2 = layers[k]
+            if isinstance(m2, nn.modules.batchnorm._BatchNorm):
+                if act is not None:
+                    raise IncompatibleModelError(
+                        f"layer {n2}: a BatchNorm after the activation is not supported"
+                    )
+                prod += _refs(n2, m2, 0)
+            elif type(m2) in _ACTS:
+                act = act or _ACTS[type(m2)]
+            elif isinstance(m2, nn.Flatten):
+                flat = True
+        nname, nmod = layers[b]
+        group = 1
+        if isinstance(nmod, nn.Conv2d):
+            if isinstance(mod, nn.Linear):
+                raise IncompatibleModelError(f"layer {nname}: a Conv2d after a Linear")
+            if nmod.groups != 1:
+                raise IncompatibleModelError(f"layer {nname}: grouped convolutions cannot grow")
+        elif isinstance(mod, nn.Conv2d):
+            n_in = head_in_features(nmod)
+            if not flat or n_in % width:
+                raise IncompatibleModelError(
+                    f"layer {nname}: Linear in_features {n_in} is not a multiple of the "
+                    f"{width} channels of {name} after a Flatten"
+                )
+            group = n_in // width
+        units.append(Unit(name, width, prod, _consumer_refs(nname, nmod, group), act,
+                          isinstance(mod, nn.Conv2d)))
+    return units
+
+
+def _insert_identity_chain(tx: Transaction, seq: nn.Sequential,
+                           layers: list[tuple[str, nn.Module]], unit: Unit) -> str:
+    """Insert an exact identity block into ``seq`` (whose children are ``layers``, named as
+    in the units) after ``unit``'s ReLU."""
+    if unit.activation != "relu":
+        raise IncompatibleModelError(
+            f"identity insertion after layer {unit.name} needs a ReLU after it (the new "
+            f"layer's input must be non-negative); it has {unit.activation!r}: use "
+            f"net2wider instead"
+        )
+    names = [n for n, _ in layers]
+    start = names.index(unit.name)
+    pos = next(k for k in range(start + 1, len(layers)) if isinstance(layers[k][1], nn.ReLU))
+    like = dict(layers)[unit.name].weight
+    new: list[nn.Module]
+    if unit.conv:
+        conv = dict(layers)[unit.name]
+        k = conv.kernel_size[0] if conv.kernel_size[0] == conv.kernel_size[1] and (
+            conv.kernel_size[0] % 2) else 1
+        has_bn = any(r.attr == "running_mean" for r in unit.producers)
+        new = [identity_conv(unit.width, k, like, bias=not has_bn)]
+        if has_bn:
+            new.append(identity_batchnorm(unit.width, like))
+        new.append(nn.ReLU())
+    else:
+        new = [identity_linear(unit.width, like), nn.ReLU()]
+    mods = [m for _, m in layers]
+    mods[pos + 1:pos + 1] = new
+    tx.set_modules(seq, {str(k): m for k, m in enumerate(mods)})
+    return f"identity {' + '.join(type(m).__name__ for m in new)} after layer {pos}"
+
+
+def _check_layers(layers: list[tuple[str, nn.Module]], where: str, head_ok: bool
+                  ) -> None:
+    for k, (name, m) in enumerate(layers):
+        kind = dynamic_head_kind(m)
+        if kind == "IncrementalClassifier" and head_ok and k == len(layers) - 1:
+            continue
+        if kind is not None:
+            hint = ("it must be the last layer" if kind == "IncrementalClassifier" else
+                    "an nn.Sequential cannot pass task labels: build a MultiTaskModule with "
+                    "`features` (nn.Sequential) and `classifier` (the MultiHeadClassifier)")
+            raise IncompatibleModelError(f"{where} layer {name} ({kind}): {hint}")
+        if type(m).__name__ not in SEQUENTIAL_LAYERS or type(m) is not getattr(
+            nn, type(m).__name__
+        ):
+            raise IncompatibleModelError(
+                f"{where} layer {name} ({type(m).__name__}) is not supported by selfgrow's "
+                f"Sequential adapter; supported layers: {', '.join(SEQUENTIAL_LAYERS)}"
+                f"{' and a last IncrementalClassifier' if head_ok else ''} (register an "
+                f"action or an adapter for other models, see docs/extending.md)"
+            )
+
+
 @register_adapter
 class SequentialAdapter(ClassifierAdapter):
     """A plain ``nn.Sequential`` classifier (MLP or CNN) of the layers in
-    :data:`SEQUENTIAL_LAYERS`. Units: every Linear / Conv2d but the last (the head); a unit
-    spans the layer and the BatchNorm right after it."""
+    :data:`SEQUENTIAL_LAYERS`, whose last layer may be Avalanche's ``IncrementalClassifier``
+    (its ``classifier`` Linear consumes the last unit; the classes it adds later read the
+    grown width). Units: every Linear / Conv2d but the last (the head); a unit spans the
+    layer and the BatchNorm right after it."""
 
     family = "torch.nn.Sequential"
     unit_word = "layer"
@@ -404,96 +664,20 @@ class SequentialAdapter(ClassifierAdapter):
 
     def _check(self) -> list[tuple[str, nn.Module]]:
         layers = list(self.model.named_children())
-        for name, m in layers:
-            if type(m).__name__ not in SEQUENTIAL_LAYERS or type(m) is not getattr(
-                nn, type(m).__name__
-            ):
-                raise IncompatibleModelError(
-                    f"nn.Sequential layer {name} ({type(m).__name__}) is not supported by "
-                    f"selfgrow's Sequential adapter; supported layers: "
-                    f"{', '.join(SEQUENTIAL_LAYERS)} (register an action or an adapter for "
-                    f"other models, see docs/extending.md)"
-                )
+        _check_layers(layers, "nn.Sequential", head_ok=True)
         return layers
 
     def units(self) -> list[Unit]:
-        layers = self._check()
-        compute = [k for k, (_, m) in enumerate(layers) if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if len(compute) < 2:
-            raise IncompatibleModelError(
-                "an nn.Sequential with fewer than two Linear / Conv2d layers has no hidden "
-                "unit to grow"
-            )
-        units: list[Unit] = []
-        for a, b in zip(compute[:-1], compute[1:], strict=True):
-            name, mod = layers[a]
-            if isinstance(mod, nn.Conv2d) and mod.groups != 1:
-                raise IncompatibleModelError(f"layer {name}: grouped convolutions cannot grow")
-            width = int(mod.weight.shape[0])
-            prod = _refs(name, mod, 0)
-            act = None
-            flat = False
-            for k in range(a + 1, b):
-                n2, m2 = layers[k]
-                if isinstance(m2, nn.modules.batchnorm._BatchNorm):
-                    if act is not None:
-                        raise IncompatibleModelError(
-                            f"layer {n2}: a BatchNorm after the activation is not supported"
-                        )
-                    prod += _refs(n2, m2, 0)
-                elif type(m2) in _ACTS:
-                    act = act or _ACTS[type(m2)]
-                elif isinstance(m2, nn.Flatten):
-                    flat = True
-            nname, nmod = layers[b]
-            group = 1
-            if isinstance(nmod, nn.Linear) and isinstance(mod, nn.Conv2d):
-                if not flat or nmod.in_features % width:
-                    raise IncompatibleModelError(
-                        f"layer {nname}: Linear in_features {nmod.in_features} is not a "
-                        f"multiple of the {width} channels of {name} after a Flatten"
-                    )
-                group = nmod.in_features // width
-            elif isinstance(nmod, nn.Conv2d) and isinstance(mod, nn.Linear):
-                raise IncompatibleModelError(f"layer {nname}: a Conv2d after a Linear")
-            if isinstance(nmod, nn.Conv2d) and nmod.groups != 1:
-                raise IncompatibleModelError(f"layer {nname}: grouped convolutions cannot grow")
-            units.append(Unit(name, width, prod, _refs(nname, nmod, 1, group=group), act,
-                              isinstance(mod, nn.Conv2d)))
-        return units
+        return _chain_units(self._check())
 
     def insert_identity(self, tx: Transaction, i: int, generator: torch.Generator) -> str:
         layers = self._check()
-        unit = self.units()[i]
-        if unit.activation != "relu":
-            raise IncompatibleModelError(
-                f"identity insertion after layer {unit.name} needs a ReLU after it (the new "
-                f"layer's input must be non-negative); it has {unit.activation!r}: use "
-                f"net2wider instead"
-            )
-        names = [n for n, _ in layers]
-        start = names.index(unit.name)
-        pos = next(k for k in range(start + 1, len(layers)) if isinstance(layers[k][1], nn.ReLU))
-        like = dict(layers)[unit.name].weight
-        new: list[nn.Module]
-        if unit.conv:
-            conv = dict(layers)[unit.name]
-            k = conv.kernel_size[0] if conv.kernel_size[0] == conv.kernel_size[1] and (
-                conv.kernel_size[0] % 2) else 1
-            has_bn = any(r.attr == "running_mean" for r in unit.producers)
-            new = [identity_conv(unit.width, k, like, bias=not has_bn)]
-            if has_bn:
-                new.append(identity_batchnorm(unit.width, like))
-            new.append(nn.ReLU())
-        else:
-            new = [identity_linear(unit.width, like), nn.ReLU()]
-        mods = [m for _, m in layers]
-        mods[pos + 1:pos + 1] = new
-        tx.set_modules(self.model, {str(k): m for k, m in enumerate(mods)})
-        return f"identity {' + '.join(type(m).__name__ for m in new)} after layer {pos}"
+        return _insert_identity_chain(tx, self.model, layers, self.units()[i])
 
     def arch_spec(self) -> dict[str, Any]:
-        return {"layers": [_spec_of(m) for _, m in self._check()]}
+        layers = self._check()
+        return {"layers": [_head_spec(m) if dynamic_head_kind(m) else _spec_of(m)
+                           for _, m in layers]}
 
     @classmethod
     def build_from_spec(cls, spec: dict[str, Any]) -> nn.Module:
@@ -501,13 +685,98 @@ class SequentialAdapter(ClassifierAdapter):
         if not isinstance(layers, list):
             raise GrowthConfigError(f"not a Sequential spec: {spec!r}")
         with torch.device("meta"):
-            model = nn.Sequential(*[_build_layer(s) for s in layers])
+            model = nn.Sequential(*[_build_head(s) if s.get("type") in DYNAMIC_HEADS
+                                    else _build_layer(s) for s in layers])
         return model.to_empty(device="cpu")
 
 
-# ---------------------------------------------------------------------------------------------
-# torchvision ResNet
-# ---------------------------------------------------------------------------------------------
+def _is_features_classifier(model: nn.Module) -> bool:
+    names = [n for n, _ in model.named_children()]
+    if type(model) is nn.Sequential or sorted(names) != ["classifier", "features"]:
+        return False
+    if type(model.features) is not nn.Sequential:
+        return False
+    try:
+        head_linears("classifier", model.classifier)
+    except IncompatibleModelError:
+        return False
+    return True
+
+
+@register_adapter
+class FeaturesClassifierAdapter(ClassifierAdapter):
+    """A module whose only children are ``features`` (an ``nn.Sequential`` of the layers in
+    :data:`SEQUENTIAL_LAYERS`) and ``classifier`` (``nn.Linear``, an ``nn.Sequential`` of one
+    Linear, or Avalanche's ``IncrementalClassifier`` / ``MultiHeadClassifier``), with its own
+    ``forward`` (e.g. ``x -> classifier(features(x.view(B, -1)), task_labels)``): Avalanche's
+    ``SimpleMLP`` / ``MTSimpleMLP`` and the usual multi-head pattern of task-incremental
+    learning. Units are those of ``features`` (names ``features.<i>``); the last one is read
+    by every task head. Identity layers are inserted into ``features``.
+
+    Checkpoints: the spec records the class (``module:qualname``), its JSON-able attributes
+    (``_input_size``, task bookkeeping), the layers of ``features`` and the head with every
+    task head's size; :meth:`build_from_spec` creates the instance WITHOUT calling its
+    ``__init__`` (so the class needs no particular constructor), sets those, and the
+    checkpoint's weights are then loaded.
+    """
+
+    family = "features+classifier"
+    unit_word = "layer"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return _is_features_classifier(model)
+
+    def _layers(self) -> list[tuple[str, nn.Module]]:
+        feats = [(f"features.{n}", m) for n, m in self.model.features.named_children()]
+        _check_layers(feats, "features", head_ok=False)
+        return [*feats, ("classifier", self.model.classifier)]
+
+    def units(self) -> list[Unit]:
+        return _chain_units(self._layers())
+
+    def insert_identity(self, tx: Transaction, i: int, generator: torch.Generator) -> str:
+        layers = self._layers()[:-1]
+        unit = self.units()[i]
+        renamed = [(n.removeprefix("features."), m) for n, m in layers]
+        unit_local = Unit(unit.name.removeprefix("features."), unit.width, unit.producers,
+                          unit.consumers, unit.activation, unit.conv)
+        return "features: " + _insert_identity_chain(tx, self.model.features, renamed,
+                                                     unit_local)
+
+    def arch_spec(self) -> dict[str, Any]:
+        self._layers()
+        cls = type(self.model)
+        return {"class": f"{cls.__module__}:{cls.__qualname__}",
+                "attrs": _plain_attrs(self.model),
+                "features": [_spec_of(m) for m in self.model.features],
+                "classifier": _head_spec(self.model.classifier)}
+
+    @classmethod
+    def build_from_spec(cls, spec: dict[str, Any]) -> nn.Module:
+        import importlib
+
+        if not isinstance(spec, dict) or not {"class", "features", "classifier"} <= set(spec):
+            raise GrowthConfigError(f"not a features+classifier spec: {spec!r:.200}")
+        mod_name, _, qual = str(spec["class"]).partition(":")
+        try:
+            obj: Any = importlib.import_module(mod_name)
+            for part in qual.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as e:
+            raise IncompatibleModelError(
+                f"cannot rebuild {spec['class']}: the class is not importable ({e}); import "
+                f"the module that defines it first") from e
+        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            raise IncompatibleModelError(f"{spec['class']} is not an nn.Module class")
+        model = obj.__new__(obj)
+        nn.Module.__init__(model)
+        _restore_attrs(model, spec.get("attrs", {}))
+        model.features = nn.Sequential(*[_build_layer(s) for s in spec["features"]])
+        model.classifier = _build_head(spec["classifier"])
+        return model
+
+
 def _zero_residual(bn: nn.Module) -> None:
     """Zero a block's last BatchNorm (gain and bias): its residual branch then outputs 0."""
     bn.weight.zero_()  # type: ignore[union-attr]

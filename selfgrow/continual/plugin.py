@@ -113,6 +113,14 @@ class GrowthPlugin(SupervisedPlugin):
         self.map_regularizers = bool(map_regularizers)
         if self.map_regularizers:  # the controller keeps each growth's ParamTransition
             controller.keep_transition = True
+        if capacity_probe is not None:
+            from avalanche.models import MultiTaskModule
+
+            if isinstance(controller.model, MultiTaskModule):
+                raise GrowthConfigError(
+                    f"capacity_probe cannot trial a multi-task model "
+                    f"({type(controller.model).__name__} needs task labels in its forward); "
+                    f"valid: capacity_probe=None for MultiTaskModule models")
         self.capacity_probe = capacity_probe
         #: one :class:`~selfgrow.continual.probe.ProbeReport` dict per probed experience
         self.probe_reports: list[dict[str, Any]] = []
@@ -129,6 +137,9 @@ class GrowthPlugin(SupervisedPlugin):
         self._last_trained: int | None = None
         self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # task labels of the held / stored samples (a multi-task model's forward needs them)
+        self._held_t: dict[int, torch.Tensor] = {}
+        self._stored_t: dict[int, torch.Tensor] = {}
         self._exp_id = 0
         self._exp_step = 0
 
@@ -180,7 +191,7 @@ class GrowthPlugin(SupervisedPlugin):
         """Tensors of stored samples per past experience: the replay buffer's experience
         groups, else the samples held back by the plugin."""
         groups = self._grouped_buffer(strategy)
-        stored: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        stored: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         if groups is not None:
             # a group that appeared since the last experience started holds that one's samples
             for key in groups:
@@ -195,29 +206,39 @@ class GrowthPlugin(SupervisedPlugin):
                 # global RNG (the training run's data order would shift)
                 loader = DataLoader(buf, batch_size=512, shuffle=False, generator=self._gen)
                 for mb in loader:
-                    stored.setdefault(e, []).append((mb[0], mb[1]))
+                    t = mb[2] if len(mb) > 2 else torch.zeros(len(mb[1]), dtype=torch.long)
+                    stored.setdefault(e, []).append((mb[0], mb[1], t))
         else:
-            for e, xy in self._held.items():
+            for e, (x, y) in self._held.items():
                 if e < self._exp_id:
-                    stored[e] = [xy]
+                    t = self._held_t.get(e, torch.zeros(len(y), dtype=torch.long))
+                    stored[e] = [(x, y, t)]
         self._stored = {}
+        self._stored_t = {}
         g = torch.Generator().manual_seed(1234)
         for e, parts in stored.items():
             x = torch.cat([p[0] for p in parts])
             y = torch.cat([torch.as_tensor(p[1]) for p in parts])
+            t = torch.cat([torch.as_tensor(p[2]) for p in parts])
             if len(y) > self.max_replay_samples:
                 idx = torch.randperm(len(y), generator=g)[: self.max_replay_samples]
-                x, y = x[idx], y[idx]
+                x, y, t = x[idx], y[idx], t[idx]
             self._stored[e] = (x, y)
+            self._stored_t[e] = t
 
     @torch.no_grad()
     def _accuracy(self, model: nn.Module, device: Any) -> dict[int, float]:
+        from avalanche.models.utils import avalanche_forward
+
         out: dict[int, float] = {}
         with eval_mode(model):
             for e, (x, y) in sorted(self._stored.items()):
+                t = self._stored_t.get(e, torch.zeros(len(y), dtype=torch.long))
                 correct = 0
                 for i in range(0, len(y), 256):
-                    logits = model(x[i : i + 256].to(device))
+                    # a MultiTaskModule (multi-head classifier) is called with the task labels
+                    logits = avalanche_forward(model, x[i : i + 256].to(device),
+                                               t[i : i + 256].to(device))
                     correct += int((logits.argmax(-1).cpu() == y[i : i + 256]).sum())
                 out[e] = correct / max(len(y), 1)
         return out
@@ -259,6 +280,8 @@ class GrowthPlugin(SupervisedPlugin):
                 torch.stack([it[0] for it in items]),
                 torch.as_tensor([int(it[1]) for it in items]),
             )
+            self._held_t[self._exp_id] = torch.as_tensor(
+                [int(it[2]) if len(it) > 2 else 0 for it in items])
         # every after_training_exp has run by now (buffer filled, whatever the plugin order)
         # and the model is still the one that just finished the previous experience
         self._collect_stored(strategy)
@@ -382,6 +405,7 @@ class GrowthPlugin(SupervisedPlugin):
             "group_to_exp": [[k, v] for k, v in self._group_to_exp.items()],
             "last_trained": self._last_trained,
             "held": {e: (x.clone(), y.clone()) for e, (x, y) in self._held.items()},
+            "held_task": {e: t.clone() for e, t in self._held_t.items()},
             "probe_reports": list(self.probe_reports),
             "probe_flops": self.probe_flops,
         }
@@ -395,6 +419,7 @@ class GrowthPlugin(SupervisedPlugin):
         lt = state.get("last_trained")
         self._last_trained = None if lt is None else int(lt)
         self._held = {int(e): (x.clone(), y.clone()) for e, (x, y) in state["held"].items()}
+        self._held_t = {int(e): t.clone() for e, t in state.get("held_task", {}).items()}
         self.probe_reports = list(state.get("probe_reports", []))
         self.probe_flops = float(state.get("probe_flops", 0.0))
 
