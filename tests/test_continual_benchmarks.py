@@ -110,6 +110,8 @@ def test_task_incremental_labels_and_sorted_class_lists() -> None:
     ({"n_experiences": 0}, r"valid: >= 1"),
     ({"n_experiences": "3"}, "must be an integer"),
     ({"flatten": "yes"}, "must be True or False"),
+    ({"seed": -1}, r"seed=-1 must be an integer >= 0"),
+    ({"seed": "a"}, r"seed='a' must be an integer"),
 ])
 def test_domain_incremental_refusals(kw: dict[str, Any], msg: str) -> None:
     with pytest.raises(GrowthConfigError, match=msg):

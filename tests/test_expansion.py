@@ -158,6 +158,13 @@ def test_der_bad_construction() -> None:
         DERPlugin(aux_weight=-1)
     with pytest.raises(GrowthConfigError, match="gate must be CapacityProbe"):
         DERPlugin(gate=CapacityProbe())
+    with pytest.raises(GrowthConfigError, match="callable returning a NEW nn.Module"):
+        DERNet(nn.Linear(64, 8))  # a module, not a factory
+    for bad in ("x", float("nan"), True):
+        with pytest.raises(GrowthConfigError, match="mask_value"):
+            _net(mask_value=bad)
+    with pytest.raises(GrowthConfigError, match="scenario kind.*task-incremental"):
+        pnn_strategy("nope", 64)
 
 
 def _evaluator() -> Any:

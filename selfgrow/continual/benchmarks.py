@@ -489,6 +489,8 @@ def build_benchmark(
         DataUnavailableError: a package or file holding the data is missing.
     """
     spec = _spec(name)
+    if not _is_int(seed) or seed < 0:
+        raise GrowthConfigError(f"seed={seed!r} must be an integer >= 0")
     if n_experiences is not None and not _is_int(n_experiences):
         raise GrowthConfigError(f"n_experiences={n_experiences!r} must be an integer")
     for flag, value in (("shuffle_classes", shuffle_classes), ("flatten", flatten),

@@ -190,9 +190,10 @@ class DERNet(nn.Module):
         super().__init__()
         if init not in DER_INIT:
             raise GrowthConfigError(choices_message("DER init", init, DER_INIT))
-        if not callable(extractor_factory):
+        if isinstance(extractor_factory, nn.Module) or not callable(extractor_factory):
             raise GrowthConfigError(
-                f"extractor_factory must be a callable returning an nn.Module, got "
+                f"extractor_factory must be a callable returning a NEW nn.Module (e.g. "
+                f"functools.partial(der_extractor, 'mlp', shape)), got "
                 f"{type(extractor_factory).__name__}"
             )
         first = extractor_factory()
@@ -208,6 +209,9 @@ class DERNet(nn.Module):
         self.feat_dim = _positive_int("feat_dim", fd)
         self.extractor_factory = extractor_factory
         self.init = init
+        if isinstance(mask_value, bool) or not isinstance(mask_value, int | float) or not (
+                math.isfinite(mask_value)):
+            raise GrowthConfigError(f"mask_value={mask_value!r} must be a finite number")
         self.mask_value = float(mask_value)
         self.extractors = nn.ModuleList([first])
         ref = next(iter(first.parameters()), None)
@@ -727,6 +731,8 @@ def pnn_strategy(
     from avalanche.models import PNN
     from avalanche.training import PNNStrategy
 
+    if scenario_kind not in SCENARIO_KINDS:
+        raise GrowthConfigError(choices_message("scenario kind", scenario_kind, SCENARIO_KINDS))
     if scenario_kind != "task-incremental":
         raise GrowthConfigError(f"{PNN_REFUSAL} (got scenario kind {scenario_kind!r})")
     in_features = _positive_int("in_features", in_features)
