@@ -19,6 +19,7 @@ from selfgrow.continual.benchmarks import (  # noqa: E402
     benchmark_info,
     build_benchmark,
     list_benchmarks,
+    sample_experience,
     split_counts,
 )
 
@@ -102,6 +103,23 @@ def test_task_incremental_labels_and_sorted_class_lists() -> None:
         assert set(ts) == {i}
     plain = build_benchmark("split-digits")
     assert {t for e in plain.scenario.train_stream for t in _labels(e)[1]} == {0}
+
+
+def test_sample_experience_is_seeded_and_keeps_task_labels() -> None:
+    b = build_benchmark("split-digits", task_incremental=True, seed=0)
+    exp = b.scenario.train_stream[2]
+    state = torch.get_rng_state()
+    x, y, t = sample_experience(exp.dataset, 50, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert x.shape[0] == y.shape[0] == t.shape[0] == 50
+    assert set(t.tolist()) == {2} and set(y.tolist()) <= set(exp.classes_in_this_experience)
+    x2, y2, _ = sample_experience(exp.dataset, 50, seed=7)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    _, y3, _ = sample_experience(exp.dataset, 50, seed=8)
+    assert not torch.equal(y, y3)  # another seed, another draw
+    assert sample_experience(exp.dataset, 10**9, seed=0)[1].shape[0] == len(exp.dataset)
+    with pytest.raises(GrowthConfigError, match="empty dataset"):
+        sample_experience([], 5, seed=0)
 
 
 @pytest.mark.parametrize(("kw", "msg"), [

@@ -446,6 +446,31 @@ def sea_drift(
                      details={"concepts": data.source["concepts"], "noise": noise})
 
 
+def sample_experience(
+    ds: Any, n: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Up to ``n`` seeded samples of an Avalanche dataset (or any dataset of ``(x, y[, t])``
+    items), through its eval transforms when it has them.
+
+    The draw uses its own ``torch.Generator`` seeded with ``seed`` (the global RNG is
+    untouched), so the same dataset and seed give the same samples in every run.
+
+    Returns:
+        ``(x (m, *), y (m,) int64, t (m,) int64)`` with ``m = min(n, len(ds))``; ``t`` is the
+        task label of each sample (0 where items carry none).
+    """
+    ds = ds.eval() if hasattr(ds, "eval") else ds
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(len(ds), generator=g)[: max(int(n), 0)].tolist()
+    items = [ds[i] for i in idx]
+    if not items:
+        raise GrowthConfigError(f"cannot sample {n} items from an empty dataset")
+    x = torch.stack([it[0] for it in items])
+    y = torch.as_tensor([int(it[1]) for it in items], dtype=torch.long)
+    t = torch.as_tensor([int(it[2]) if len(it) > 2 else 0 for it in items], dtype=torch.long)
+    return x, y, t
+
+
 def _class_order(spec: BenchmarkSpec, seed: int) -> list[int]:
     """Seeded class order: a ``torch.Generator(seed)`` permutation inside each class group,
     groups kept in order."""

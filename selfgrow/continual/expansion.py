@@ -42,6 +42,7 @@ from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ..models.cnn import CNNConfig, GrowableCNN
 from ..models.mlp import GrowableMLP, MLPConfig
 from ..optim import check_optimizer, check_optimizer_supported, plan_migration
+from .benchmarks import sample_experience
 
 #: how a new DER extractor is initialised
 DER_INIT = ("copy", "fresh")
@@ -582,7 +583,7 @@ class DERPlugin(SupervisedPlugin):
             return True
         exp = strategy.experience
         k = int(getattr(exp, "current_experience", len(model.history)))
-        new = _dataset_samples(exp.dataset, self.gate.max_new, seed=10_000 + k)
+        new = sample_experience(exp.dataset, self.gate.max_new, seed=10_000 + k)[:2]
 
         def apply(cand: str | None, m: nn.Module, opt: torch.optim.Optimizer) -> None:
             m.expand(classes, optimizer=opt, add_extractor=cand == "expand")
@@ -607,24 +608,13 @@ class DERPlugin(SupervisedPlugin):
         self.last_aux_loss = aux.detach()
 
 
-def _dataset_samples(ds: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``n`` seeded samples ``(x (n, *), y (n,))`` of an Avalanche dataset (eval
-    transforms)."""
-    ds = ds.eval() if hasattr(ds, "eval") else ds
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(ds), generator=g)[:n].tolist()
-    items = [ds[i] for i in idx]
-    return (torch.stack([it[0] for it in items]),
-            torch.as_tensor([int(it[1]) for it in items]))
-
-
 def _replay_samples(strategy: Any, n: int = 2000) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The strategy's replay memory (its ``ReplayPlugin``'s buffer) as tensors, or None when
     it has none or it is empty."""
     for p in getattr(strategy, "plugins", ()):
         buf = getattr(getattr(p, "storage_policy", None), "buffer", None)
         if buf is not None and len(buf) > 0:
-            return _dataset_samples(buf, n, seed=0)
+            return sample_experience(buf, n, seed=0)[:2]
     return None
 
 

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from ..core import eval_mode, rng_isolated
 from ..errors import GrowthConfigError
 from ..events.record import GrowthEvent
+from .benchmarks import sample_experience
 
 
 class GrowthPlugin(SupervisedPlugin):
@@ -271,17 +272,10 @@ class GrowthPlugin(SupervisedPlugin):
         self._exp_step = 0
         self._sync(strategy)
         if self._grouped_buffer(strategy) is None and self.held_per_experience > 0:
-            ds = exp.dataset.eval() if hasattr(exp.dataset, "eval") else exp.dataset
-            n = min(self.held_per_experience, len(ds))
-            g = torch.Generator().manual_seed(self._exp_id)
-            idx = torch.randperm(len(ds), generator=g)[:n].tolist()
-            items = [ds[i] for i in idx]
-            self._held[self._exp_id] = (
-                torch.stack([it[0] for it in items]),
-                torch.as_tensor([int(it[1]) for it in items]),
-            )
-            self._held_t[self._exp_id] = torch.as_tensor(
-                [int(it[2]) if len(it) > 2 else 0 for it in items])
+            x, y, t = sample_experience(exp.dataset, self.held_per_experience,
+                                        seed=self._exp_id)
+            self._held[self._exp_id] = (x, y)
+            self._held_t[self._exp_id] = t
         # every after_training_exp has run by now (buffer filled, whatever the plugin order)
         # and the model is still the one that just finished the previous experience
         self._collect_stored(strategy)
@@ -302,12 +296,7 @@ class GrowthPlugin(SupervisedPlugin):
                    if not ctrl.check_limits(c, **probe.action_kwargs.get(c, {}))]
         if not allowed:
             return
-        ds = exp.dataset.eval() if hasattr(exp.dataset, "eval") else exp.dataset
-        g = torch.Generator().manual_seed(10_000 + self._exp_id)
-        idx = torch.randperm(len(ds), generator=g)[: probe.max_new].tolist()
-        items = [ds[i] for i in idx]
-        new = (torch.stack([it[0] for it in items]),
-               torch.as_tensor([int(it[1]) for it in items]))
+        new = sample_experience(exp.dataset, probe.max_new, seed=10_000 + self._exp_id)[:2]
         old = (torch.cat([x for x, _ in self._stored.values()]),
                torch.cat([torch.as_tensor(y) for _, y in self._stored.values()]))
         report = probe.run(strategy.model, strategy.optimizer, new, old, allowed=allowed)
