@@ -22,6 +22,7 @@ from selfgrow.continual.benchmarks import build_benchmark  # noqa: E402
 from selfgrow.continual.expansion import (  # noqa: E402
     DERNet,
     DERPlugin,
+    MultiHeadPaddingMask,
     check_task_incremental,
     der_extractor,
     der_strategy,
@@ -223,6 +224,52 @@ def test_pnn_trains_on_a_task_incremental_stream() -> None:
     assert len(s.model.layers[0].columns) == 3
     # 3 tasks of 3-4 classes with task labels
     assert _stream_acc(s.eval(bench.scenario.test_stream)) > 0.6
+
+
+def _task0_acc_per_experience(mask: bool) -> list[float]:
+    """Task 0's test accuracy after each experience of a 5-task PNN run."""
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.models import PNN
+    from avalanche.training import PNNStrategy
+    from avalanche.training.plugins import EvaluationPlugin
+
+    bench = build_benchmark("split-digits", n_experiences=5, flatten=True, seed=0,
+                            task_incremental=True)
+    torch.manual_seed(0)
+    kw: dict[str, Any] = {"train_mb_size": 64, "train_epochs": 2, "eval_mb_size": 256,
+                          "evaluator": EvaluationPlugin(accuracy_metrics(experience=True),
+                                                        loggers=[])}
+    if mask:
+        s = pnn_strategy("task-incremental", 64, hidden=64, **kw)
+        assert isinstance(s.plugins[0], MultiHeadPaddingMask)
+    else:  # the negative control: Avalanche's PNNStrategy as it comes
+        model = PNN(num_layers=1, in_features=64, hidden_features_per_column=64)
+        s = PNNStrategy(model=model, optimizer=torch.optim.Adam(model.parameters()), **kw)
+    out = []
+    for exp in bench.scenario.train_stream:
+        s.train(exp)
+        res = s.eval(bench.scenario.test_stream[:1])
+        out.append(res["Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp000"])
+    return out
+
+
+def test_pnn_padding_mask_keeps_old_tasks_exactly() -> None:
+    """PNN freezes a task's column and head, so its accuracy must not move at all; with
+    Avalanche's zero-padded multi-head logits it does (the negative control)."""
+    masked = _task0_acc_per_experience(mask=True)
+    assert masked[0] > 0.9 and masked == [masked[0]] * 5, masked
+    plain = _task0_acc_per_experience(mask=False)
+    assert plain[0] == masked[0] and min(plain[1:]) < plain[0], plain
+
+
+def test_pnn_padding_mask_refuses_a_model_without_heads() -> None:
+    class _S:
+        model = nn.Linear(2, 2)
+        mb_output = torch.zeros(1, 2)
+        mb_task_id = torch.zeros(1)
+
+    with pytest.raises(GrowthConfigError, match="no multi-head classifier"):
+        MultiHeadPaddingMask().after_forward(_S())
 
 
 @pytest.mark.parametrize(("kw", "msg"), [

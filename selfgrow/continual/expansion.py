@@ -55,6 +55,7 @@ PNN_ADAPTERS = ("linear", "mlp")
 __all__ = [
     "DERNet",
     "DERPlugin",
+    "MultiHeadPaddingMask",
     "PNN_REFUSAL",
     "check_task_incremental",
     "der_extractor",
@@ -682,6 +683,58 @@ def check_task_incremental(stream: Iterable[Any]) -> None:
         seen[labels[0]] = i
 
 
+class MultiHeadPaddingMask(SupervisedPlugin):
+    """Masks the zero padding of Avalanche's multi-head outputs (PNN's heads).
+
+    Avalanche 0.6's ``MultiTaskModule.forward`` returns ``(B, max_class_label)`` logits
+    for a mini-batch, writing each task's head output ``(B_t, C_t)`` into the first ``C_t``
+    columns and leaving the other columns at exactly 0. Once a later task has a wider head
+    (its classes have larger labels), a sample of an old task whose own logits are all
+    negative is predicted as one of those zero columns: measured on split-digits with PNN,
+    task 0's accuracy fell from 0.986 to 0.861 after experience 1 with every weight of
+    its column and head unchanged. This plugin sets the columns past each sample's head
+    width to the dtype's lowest value after every forward (training and evaluation),
+    before the loss and the metrics; the task's own logits are untouched (exact).
+
+    Args:
+        classifier_attr: the model attribute holding the ``MultiHeadClassifier``
+            (``"classifier"`` for ``avalanche.models.PNN``).
+
+    Raises:
+        GrowthConfigError: at the first forward, when the model has no multi-head
+            classifier under ``classifier_attr``.
+    """
+
+    def __init__(self, classifier_attr: str = "classifier") -> None:
+        super().__init__()
+        self.classifier_attr = classifier_attr
+
+    def _mask(self, strategy: Any) -> None:
+        heads = getattr(getattr(strategy.model, self.classifier_attr, None), "classifiers", None)
+        if heads is None:
+            raise GrowthConfigError(
+                f"MultiHeadPaddingMask: model {type(strategy.model).__name__} has no "
+                f"multi-head classifier at .{self.classifier_attr}.classifiers")
+        out = strategy.mb_output
+        t = torch.as_tensor(strategy.mb_task_id).long().reshape(-1).tolist()
+        widths = {k: _head_width(heads[str(k)]) for k in set(t) if str(k) in heads}
+        width = torch.as_tensor([widths.get(k, out.shape[1]) for k in t], device=out.device)
+        pad = torch.arange(out.shape[1], device=out.device)[None, :] >= width[:, None]
+        strategy.mb_output = out.masked_fill(pad, torch.finfo(out.dtype).min)
+
+    def after_forward(self, strategy: Any, **kwargs: Any) -> None:
+        self._mask(strategy)
+
+    def after_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
+        self._mask(strategy)
+
+
+def _head_width(head: nn.Module) -> int:
+    """Output units of one task head (an ``IncrementalClassifier`` or a plain Linear)."""
+    lin = getattr(head, "classifier", head)
+    return int(lin.out_features)
+
+
 def pnn_strategy(
     scenario_kind: str,
     in_features: int,
@@ -695,7 +748,9 @@ def pnn_strategy(
 ) -> Any:
     """Avalanche's ``PNNStrategy`` over ``avalanche.models.PNN(num_layers, in_features,
     hidden, adapter)``: one column per task, old columns frozen (``requires_grad`` False),
-    lateral adapters from old columns into new ones, a multi-head classifier.
+    lateral adapters from old columns into new ones, a multi-head classifier. A
+    :class:`MultiHeadPaddingMask` is added to the plugins (first) unless one is given:
+    without it, Avalanche's zero-padded multi-head logits cost old tasks accuracy.
 
     ``PNN`` reshapes its input to ``(B, in_features)`` itself, so image batches
     ``(B, 1, H, W)`` work with ``in_features = H * W`` (no Flatten wrapper; PNNStrategy
@@ -733,4 +788,7 @@ def pnn_strategy(
     model = PNN(num_layers=num_layers, in_features=in_features,
                 hidden_features_per_column=hidden, adapter=adapter)
     optimizer = optimizer_cls(model.parameters(), **(optimizer_kwargs or {}))
-    return PNNStrategy(model=model, optimizer=optimizer, **strategy_kwargs)
+    plugins = list(strategy_kwargs.pop("plugins", None) or [])
+    if not any(isinstance(p, MultiHeadPaddingMask) for p in plugins):
+        plugins.insert(0, MultiHeadPaddingMask())
+    return PNNStrategy(model=model, optimizer=optimizer, plugins=plugins, **strategy_kwargs)

@@ -855,6 +855,10 @@ def train_variant(
     task_labels = bool(getattr(bench, "task_labels", False))
     if task_labels and spec.strategy != "pnn":  # task-incremental: logits of the task only
         plugins.append(TaskMaskPlugin(bench.classes_per_experience, bench.data.num_classes))
+    if spec.strategy == "pnn":  # Avalanche pads each task's head output with zeros
+        from .expansion import MultiHeadPaddingMask
+
+        plugins.insert(0, MultiHeadPaddingMask())
     template: Any = Naive
     if spec.strategy == "cumulative":
         from avalanche.training.supervised import Cumulative
