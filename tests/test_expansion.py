@@ -306,3 +306,24 @@ def test_run_experiment_expansion_strategies(tmp_path: Path, strategy: str) -> N
         assert set(s["variants"]) >= {"grown", "fixed_small"}
         assert s["variants"]["fixed_small"]["final_params"] > s["variants"]["fixed_small"][
             "initial_params"]  # plain DER adds an extractor per experience
+
+
+def test_run_experiment_pnn_adds_one_column_per_trained_task(tmp_path: Path) -> None:
+    """The runner evaluates PNN on the experiences seen so far: evaluating an unseen task
+    would make Avalanche add (and freeze untrained) its column before it trains."""
+    import itertools
+    import re
+
+    from selfgrow.continual.runner import RunSpec, run_experiment
+
+    spec = RunSpec(benchmark="split-digits", strategy="pnn", epochs=1, width=16,
+                   growth="off", task_incremental=True)
+    lines: list[str] = []
+    _, s = run_experiment(spec, tmp_path, "pnn", print_fn=lines.append, progress=False)
+    params = [int(m.group(1)) for m in (re.search(r"params=(\d+)", x) for x in lines) if m]
+    assert len(params) == 5 and all(b > a for a, b in itertools.pairwise(params)), params
+    (v,) = s["variants"].values()
+    assert v["final_model_config"]["columns"] == 5
+    # frozen columns: each task keeps its accuracy once trained
+    acc = v["accuracy_matrix"]
+    assert all(acc[i][j] == acc[j][j] for i in range(5) for j in range(i + 1)), acc

@@ -751,6 +751,9 @@ def pnn_strategy(
     lateral adapters from old columns into new ones, a multi-head classifier. A
     :class:`MultiHeadPaddingMask` is added to the plugins (first) unless one is given:
     without it, Avalanche's zero-padded multi-head logits cost old tasks accuracy.
+    Evaluate only the experiences trained so far (``test_stream[: i + 1]``): PNN adds a
+    column for every task it sees, in evaluation too, and only the newest column trains, so
+    evaluating a task before training it leaves that task a frozen random column.
 
     ``PNN`` reshapes its input to ``(B, in_features)`` itself, so image batches
     ``(B, 1, H, W)`` work with ``in_features = H * W`` (no Flatten wrapper; PNNStrategy

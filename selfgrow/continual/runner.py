@@ -936,7 +936,12 @@ def train_variant(
             if i < done:
                 continue
             strategy.train(exp)
-            metrics = strategy.eval(bench.scenario.test_stream)
+            # PNN evaluates the experiences seen so far only: Avalanche's PNN adds a column
+            # for every task it is evaluated on, and only the newest column trains, so
+            # evaluating unseen tasks would freeze random columns for them before they train
+            test = (bench.scenario.test_stream[: i + 1] if spec.strategy == "pnn"
+                    else bench.scenario.test_stream)
+            metrics = strategy.eval(test)
             # experiences not trained yet have no accuracy to report: None (null in JSON)
             row: list[float | None] = [
                 _metric(metrics, ACC_EXP, f"Exp{j:03d}") if j <= i else None
