@@ -118,6 +118,12 @@ def test_sample_experience_is_seeded_and_keeps_task_labels() -> None:
     _, y3, _ = sample_experience(exp.dataset, 50, seed=8)
     assert not torch.equal(y, y3)  # another seed, another draw
     assert sample_experience(exp.dataset, 10**9, seed=0)[1].shape[0] == len(exp.dataset)
+    for n, seed, bad in ((0, 0, "n=0"), (-3, 0, "n=-3"), (2.5, 0, "n=2.5"), (True, 0, "n=True"),
+                         (5, -1, "seed=-1"), (5, 1.0, "seed=1.0")):
+        with pytest.raises(GrowthConfigError, match=bad):
+            sample_experience(exp.dataset, n, seed)
+    with pytest.raises(GrowthConfigError, match="empty dataset"):
+        sample_experience([], 5, 0)
     with pytest.raises(GrowthConfigError, match="empty dataset"):
         sample_experience([], 5, seed=0)
 

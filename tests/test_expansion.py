@@ -23,6 +23,8 @@ from selfgrow.continual.expansion import (  # noqa: E402
     DERNet,
     DERPlugin,
     MultiHeadPaddingMask,
+    PNNStreamCheck,
+    TaskLogitMask,
     check_task_incremental,
     der_extractor,
     der_strategy,
@@ -241,7 +243,7 @@ def _task0_acc_per_experience(mask: bool) -> list[float]:
                                                         loggers=[])}
     if mask:
         s = pnn_strategy("task-incremental", 64, hidden=64, **kw)
-        assert isinstance(s.plugins[0], MultiHeadPaddingMask)
+        assert any(isinstance(p, MultiHeadPaddingMask) for p in s.plugins)
     else:  # the negative control: Avalanche's PNNStrategy as it comes
         model = PNN(num_layers=1, in_features=64, hidden_features_per_column=64)
         s = PNNStrategy(model=model, optimizer=torch.optim.Adam(model.parameters()), **kw)
@@ -270,6 +272,82 @@ def test_pnn_padding_mask_refuses_a_model_without_heads() -> None:
 
     with pytest.raises(GrowthConfigError, match="no multi-head classifier"):
         MultiHeadPaddingMask().after_forward(_S())
+
+
+def test_pnn_padding_mask_refuses_a_bad_classifier_attr_at_construction() -> None:
+    for bad in (None, "", 3):
+        with pytest.raises(GrowthConfigError, match="classifier_attr"):
+            MultiHeadPaddingMask(classifier_attr=bad)  # type: ignore[arg-type]
+
+
+class _Batch:
+    def __init__(self, out: torch.Tensor, tasks: list[int]) -> None:
+        self.model = nn.Identity()
+        self.mb_output = out
+        self.mb_task_id = torch.tensor(tasks)
+
+
+def test_task_logit_mask_keeps_the_task_columns_only() -> None:
+    m = TaskLogitMask([[0, 1], [2, 3, 4]], 5)
+    out = torch.randn(3, 5)
+    b = _Batch(out.clone(), [0, 1, 0])
+    m.after_eval_forward(b)
+    low = torch.finfo(out.dtype).min
+    assert torch.equal(b.mb_output[0, :2], out[0, :2]) and (b.mb_output[0, 2:] == low).all()
+    assert torch.equal(b.mb_output[1, 2:], out[1, 2:]) and (b.mb_output[1, :2] == low).all()
+    assert b.mb_output.argmax(1).tolist()[0] in (0, 1)
+    with pytest.raises(GrowthConfigError, match=r"task labels \[2\] have no classes"):
+        m.after_forward(_Batch(out.clone(), [2, 0, 0]))
+    with pytest.raises(GrowthConfigError, match="returns 4 logits.*5 classes"):
+        m.after_forward(_Batch(torch.zeros(1, 4), [0]))
+
+
+@pytest.mark.parametrize(("args", "msg"), [
+    (([], 5), "classes_per_task is empty"),
+    (([[0, 5]], 5), r"task 0 has classes \[5\] outside \[0, 5\)"),
+    (([[0, 1.5]], 5), "not integers"),
+    (([[0]], 0), "n_classes=0"),
+])
+def test_task_logit_mask_refuses_bad_input(args: tuple[Any, ...], msg: str) -> None:
+    with pytest.raises(GrowthConfigError, match=msg):
+        TaskLogitMask(*args)
+
+
+@pytest.mark.parametrize(("kw", "msg"), [
+    ({"plugins": MultiHeadPaddingMask()}, "plugins must be a list"),
+    ({"plugins": [object()]}, r"plugins \['object'\] are not Avalanche plugins"),
+    ({"train_mb_size": 0}, "train_mb_size=0"),
+    ({"train_epochs": -1}, "train_epochs=-1"),
+    ({"optimizer_kwargs": {"lr": -1.0}}, "Adam rejected optimizer_kwargs"),
+    ({"optimizer_kwargs": {"momentum": 0.9}}, "Adam rejected optimizer_kwargs"),
+    ({"optimizer_cls": "adam"}, "optimizer_cls must be"),
+])
+def test_pnn_strategy_refuses_bad_arguments(kw: dict[str, Any], msg: str) -> None:
+    with pytest.raises(GrowthConfigError, match=msg):
+        pnn_strategy("task-incremental", 64, **kw)
+
+
+def test_check_task_incremental_refuses_a_non_stream() -> None:
+    for bad in (None, 3, "train_stream"):
+        with pytest.raises(GrowthConfigError, match="expected a stream"):
+            check_task_incremental(bad)  # type: ignore[arg-type]
+
+
+def test_pnn_stream_check_refuses_before_training() -> None:
+    """pnn_strategy is told the scenario kind; its PNNStreamCheck verifies the stream
+    itself and the input size before the first step (and the model is untouched)."""
+    s = pnn_strategy("task-incremental", 64, hidden=8, train_mb_size=32, evaluator=_evaluator())
+    assert isinstance(s.plugins[0], PNNStreamCheck)
+    with pytest.raises(GrowthConfigError, match="experiences 0 and 1 share task label 0"):
+        for exp in _digits().scenario.train_stream:  # class-incremental: task label 0 always
+            s.train(exp)
+    s = pnn_strategy("task-incremental", 63, hidden=8, train_mb_size=32, evaluator=_evaluator())
+    before = copy.deepcopy(s.model.state_dict())
+    with pytest.raises(GrowthConfigError, match="in_features=63.*pass in_features=64"):
+        s.train(_digits(task_incremental=True).scenario.train_stream[0])
+    after = s.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize(("kw", "msg"), [

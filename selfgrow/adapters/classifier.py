@@ -212,6 +212,22 @@ def head_in_features(m: nn.Module) -> int:
     return int(head_linears("head", m)[0][1].weight.shape[1])
 
 
+def head_out_features(m: nn.Module) -> int:
+    """Output width of a single-task head (Linear, one-Linear Sequential,
+    IncrementalClassifier), read from its weight.
+
+    Raises:
+        IncompatibleModelError: a MultiHeadClassifier (one width per task) or an
+            unsupported head.
+    """
+    linears = head_linears("head", m)
+    if dynamic_head_kind(m) == "MultiHeadClassifier":
+        raise IncompatibleModelError(
+            "a MultiHeadClassifier has one output width per task; ask its task head "
+            "(.classifiers[str(task)])")
+    return int(linears[0][1].weight.shape[0])
+
+
 def _consumer_refs(name: str, m: nn.Module, group: int) -> list[TensorRef]:
     if isinstance(m, nn.Conv2d):
         return _refs(name, m, 1, group=group)

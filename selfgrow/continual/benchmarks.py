@@ -458,13 +458,24 @@ def sample_experience(
     Returns:
         ``(x (m, *), y (m,) int64, t (m,) int64)`` with ``m = min(n, len(ds))``; ``t`` is the
         task label of each sample (0 where items carry none).
+
+    Raises:
+        GrowthConfigError: ``n`` not an integer >= 1, ``seed`` not an integer >= 0, or an
+            empty dataset.
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise GrowthConfigError(f"sample_experience: n={n!r} is out of range; valid: an "
+                                f"integer >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise GrowthConfigError(f"sample_experience: seed={seed!r} is out of range; valid: "
+                                f"an integer >= 0")
+    if len(ds) == 0:
+        raise GrowthConfigError(f"sample_experience: cannot sample {n} items from an empty "
+                                f"dataset")
     ds = ds.eval() if hasattr(ds, "eval") else ds
-    g = torch.Generator().manual_seed(int(seed))
-    idx = torch.randperm(len(ds), generator=g)[: max(int(n), 0)].tolist()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[:n].tolist()
     items = [ds[i] for i in idx]
-    if not items:
-        raise GrowthConfigError(f"cannot sample {n} items from an empty dataset")
     x = torch.stack([it[0] for it in items])
     y = torch.as_tensor([int(it[1]) for it in items], dtype=torch.long)
     t = torch.as_tensor([int(it[2]) if len(it) > 2 else 0 for it in items], dtype=torch.long)

@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from avalanche.core import SupervisedPlugin
+from avalanche.core import BasePlugin, SupervisedPlugin
 from avalanche.evaluation.metric_results import MetricValue
 from torch import nn
 
+from ..adapters.classifier import head_out_features
 from ..core import AxisMap, ParamMap, Transaction, count_params, regrid
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ..models.cnn import CNNConfig, GrowableCNN
@@ -56,7 +57,9 @@ __all__ = [
     "DERNet",
     "DERPlugin",
     "MultiHeadPaddingMask",
+    "PNNStreamCheck",
     "PNN_REFUSAL",
+    "TaskLogitMask",
     "check_task_incremental",
     "der_extractor",
     "der_strategy",
@@ -668,8 +671,12 @@ def check_task_incremental(stream: Iterable[Any]) -> None:
     everywhere: PNN would keep training its first column, protecting nothing).
 
     Raises:
-        GrowthConfigError: :data:`PNN_REFUSAL`, naming the offending experience.
+        GrowthConfigError: :data:`PNN_REFUSAL`, naming the offending experience; ``stream``
+            not an iterable of experiences.
     """
+    if stream is None or isinstance(stream, (str, bytes)) or not hasattr(stream, "__iter__"):
+        raise GrowthConfigError(f"check_task_incremental: expected a stream (an iterable of "
+                                f"experiences, e.g. benchmark.train_stream), got {stream!r}")
     seen: dict[int, int] = {}
     for i, exp in enumerate(stream):
         raw = getattr(exp, "task_labels", None)
@@ -683,44 +690,62 @@ def check_task_incremental(stream: Iterable[Any]) -> None:
         seen[labels[0]] = i
 
 
-class MultiHeadPaddingMask(SupervisedPlugin):
-    """Masks the zero padding of Avalanche's multi-head outputs (PNN's heads).
+class TaskLogitMask(SupervisedPlugin):
+    """Masks each sample's logits outside the columns its task may predict.
 
-    Avalanche 0.6's ``MultiTaskModule.forward`` returns ``(B, max_class_label)`` logits
-    for a mini-batch, writing each task's head output ``(B_t, C_t)`` into the first ``C_t``
-    columns and leaving the other columns at exactly 0. Once a later task has a wider head
-    (its classes have larger labels), a sample of an old task whose own logits are all
-    negative is predicted as one of those zero columns: measured on split-digits with PNN,
-    task 0's accuracy fell from 0.986 to 0.861 after experience 1 with every weight of
-    its column and head unchanged. This plugin sets the columns past each sample's head
-    width to the dtype's lowest value after every forward (training and evaluation),
-    before the loss and the metrics; the task's own logits are untouched (exact).
+    After every forward (training and evaluation), before the loss and the metrics, the
+    columns a sample's task does not allow are set to the dtype's lowest value; the allowed
+    logits are untouched (exact). This is the usual masked-head protocol of
+    task-incremental learning with one output layer: ``classes_per_task[t]`` lists task
+    ``t``'s classes (the columns it may predict).
 
     Args:
-        classifier_attr: the model attribute holding the ``MultiHeadClassifier``
-            (``"classifier"`` for ``avalanche.models.PNN``).
+        classes_per_task: ``[[class, ...], ...]``, one list per task label ``0..T-1``.
+        n_classes: width of the logits ``(B, n_classes)``.
 
     Raises:
-        GrowthConfigError: at the first forward, when the model has no multi-head
-            classifier under ``classifier_attr``.
+        GrowthConfigError: at construction, an empty task list, a class outside
+            ``[0, n_classes)`` or a non-positive ``n_classes``; at a forward, a task label
+            with no entry in ``classes_per_task``.
     """
 
-    def __init__(self, classifier_attr: str = "classifier") -> None:
+    def __init__(self, classes_per_task: Sequence[Sequence[int]], n_classes: int) -> None:
         super().__init__()
-        self.classifier_attr = classifier_attr
+        n_classes = _positive_int("n_classes", n_classes)
+        tasks = [list(c) for c in classes_per_task]
+        if not tasks:
+            raise GrowthConfigError("TaskLogitMask: classes_per_task is empty (one list of "
+                                    "classes per task label is needed)")
+        self.allowed = torch.zeros(len(tasks), n_classes, dtype=torch.bool)
+        for t, raw in enumerate(tasks):
+            try:
+                cls = [operator.index(c) for c in raw]
+            except TypeError:
+                raise GrowthConfigError(f"TaskLogitMask: task {t}'s classes {raw} are not "
+                                        f"integers") from None
+            bad = [c for c in cls if not 0 <= c < n_classes]
+            if bad:
+                raise GrowthConfigError(f"TaskLogitMask: task {t} has classes {bad} outside "
+                                        f"[0, {n_classes})")
+            self.allowed[t, cls] = True
+
+    def _keep(self, strategy: Any, tasks: list[int], n_cols: int) -> torch.Tensor:
+        """``(B, n_cols)`` bool: True where sample ``b`` may predict column ``c``."""
+        unknown = sorted({t for t in tasks if not 0 <= t < self.allowed.shape[0]})
+        if unknown:
+            raise GrowthConfigError(f"TaskLogitMask: task labels {unknown} have no classes "
+                                    f"(known tasks: 0..{self.allowed.shape[0] - 1})")
+        keep = self.allowed[tasks]
+        if keep.shape[1] != n_cols:
+            raise GrowthConfigError(f"TaskLogitMask: the model returns {n_cols} logits, the "
+                                    f"mask was built for {keep.shape[1]} classes")
+        return keep
 
     def _mask(self, strategy: Any) -> None:
-        heads = getattr(getattr(strategy.model, self.classifier_attr, None), "classifiers", None)
-        if heads is None:
-            raise GrowthConfigError(
-                f"MultiHeadPaddingMask: model {type(strategy.model).__name__} has no "
-                f"multi-head classifier at .{self.classifier_attr}.classifiers")
         out = strategy.mb_output
-        t = torch.as_tensor(strategy.mb_task_id).long().reshape(-1).tolist()
-        widths = {k: _head_width(heads[str(k)]) for k in set(t) if str(k) in heads}
-        width = torch.as_tensor([widths.get(k, out.shape[1]) for k in t], device=out.device)
-        pad = torch.arange(out.shape[1], device=out.device)[None, :] >= width[:, None]
-        strategy.mb_output = out.masked_fill(pad, torch.finfo(out.dtype).min)
+        tasks = torch.as_tensor(strategy.mb_task_id).long().reshape(-1).tolist()
+        keep = self._keep(strategy, tasks, out.shape[1]).to(out.device)
+        strategy.mb_output = out.masked_fill(~keep, torch.finfo(out.dtype).min)
 
     def after_forward(self, strategy: Any, **kwargs: Any) -> None:
         self._mask(strategy)
@@ -729,10 +754,94 @@ class MultiHeadPaddingMask(SupervisedPlugin):
         self._mask(strategy)
 
 
-def _head_width(head: nn.Module) -> int:
-    """Output units of one task head (an ``IncrementalClassifier`` or a plain Linear)."""
-    lin = getattr(head, "classifier", head)
-    return int(lin.out_features)
+class MultiHeadPaddingMask(TaskLogitMask):
+    """Masks the zero padding of Avalanche's multi-head outputs (PNN's heads).
+
+    Avalanche 0.6's ``MultiTaskModule.forward`` returns ``(B, max_class_label)`` logits
+    for a mini-batch, writing each task's head output ``(B_t, C_t)`` into the first ``C_t``
+    columns and leaving the other columns at exactly 0. Once a later task has a wider head
+    (its classes have larger labels), a sample of an old task whose own logits are all
+    negative is predicted as one of those zero columns: measured on split-digits with PNN,
+    task 0's accuracy fell from 0.986 to 0.861 after experience 1 with every weight of
+    its column and head unchanged. This :class:`TaskLogitMask` allows each task the first
+    ``C_t`` columns, ``C_t`` read from its head at every forward (heads appear as tasks
+    arrive); the task's own logits are untouched (exact).
+
+    Args:
+        classifier_attr: the model attribute holding the ``MultiHeadClassifier``
+            (``"classifier"`` for ``avalanche.models.PNN``).
+
+    Raises:
+        GrowthConfigError: at construction, an empty or non-string ``classifier_attr``; at
+            the first forward, when the model has no multi-head classifier under it.
+    """
+
+    def __init__(self, classifier_attr: str = "classifier") -> None:
+        SupervisedPlugin.__init__(self)
+        if not isinstance(classifier_attr, str) or not classifier_attr:
+            raise GrowthConfigError(f"MultiHeadPaddingMask: classifier_attr must be a model "
+                                    f"attribute name, got {classifier_attr!r}")
+        self.classifier_attr = classifier_attr
+
+    def _keep(self, strategy: Any, tasks: list[int], n_cols: int) -> torch.Tensor:
+        heads = getattr(getattr(strategy.model, self.classifier_attr, None), "classifiers", None)
+        if heads is None:
+            raise GrowthConfigError(
+                f"MultiHeadPaddingMask: model {type(strategy.model).__name__} has no "
+                f"multi-head classifier at .{self.classifier_attr}.classifiers")
+        widths = {k: head_out_features(heads[str(k)]) for k in set(tasks) if str(k) in heads}
+        width = torch.as_tensor([widths.get(k, n_cols) for k in tasks])
+        return torch.arange(n_cols)[None, :] < width[:, None]
+
+
+class PNNStreamCheck(SupervisedPlugin):
+    """Refuses, before an experience trains or is evaluated, what PNN cannot learn: an
+    experience with more or fewer than one task label, a task label trained twice (its
+    column would be retrained, forgetting it), and samples of ``prod(shape) != in_features``
+    (``PNN`` flattens its input, so a wrong size otherwise surfaces as a reshape error deep
+    inside Avalanche). Added by :func:`pnn_strategy`.
+
+    The checks run before Avalanche's dataset and model adaptation (which adds the
+    experience's column), so a refused experience leaves the model as it was.
+
+    Raises:
+        GrowthConfigError: :data:`PNN_REFUSAL` naming the experience, or the input size
+            mismatch naming both sizes.
+    """
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self._trained: dict[int, int] = {}
+
+    def _check_input(self, exp: Any) -> None:
+        ds = exp.dataset
+        if len(ds) == 0:
+            return
+        x = ds[0][0]
+        n = int(torch.as_tensor(x).numel())
+        if n != self.in_features:
+            raise GrowthConfigError(
+                f"PNN in_features={self.in_features} but experience {exp.current_experience}'s "
+                f"samples have shape {tuple(torch.as_tensor(x).shape)} ({n} values); pass "
+                f"in_features={n}")
+
+    def before_train_dataset_adaptation(self, strategy: Any, **kwargs: Any) -> None:
+        # before Avalanche's model adaptation, which adds the experience's PNN column
+        exp = strategy.experience
+        labels = sorted({int(t) for t in (getattr(exp, "task_labels", None) or [])})
+        i = exp.current_experience
+        if len(labels) != 1:
+            raise GrowthConfigError(f"{PNN_REFUSAL} (experience {i} has task labels {labels})")
+        if labels[0] in self._trained and self._trained[labels[0]] != i:
+            raise GrowthConfigError(
+                f"{PNN_REFUSAL} (experiences {self._trained[labels[0]]} and {i} share task "
+                f"label {labels[0]})")
+        self._trained[labels[0]] = i
+        self._check_input(exp)
+
+    def before_eval_dataset_adaptation(self, strategy: Any, **kwargs: Any) -> None:
+        self._check_input(strategy.experience)
 
 
 def pnn_strategy(
@@ -751,9 +860,11 @@ def pnn_strategy(
     lateral adapters from old columns into new ones, a multi-head classifier. A
     :class:`MultiHeadPaddingMask` is added to the plugins (first) unless one is given:
     without it, Avalanche's zero-padded multi-head logits cost old tasks accuracy.
-    Evaluate only the experiences trained so far (``test_stream[: i + 1]``): PNN adds a
-    column for every task it sees, in evaluation too, and only the newest column trains, so
-    evaluating a task before training it leaves that task a frozen random column.
+    A :class:`PNNStreamCheck` is added too (refuses a stream PNN cannot learn and a wrong
+    ``in_features`` before an experience runs). Evaluate only the experiences trained so
+    far (``test_stream[: i + 1]``): PNN adds a column for every task it sees, in evaluation
+    too, and only the newest column trains, so evaluating a task before training it leaves
+    that task a frozen random column.
 
     ``PNN`` reshapes its input to ``(B, in_features)`` itself, so image batches
     ``(B, 1, H, W)`` work with ``in_features = H * W`` (no Flatten wrapper; PNNStrategy
@@ -773,8 +884,12 @@ def pnn_strategy(
             ``eval_mb_size``, ``device``, ``plugins``, ``evaluator`` ...).
 
     Raises:
-        GrowthConfigError: a scenario kind other than task-incremental, or bad sizes /
-            adapter; raised before anything is built.
+        GrowthConfigError: a scenario kind other than task-incremental, bad sizes /
+            adapter / batch sizes / epochs, ``plugins`` not a list of Avalanche plugins, an
+            optimizer class or kwargs the optimizer rejects (raised before the strategy is
+            built); and, from the added :class:`PNNStreamCheck`, an experience that is not
+            one new task or samples whose size is not ``in_features`` (raised before that
+            experience trains or is evaluated).
     """
     from avalanche.models import PNN
     from avalanche.training import PNNStrategy
@@ -788,10 +903,32 @@ def pnn_strategy(
     num_layers = _positive_int("num_layers", num_layers)
     if adapter not in PNN_ADAPTERS:
         raise GrowthConfigError(choices_message("PNN adapter", adapter, PNN_ADAPTERS))
+    for key in ("train_mb_size", "eval_mb_size", "train_epochs"):
+        if key in strategy_kwargs:
+            _positive_int(key, strategy_kwargs[key])
+    raw_plugins = strategy_kwargs.pop("plugins", None)
+    if raw_plugins is not None and not isinstance(raw_plugins, (list, tuple)):
+        raise GrowthConfigError(f"plugins must be a list of Avalanche plugins, got "
+                                f"{type(raw_plugins).__name__}; pass plugins=[...]")
+    plugins = list(raw_plugins or [])
+    wrong = [type(p).__name__ for p in plugins if not isinstance(p, BasePlugin)]
+    if wrong:
+        raise GrowthConfigError(f"plugins {wrong} are not Avalanche plugins "
+                                f"(avalanche.core.BasePlugin subclasses)")
+    if not isinstance(optimizer_cls, type) or not issubclass(optimizer_cls, torch.optim.Optimizer):
+        raise GrowthConfigError(f"optimizer_cls must be a torch.optim.Optimizer subclass, "
+                                f"got {optimizer_cls!r}")
+    if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
+        raise GrowthConfigError(f"optimizer_kwargs must be a dict, got {optimizer_kwargs!r}")
     model = PNN(num_layers=num_layers, in_features=in_features,
                 hidden_features_per_column=hidden, adapter=adapter)
-    optimizer = optimizer_cls(model.parameters(), **(optimizer_kwargs or {}))
-    plugins = list(strategy_kwargs.pop("plugins", None) or [])
+    try:
+        optimizer = optimizer_cls(model.parameters(), **(optimizer_kwargs or {}))
+    except (TypeError, ValueError) as e:
+        raise GrowthConfigError(f"{optimizer_cls.__name__} rejected optimizer_kwargs="
+                                f"{optimizer_kwargs!r}: {e}") from e
     if not any(isinstance(p, MultiHeadPaddingMask) for p in plugins):
         plugins.insert(0, MultiHeadPaddingMask())
+    if not any(isinstance(p, PNNStreamCheck) for p in plugins):
+        plugins.insert(0, PNNStreamCheck(in_features))
     return PNNStrategy(model=model, optimizer=optimizer, plugins=plugins, **strategy_kwargs)

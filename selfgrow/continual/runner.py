@@ -508,41 +508,6 @@ def strategy_plugins(spec: Any, n_experiences: int) -> list[Any]:
     return []
 
 
-def _make_task_mask_plugin_class() -> type:
-    from avalanche.core import SupervisedPlugin
-
-    class TaskMaskPlugin(SupervisedPlugin):
-        """Task-incremental evaluation and training with one output layer: each sample's
-        logits outside its task's classes are set to the dtype's lowest value (after every
-        forward, before the loss and the metrics), the usual masked-head protocol. Tasks are
-        the experiences: ``classes_per_task[t]`` lists task ``t``'s classes."""
-
-        def __init__(self, classes_per_task: list[list[int]], n_classes: int) -> None:
-            super().__init__()
-            self.allowed = torch.zeros(len(classes_per_task), n_classes, dtype=torch.bool)
-            for t, cls in enumerate(classes_per_task):
-                self.allowed[t, list(cls)] = True
-
-        def _mask(self, strategy: Any) -> None:
-            out = strategy.mb_output
-            t = torch.as_tensor(strategy.mb_task_id).long().cpu()
-            keep = self.allowed[t].to(out.device)
-            strategy.mb_output = out.masked_fill(~keep, torch.finfo(out.dtype).min)
-
-        def after_forward(self, strategy: Any, **kwargs: Any) -> None:
-            self._mask(strategy)
-
-        def after_eval_forward(self, strategy: Any, **kwargs: Any) -> None:
-            self._mask(strategy)
-
-    return TaskMaskPlugin
-
-
-def TaskMaskPlugin(classes_per_task: list[list[int]], n_classes: int) -> Any:  # noqa: N802
-    """Build the task-incremental logit mask plugin (Avalanche is imported lazily)."""
-    return _make_task_mask_plugin_class()(classes_per_task, n_classes)
-
-
 def _make_recorder_plugin(
     on_epoch: Callable[[Any], None], on_iteration: Callable[[Any], None] | None = None,
     task_aware: bool = False,
@@ -854,7 +819,9 @@ def train_variant(
         plugins += strategy_plugins(spec, bench.n_experiences)
     task_labels = bool(getattr(bench, "task_labels", False))
     if task_labels and spec.strategy != "pnn":  # task-incremental: logits of the task only
-        plugins.append(TaskMaskPlugin(bench.classes_per_experience, bench.data.num_classes))
+        from .expansion import TaskLogitMask
+
+        plugins.append(TaskLogitMask(bench.classes_per_experience, bench.data.num_classes))
     if spec.strategy == "pnn":  # Avalanche pads each task's head output with zeros
         from .expansion import MultiHeadPaddingMask
 
