@@ -245,16 +245,20 @@ class ParamMap:
         grad_scale: float or tensor broadcastable to the new shape: the gradient this
             coordinate will receive relative to its source coordinate's gradient (``1/c`` for a
             copy whose output is split among ``c`` twins).
+        unsqueeze: a size-1 dimension inserted into the old tensor at this position before
+            ``index`` applies (the new tensor has one more dimension, e.g. a dense FFN
+            weight (F, C) stacked into experts (E, F, C) with ``index[0] = zeros(E)``).
     """
 
     source: str | None
     index: tuple[torch.Tensor | None, ...] = ()
     grad_scale: float | torch.Tensor = 1.0
+    unsqueeze: int | None = None
 
     def gather(self, old: torch.Tensor, new_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(values, new_mask)``: ``old`` gathered into ``new_shape`` and a bool mask
         of the brand-new coordinates (values there are arbitrary)."""
-        out = old
+        out = old if self.unsqueeze is None else old.unsqueeze(self.unsqueeze)
         mask = torch.zeros((), dtype=torch.bool, device=old.device)
         for d, idx in enumerate(self.index):
             if idx is None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError
+from ..models.moe import MoEFFN
 from ..models.transformer import GrowableTransformer, Norm
 from ._base import (
     EmbRef,
@@ -19,6 +20,13 @@ from ._base import (
     TransformerDims,
     register_adapter,
     sync_module_attrs,
+)
+
+#: dense-layer operators refuse MoE transformers (their FFNs are expert stacks)
+_MOE_REFUSAL = (
+    "selfgrow.GrowableTransformer with MoE layers (moe_experts={}): this operator works on "
+    "dense FFN layers; the MoE operators are moe_upcycle, moe_drop_upcycle, add_expert, "
+    "remove_expert, grow_top_k (selfgrow.ops.experts)"
 )
 
 _DIM_FIELDS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff")
@@ -52,6 +60,8 @@ class SelfgrowTransformerAdapter(TransformerAdapter):
 
     def layer(self, i: int) -> LayerView:
         b = self.layers()[i]
+        if isinstance(b.ffn, MoEFFN):
+            raise IncompatibleModelError(_MOE_REFUSAL.format(self.model.config.moe_experts))
         p = f"layers.{i}"
         bias = "bias" if self.model.config.bias else None
         gate = b.ffn.gate if hasattr(b.ffn, "gate") else None
@@ -116,6 +126,8 @@ class SelfgrowTransformerAdapter(TransformerAdapter):
         return GrowableTransformer(copy.deepcopy(self.model.config))
 
     def check(self) -> None:
+        if self.model.config.moe_experts:
+            raise IncompatibleModelError(_MOE_REFUSAL.format(self.model.config.moe_experts))
         super().check()
         c = self.model.config
         if self.model.tok_emb.weight.shape != (c.vocab_size, c.d_model):

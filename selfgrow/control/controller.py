@@ -43,6 +43,7 @@ from ..errors import (
 )
 from ..events.jsonl import JsonlSink
 from ..events.record import GrowthEvent
+from ..models.moe import routing_scalars
 from ..ops import (
     OpConfig,
     ProbeFn,
@@ -729,6 +730,9 @@ class GrowthController:
         for s in self.signals:
             if isinstance(s.value, (int, float)) and math.isfinite(s.value):
                 vals[f"signal/{s.name}"] = float(s.value)
+        # MoE layers: moe/<layer>/{load_max, active_k, entropy, dropped} of the current
+        # routing window (read without consuming it: that is the ExpertOverload signal's)
+        vals.update(routing_scalars(self.model, reset=False))
         for t in targets:
             t.log_scalars(self.step, vals)
 

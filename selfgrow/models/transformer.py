@@ -25,6 +25,14 @@ Parameter names (stable; operators and optimizer migration rely on them)::
     layers.{i}.ffn.gate.weight / .bias  (F, C)          ffn == "swiglu" only
     layers.{i}.ffn.down.weight / .bias  (C, F)
     layers.{i}.ramp                     ()              buffer, depth mask ramp m in [0, 1]
+
+    MoE layers (``moe_experts[i] = E > 0``; :class:`~selfgrow.models.moe.MoEFFN`):
+    layers.{i}.ffn.router.weight / .bias  (E, C) / (E,)
+    layers.{i}.ffn.w_up / .w_gate       (E, F, C)       w_gate for ffn == "swiglu" only
+    layers.{i}.ffn.b_up / .b_gate       (E, F)          bias=True only
+    layers.{i}.ffn.w_down / .b_down     (E, C, F) / (E, C)
+    layers.{i}.ffn.threshold            (E,)            moe_gate == "top_any" only
+    layers.{i}.ffn.k_net.weight / .bias (K, C) / (K,)   moe_gate == "dynamic_k" only
     norm_f.weight / .bias               (C,)
     head.weight                         (V, C)          the same tensor as tok_emb.weight if tied
 
@@ -53,6 +61,7 @@ from torch import nn
 
 from ..errors import GrowthConfigError, choices_message
 from ._registry import register_model
+from .moe import MoEFFN, check_moe_args, moe_auxiliary_loss
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
@@ -86,6 +95,13 @@ class TransformerConfig:
         norm_eps: epsilon of every norm.
         rope_theta: RoPE base frequency.
         norm_mask: norms use masked statistics (set by ``widen_d_model_masked``).
+        moe_experts: experts per layer, one entry per layer (0 = the dense FFN), or ``()``
+            for a dense model; MoE layers are :class:`~selfgrow.models.moe.MoEFFN` with
+            ``d_ff`` hidden units per expert.
+        moe_top_k: k of top-k gating (the largest k of ``"dynamic_k"``), shared by every
+            MoE layer.
+        moe_gate: ``"topk"``, ``"dynamic_k"`` or ``"top_any"`` (see ``selfgrow.models.moe``).
+        moe_capacity_factor: expert capacity factor, None = dropless.
     """
 
     vocab_size: int = 256
@@ -107,6 +123,10 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     norm_mask: bool = False
+    moe_experts: tuple[int, ...] = ()
+    moe_top_k: int = 2
+    moe_gate: str = "topk"
+    moe_capacity_factor: float | None = None
     version = 1
 
     def __post_init__(self) -> None:
@@ -139,6 +159,27 @@ class TransformerConfig:
             raise GrowthConfigError(f"rope needs an even head_dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise GrowthConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        experts = self.moe_experts
+        if not isinstance(experts, (tuple, list)) or any(
+                isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in experts):
+            raise GrowthConfigError(f"moe_experts={experts!r} must be a tuple of integers >= 0 "
+                                    f"(experts per layer, 0 = dense)")
+        self.moe_experts = tuple(experts) if any(experts) else ()
+        if self.moe_experts and len(self.moe_experts) != self.n_layers:
+            raise GrowthConfigError(f"moe_experts has {len(self.moe_experts)} entries for "
+                                    f"n_layers={self.n_layers}; valid: one per layer or ()")
+        n = min((e for e in self.moe_experts if e), default=None)
+        if n is not None:
+            check_moe_args(n, self.moe_top_k, self.moe_gate, self.moe_capacity_factor, self.ffn)
+        elif self.moe_gate not in ("topk", "dynamic_k", "top_any"):
+            check_moe_args(1, 1, self.moe_gate, None)
+
+    def experts_of(self, layer: int) -> int:
+        """Experts of ``layer`` (0 = dense FFN)."""
+        return self.moe_experts[layer] if self.moe_experts else 0
 
 
 class Norm(nn.Module):
@@ -257,6 +298,12 @@ class FFN(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+def moe_ffn(cfg: TransformerConfig, n_experts: int) -> MoEFFN:
+    """The MoE layer of a block of ``cfg`` with ``n_experts`` experts of ``cfg.d_ff`` units."""
+    return MoEFFN(cfg.d_model, cfg.d_ff, n_experts, top_k=cfg.moe_top_k, gate=cfg.moe_gate,
+                  ffn=cfg.ffn, bias=cfg.bias, capacity_factor=cfg.moe_capacity_factor)
+
+
 class Block(nn.Module):
     """One transformer block with a depth mask ramp.
 
@@ -265,13 +312,14 @@ class Block(nn.Module):
     output:  ``lerp(h, b(h), ramp)`` = ``ramp * b(h) + (1 - ramp) * h``.
     """
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, index: int = 0) -> None:
         super().__init__()
         self.norm_first = cfg.norm_first
         self.norm1 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias, cfg.norm_mask)
         self.attn = Attention(cfg)
         self.norm2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias, cfg.norm_mask)
-        self.ffn = FFN(cfg)
+        self.ffn: nn.Module = moe_ffn(cfg, cfg.experts_of(index)) if cfg.experts_of(index) \
+            else FFN(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.register_buffer("ramp", torch.ones(()))
 
@@ -303,7 +351,7 @@ class GrowableTransformer(nn.Module):
         if c.positions == "learned":
             self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        self.layers = nn.ModuleList([Block(c) for _ in range(c.n_layers)])
+        self.layers = nn.ModuleList([Block(c, i) for i in range(c.n_layers)])
         self.norm_f = Norm(c.d_model, c.norm, c.norm_eps, c.bias, c.norm_mask)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -404,6 +452,12 @@ class GrowableTransformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def moe_loss(self) -> torch.Tensor:
+        """The MoE layers' auxiliary losses of the last forward (load balancing, z-loss,
+        dynamic-gate penalty; :func:`selfgrow.models.moe.moe_auxiliary_loss`); 0 for a dense
+        model. Add it to the training loss."""
+        return moe_auxiliary_loss(self)
+
 
 def tiny_config(**overrides: object) -> TransformerConfig:
     """A very small config for tests and examples (C=16, 2 layers, 4 heads of 4, V=64)."""
@@ -416,6 +470,7 @@ def tiny_config(**overrides: object) -> TransformerConfig:
 
 __all__ = [
     "Attention",
+    "moe_ffn",
     "Block",
     "FFN",
     "GrowableTransformer",
