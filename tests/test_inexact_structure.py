@@ -99,9 +99,19 @@ LEARNED: dict[str, tuple[str, dict[str, Any]]] = {
     "ligo-width-heads1": ("ligo", dict(depth_factor=1, width_factor=2, heads_factor=1)),
 }
 
+#: MoE operators (selfgrow/ops/experts.py): (operator, model settings, kwargs)
+MOE: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "drop-upcycle": ("moe_drop_upcycle", {}, dict(n_experts=3, drop_ratio=0.5, seed=1)),
+    "add-expert-topk": ("add_expert", dict(moe_experts=(0, 3)), dict(layer=1, source=1)),
+    "remove-expert": ("remove_expert", dict(moe_experts=(3, 3)), dict(layer=0, expert=1)),
+    "grow-top-k": ("grow_top_k", dict(moe_experts=(3, 3)), dict(new_k=3)),
+    "grow-top-k-dynamic": ("grow_top_k", dict(moe_experts=(3, 3), moe_gate="dynamic_k"),
+                           dict(new_k=3)),
+}
+
 #: every registered inexact operator -> the cases above that check it
 COVERED = ({op for op, _, _ in DEPTH.values()} | {op for op, _ in WIDTH.values()}
-           | {op for op, _ in LEARNED.values()})
+           | {op for op, _ in LEARNED.values()} | {op for op, _, _ in MOE.values()})
 
 
 def test_every_inexact_operator_has_a_structural_check():
@@ -382,3 +392,66 @@ def test_ligo_structure(family, case):
     norm_axis = "stream_in" if model.config.tie_embeddings else "stream_out"
     torch.testing.assert_close(grown["norm_f.weight"].detach(),
                                w[norm_axis] @ small["norm_f.weight"], rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ MoE
+@pytest.mark.parametrize("case", list(MOE))
+def test_moe_structure(case):
+    """Drop-upcycling: every expert is the dense FFN except ``drop_ratio`` of its units
+    (up / gate rows and down columns together, biases 0), a different set per expert;
+    add_expert: old experts at their indices, the new one a copy of the source, router rows
+    copied with ``- log 2`` on the pair's biases; remove_expert: the other experts and router
+    rows as they were; grow_top_k: no expert tensor changes, k is the new k everywhere,
+    dynamic-k's net gains zero rows. Everything outside the MoE layers is unchanged."""
+    from selfgrow.models.transformer import GrowableTransformer, tiny_config
+
+    op, settings, kw = MOE[case]
+    torch.manual_seed(0)
+    model = randomize_(GrowableTransformer(tiny_config(**settings)), seed=0).double().eval()
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ev, err = _grow(model, op, kw)
+    _check_error_reported(ev, err)
+    assert err > 1e-8, f"{case}: the function did not change (the claim would be exact)"
+    new = dict(model.named_parameters())
+    touched = {f"layers.{i}.ffn" for i in range(model.config.n_layers)}
+    for n, p in old.items():
+        if not any(n.startswith(t) for t in touched):
+            assert torch.equal(new[n], p), f"{case}: {n} changed"
+    if op == "moe_drop_upcycle":
+        for i in range(model.config.n_layers):
+            pre = f"layers.{i}.ffn"
+            sets = []
+            for e in range(3):
+                rows = (new[f"{pre}.w_up"][e] != old[f"{pre}.up.weight"]).any(1)
+                cols = (new[f"{pre}.w_down"][e] != old[f"{pre}.down.weight"]).any(0)
+                assert torch.equal(rows, cols) and int(rows.sum()) == model.config.d_ff // 2
+                assert torch.equal(new[f"{pre}.w_up"][e][~rows], old[f"{pre}.up.weight"][~rows])
+                assert torch.equal(new[f"{pre}.b_up"][e][~rows], old[f"{pre}.up.bias"][~rows])
+                assert (new[f"{pre}.b_up"][e][rows] == 0).all()
+                assert torch.equal(new[f"{pre}.b_down"][e], old[f"{pre}.down.bias"])
+                sets.append(rows)
+            assert not all(torch.equal(sets[0], r) for r in sets[1:])
+    elif op == "add_expert":
+        pre, src = f"layers.{kw['layer']}.ffn", kw["source"]
+        for n in ("w_up", "w_down", "b_up", "b_down", "router.weight"):
+            assert torch.equal(new[f"{pre}.{n}"][:3], old[f"{pre}.{n}"])
+            assert torch.equal(new[f"{pre}.{n}"][3], old[f"{pre}.{n}"][src])
+        b, b0 = new[f"{pre}.router.bias"], old[f"{pre}.router.bias"]
+        torch.testing.assert_close(b[[src, 3]], (b0[src] - math.log(2)).expand(2))
+        keep = [e for e in range(3) if e != src]
+        assert torch.equal(b[keep], b0[keep])
+    elif op == "remove_expert":
+        pre, keep = f"layers.{kw['layer']}.ffn", [0, 2]
+        for n in ("w_up", "w_down", "b_up", "b_down", "router.weight", "router.bias"):
+            assert torch.equal(new[f"{pre}.{n}"], old[f"{pre}.{n}"][keep])
+    else:  # grow_top_k
+        assert model.config.moe_top_k == 3
+        for i, b in enumerate(model.layers):
+            assert b.ffn.top_k == 3
+            if b.ffn.k_net is not None:
+                w = new[f"layers.{i}.ffn.k_net.weight"]
+                assert torch.equal(w[:2], old[f"layers.{i}.ffn.k_net.weight"]) and (
+                    w[2] == 0).all()
+        for n, p in old.items():
+            if "k_net" not in n:
+                assert torch.equal(new[n], p), f"{case}: {n} changed"

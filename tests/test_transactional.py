@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import torch
 from _families import FAMILIES as TRANSFORMER_FAMILIES
-from _families import make_input, randomize_
+from _families import make_input, randomize_, selfgrow_model
 from _growth_checks import output
 from torch import nn
 
@@ -52,7 +52,17 @@ CLASSIFIERS: dict[str, Callable[[], nn.Module]] = {
     "cnn": lambda: GrowableCNN(CNNConfig(in_channels=1, image_size=8, channels=(3, 4),
                                          n_classes=3, pool_after=(0,))),
 }
-FAMILIES: dict[str, Callable[[], nn.Module]] = {**TRANSFORMER_FAMILIES, **CLASSIFIERS}
+#: MoE transformers (selfgrow's): the MoE operators' families; dense-layer operators refuse
+#: them with IncompatibleModelError
+MOE_FAMILIES: dict[str, Callable[[], nn.Module]] = {
+    "sg-moe-topk": lambda: selfgrow_model(moe_experts=(3, 0)),
+    "sg-moe-dynamic-k-swiglu": lambda: selfgrow_model(ffn="swiglu", moe_gate="dynamic_k",
+                                                      moe_experts=(3, 3)),
+    "sg-moe-top-any-nobias": lambda: selfgrow_model(bias=False, moe_gate="top_any",
+                                                    moe_experts=(0, 3)),
+}
+FAMILIES: dict[str, Callable[[], nn.Module]] = {**TRANSFORMER_FAMILIES, **CLASSIFIERS,
+                                                **MOE_FAMILIES}
 
 KwFn = Callable[[nn.Module], dict[str, Any]]
 
@@ -71,6 +81,11 @@ def _max_len(m: nn.Module) -> int:
         if hasattr(cfg, a):
             return int(getattr(cfg, a))
     raise AttributeError("no maximum sequence length")
+
+
+def _first_moe_layer(m: nn.Module) -> int:
+    experts = getattr(getattr(m, "config", None), "moe_experts", ())
+    return next((i for i, e in enumerate(experts) if e), 0)
 
 
 def _compound_steps(m: nn.Module) -> dict[str, Any]:
@@ -99,6 +114,11 @@ KW: dict[str, dict[str, Any] | KwFn] = {
     "heads_fresh": lambda m: dict(new_n_heads=2 * _dims(m).n_heads),
     "extend_positions": lambda m: dict(new_len=_max_len(m) + 4),
     "compound_grow": _compound_steps,
+    "moe_upcycle": dict(n_experts=3),
+    "moe_drop_upcycle": dict(n_experts=3),
+    "add_expert": lambda m: dict(layer=_first_moe_layer(m), source=0),
+    "remove_expert": lambda m: dict(layer=_first_moe_layer(m), expert=1),
+    "grow_top_k": dict(new_k=3),
 }
 
 #: Transaction methods that edit the model (the injection points)

@@ -19,6 +19,7 @@ from ..adapters import get_adapter
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ..ops import OpConfig, build_config
 from ..ops.depth import IdentityInsertConfig
+from ..ops.experts import AddExpertConfig
 from ..ops.ffn import FFNNet2WiderConfig
 from ..ops.heads import HeadsCloneConfig, HeadsFreshConfig
 from ..ops.net2net import Net2DeeperConfig, Net2WiderConfig, classifier_adapter, grown_width
@@ -194,3 +195,32 @@ def transformer_extend_context(model: nn.Module, factor: int = 2, new_len: int |
     return build_config(ExtendPositionsConfig, new_len=new_len, **kw)
 
 
+
+
+@register_family_action("transformer", "add_expert")
+def transformer_add_expert(model: nn.Module, layer: int | None = None,
+                           source: int | None = None, **kw: Any) -> OpConfig:
+    """One more expert in an MoE layer of a selfgrow GrowableTransformer (``add_expert``): by
+    default in the layer whose busiest expert takes the largest load fraction in the
+    layers' routing statistics (what the ``ExpertOverload`` signal read), copying that
+    expert.
+
+    Raises:
+        IncompatibleModelError: a model without MoE layers (or not a GrowableTransformer).
+        GrowthConfigError: no routing statistics yet and no ``layer`` given.
+    """
+    from ..models.moe import moe_layers
+
+    layers = {n: m for n, m in moe_layers(model).items() if n.startswith("layers.")}
+    if not layers:
+        raise IncompatibleModelError(
+            f"add_expert: {type(model).__name__} has no MoE layer (a selfgrow "
+            f"GrowableTransformer with moe_experts); upcycle it first (moe_upcycle)")
+    if layer is None:
+        loads = {int(n.split(".")[1]): m.routing_stats(reset=False) for n, m in layers.items()}
+        seen = {i: st for i, st in loads.items() if st["tokens"] > 0}
+        if not seen:
+            raise GrowthConfigError("add_expert: no routing statistics yet (no forward "
+                                    "counted); pass layer=...")
+        layer = max(seen, key=lambda i: float(seen[i]["load"].max()))
+    return build_config(AddExpertConfig, layer=layer, source=source, **kw)

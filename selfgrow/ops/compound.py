@@ -74,6 +74,10 @@ def compose_param_maps(first: ParamMap, second: ParamMap) -> ParamMap:
     that ``first`` produced). See the module docstring for the rule."""
     if first.source is None:
         return ParamMap(source=None)
+    if first.unsqueeze is not None or second.unsqueeze is not None:
+        raise GrowthConfigError(
+            "CompoundGrow cannot compose a step that stacks a tensor into a new dimension "
+            "(moe_upcycle / moe_drop_upcycle) with another step; apply it with its own grow_")
     nd = max(len(first.index), len(second.index))
     idx: list[torch.Tensor | None] = []
     s1: float | torch.Tensor = first.grad_scale
