@@ -502,3 +502,91 @@ def test_controller_grows_an_overloaded_moe_while_training(tmp_path: Any) -> Non
     assert [e.action["op"] for e in logged if e.kind == "growth"] == ["add_expert"]
     scalars = (tmp_path / "metrics.jsonl").read_text()
     assert "moe/layers.1.ffn/load_max" in scalars
+
+
+# ------------------------------------------------------------------------------ merging
+def _dense(seed: int, **kw: Any) -> GrowableTransformer:
+    return _model(seed=seed, **kw)
+
+
+@pytest.mark.parametrize("ffn", ["gelu", "swiglu"])
+def test_grow_by_merging_one_hot_router_reproduces_each_source_ffn(ffn: str) -> None:
+    from selfgrow.ops.experts import grow_by_merging
+
+    base = _dense(0, ffn=ffn)
+    models = [_dense(s, ffn=ffn) for s in (1, 2, 3)]
+    snaps = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    merged = grow_by_merging(base, models, top_k=1)
+    assert merged.config.moe_experts == (3, 3)
+    h = torch.randn(2, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for i, layer in enumerate(merged.layers):
+        moe = layer.ffn
+        for e, m in enumerate(models):
+            with torch.no_grad():  # a one-hot router: every token to expert e
+                moe.router.weight.zero_()
+                moe.router.bias.fill_(-1e4)
+                moe.router.bias[e] = 0.0
+            assert torch.equal(moe(h), m.layers[i].ffn(h)) or rel_err(
+                moe(h), m.layers[i].ffn(h)) < FP64_TOL
+        # negative control: routing to another model's expert does not reproduce model 0
+        assert rel_err(moe(h), models[0].layers[i].ffn(h)) > 1e-3
+    # non-FFN parameters: the mean over the models
+    mean = torch.stack([m.tok_emb.weight.detach() for m in models]).mean(0)
+    assert torch.allclose(merged.tok_emb.weight, mean, atol=1e-15)
+    assert all(torch.equal(v, m.state_dict()[k]) for m, sn in zip(models, snaps, strict=True)
+               for k, v in sn.items())  # the sources are untouched
+
+
+def test_grow_by_merging_with_base_non_ffn_reproduces_base() -> None:
+    from selfgrow.ops.experts import grow_by_merging
+
+    base = _dense(0)
+    merged = grow_by_merging(base, [base, _dense(1)], non_ffn="base", top_k=1).double().eval()
+    with torch.no_grad():
+        for b in merged.layers:
+            b.ffn.router.weight.zero_()
+            b.ffn.router.bias.copy_(torch.tensor([0.0, -1e4]))
+    x = _ids()
+    assert rel_err(merged(x), base(x)) < FP64_TOL
+    _roundtrip(merged)
+
+
+def test_grow_by_merging_refuses_mismatched_models() -> None:
+    from selfgrow.ops.experts import grow_by_merging
+
+    base = _dense(0)
+    with pytest.raises(IncompatibleModelError, match="d_ff=32.*base has 16|d_ff"):
+        grow_by_merging(base, [base, GrowableTransformer(tiny_config(d_ff=64)).double()])
+    with pytest.raises(GrowthConfigError, match="at least 2 models"):
+        grow_by_merging(base, [base])
+    with pytest.raises(GrowthConfigError, match="non_ffn"):
+        grow_by_merging(base, [base, _dense(1)], non_ffn="sum")
+    with pytest.raises(IncompatibleModelError, match="already has MoE layers"):
+        grow_by_merging(base, [base, _model(experts=(2, 2))])
+    with pytest.raises(IncompatibleModelError, match="valid: a dense selfgrow"):
+        grow_by_merging(base, [base, torch.nn.Linear(2, 2)])
+
+
+def test_top1_router_gets_a_gradient_from_the_main_loss() -> None:
+    """Renormalised top-1 weights are exactly 1; the router must still learn from the loss
+    (the normaliser is constant in the backward pass for single-expert tokens)."""
+    m = MoEFFN(8, 12, 4, top_k=1).double()
+    x = _x()
+    y = m(x)
+    assert torch.allclose(m.route(x)[1].sum(-1), torch.ones(40, dtype=torch.float64))
+    y.pow(2).sum().backward()  # no auxiliary loss in this backward
+    assert m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0
+
+
+def test_a_trained_moe_model_can_be_deep_copied() -> None:
+    """Copies (the capacity probe, LwF's previous model) must work right after a forward
+    whose auxiliary losses still hold their graph."""
+    import copy
+
+    m = _model(experts=(3, 3))
+    m.train()
+    m(_ids())
+    assert m.layers[0].ffn.aux_loss is not None and m.layers[0].ffn.aux_loss.requires_grad
+    c = copy.deepcopy(m)
+    assert c.layers[0].ffn.aux_loss is None and m.layers[0].ffn.aux_loss is not None
+    assert torch.equal(c.eval()(_ids()), m.eval()(_ids()))

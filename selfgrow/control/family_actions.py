@@ -203,11 +203,11 @@ def transformer_add_expert(model: nn.Module, layer: int | None = None,
     """One more expert in an MoE layer of a selfgrow GrowableTransformer (``add_expert``): by
     default in the layer whose busiest expert takes the largest load fraction in the
     layers' routing statistics (what the ``ExpertOverload`` signal read), copying that
-    expert.
+    expert. Before any forward has been counted (when the controller checks its rules at
+    construction), the first MoE layer and its expert 0.
 
     Raises:
         IncompatibleModelError: a model without MoE layers (or not a GrowableTransformer).
-        GrowthConfigError: no routing statistics yet and no ``layer`` given.
     """
     from ..models.moe import moe_layers
 
@@ -216,11 +216,10 @@ def transformer_add_expert(model: nn.Module, layer: int | None = None,
         raise IncompatibleModelError(
             f"add_expert: {type(model).__name__} has no MoE layer (a selfgrow "
             f"GrowableTransformer with moe_experts); upcycle it first (moe_upcycle)")
+    loads = {int(n.split(".")[1]): m.routing_stats(reset=False) for n, m in layers.items()}
+    seen = {i: st for i, st in loads.items() if st["tokens"] > 0}
     if layer is None:
-        loads = {int(n.split(".")[1]): m.routing_stats(reset=False) for n, m in layers.items()}
-        seen = {i: st for i, st in loads.items() if st["tokens"] > 0}
-        if not seen:
-            raise GrowthConfigError("add_expert: no routing statistics yet (no forward "
-                                    "counted); pass layer=...")
-        layer = max(seen, key=lambda i: float(seen[i]["load"].max()))
+        layer = max(seen, key=lambda i: float(seen[i]["load"].max())) if seen else min(loads)
+    if source is None and layer not in seen:
+        source = 0  # no routing counted yet (e.g. when the controller checks its rules)
     return build_config(AddExpertConfig, layer=layer, source=source, **kw)

@@ -36,7 +36,10 @@ Routing of a token x (N = tokens in the batch):
 
 * weights ``w = p * s / sum(p * s)``: the selected experts' probabilities renormalised to sum
   to 1 (Mixtral-style), so a mixture of identical experts is exactly that expert (upcycling
-  is exact); output ``y = sum_e w_e expert_e(x)``;
+  is exact); output ``y = sum_e w_e expert_e(x)``. For a token with a single selected
+  expert the weight is 1 whatever its probability, which would leave the router without
+  gradient (top-1): there the normaliser is held constant in the backward pass (the value is
+  unchanged; the router gets Switch's gradient ``dp / p``);
 * optional expert capacity (``capacity_factor``): each expert takes at most
   ``ceil(capacity_factor * A / E)`` of the A token-expert assignments of the batch, in token
   order; an assignment over capacity is dropped (weight 0, the token keeps its residual).
@@ -191,6 +194,13 @@ class MoEFFN(nn.Module):
         self._last_read: dict[str, Any] | None = None
         self._tagged: dict[str, _StatsSum] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave out the last forward's losses (graph tensors that
+        ``copy.deepcopy`` refuses, and that belong to that forward only)."""
+        state = self.__dict__.copy()
+        state["aux_loss"] = state["z_loss"] = state["k_loss"] = None
+        return state
+
     # ------------------------------------------------------------------ shapes
     @property
     def n_experts(self) -> int:
@@ -256,7 +266,13 @@ class MoEFFN(nn.Module):
             self.k_loss = soft.sum(-1).mean()
         selected = sel.detach() > 0.5
         w = probs * sel  # every token selects >= 1 expert and p > 0: the sum is > 0
-        return logits, w / w.sum(-1, keepdim=True), selected
+        denom = w.sum(-1, keepdim=True)
+        # a token with ONE expert has weight p / p = 1 whatever p is, so the renormalised
+        # weight gives its router no gradient: there the normaliser is a constant in the
+        # backward pass (value unchanged, Switch's gradient dp / p)
+        single = selected.sum(-1, keepdim=True) == 1
+        denom = torch.where(single, denom.detach(), denom)
+        return logits, w / denom, selected
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

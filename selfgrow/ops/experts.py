@@ -619,10 +619,198 @@ class GrowTopK(Operator):
         return GrowthResult(param_maps=maps, exact=False, notes={"top_k": [k0, k]})
 
 
+# ---------------------------------------------------------------------------------------------
+# growth by merging (Branch-Train-MiX)
+# ---------------------------------------------------------------------------------------------
+MERGE_NON_FFN = ("average", "base")
+
+
+def _shape_config(m: GrowableTransformer) -> dict[str, Any]:
+    c = m.config
+    return {f: getattr(c, f) for f in c.__dataclass_fields__ if not f.startswith("moe_")}
+
+
+@torch.no_grad()
+def grow_by_merging(
+    base: nn.Module,
+    models: list[nn.Module] | tuple[nn.Module, ...],
+    *,
+    non_ffn: str = "average",
+    top_k: int = 2,
+    gate: str = "topk",
+    router_std: float = 0.02,
+    seed: int = 0,
+) -> GrowableTransformer:
+    """Branch-Train-MiX: one MoE model whose layer-``i`` experts are the layer-``i`` FFNs of
+    ``models`` (expert e = ``models[e]``), built as a NEW model (the inputs are untouched).
+
+    Every model must be a dense selfgrow ``GrowableTransformer`` with ``base``'s architecture
+    (typically copies of ``base`` each trained on its own experience or corpus). The
+    non-FFN parameters (embeddings, attention, norms, head) are the element-wise mean over
+    ``models`` (``non_ffn="average"``, BTX) or ``base``'s (``"base"``). The router starts
+    N(0, ``router_std``^2) with zero bias; train it briefly with :func:`train_router_`
+    (BTX trains the router, and optionally everything, after merging).
+
+    Exactness: expert e of every layer IS ``models[e]``'s FFN (bit-identical tensors), so
+    with a one-hot router (expert e selected with weight 1) each layer's FFN output equals
+    ``models[e]``'s on the same input; with ``non_ffn="base"`` and ``base`` among the models,
+    routing every token to base's expert reproduces base's outputs.
+
+    Args:
+        base: the seed model.
+        models: ``E >= 2`` dense models of base's architecture.
+        non_ffn: ``"average"`` or ``"base"``.
+        top_k, gate: the MoE settings of the merged model (see ``selfgrow.models.moe``).
+        router_std: std of the router init (0 = uniform routing at first).
+        seed: seed of the router init.
+
+    Returns:
+        A ``GrowableTransformer`` with ``moe_experts = (E,) * n_layers``, on base's device
+        and dtype, in base's training mode.
+
+    Raises:
+        IncompatibleModelError: a model that is not a dense GrowableTransformer of base's
+            architecture (the message names the first differing field or parameter).
+        GrowthConfigError: fewer than two models, or bad ``non_ffn`` / ``top_k`` / ``gate``.
+    """
+    if not isinstance(models, (list, tuple)) or len(models) < 2:
+        n = len(models) if isinstance(models, (list, tuple)) else "not a list"
+        raise GrowthConfigError(f"grow_by_merging needs a list of at least 2 models, got "
+                                f"{type(models).__name__} ({n})")
+    if non_ffn not in MERGE_NON_FFN:
+        raise GrowthConfigError(choices_message("non_ffn", non_ffn, MERGE_NON_FFN))
+    _std("router_std", router_std)
+    _seed(seed)
+    for who, m in [("base", base)] + [(f"models[{e}]", m) for e, m in enumerate(models)]:
+        if not isinstance(m, GrowableTransformer):
+            raise IncompatibleModelError(f"grow_by_merging: {who} is {type(m).__name__}; "
+                                         f"valid: a dense selfgrow GrowableTransformer")
+        _transformer(m, "grow_by_merging")
+        if m.config.moe_experts:
+            raise IncompatibleModelError(f"grow_by_merging: {who} already has MoE layers "
+                                         f"(moe_experts={m.config.moe_experts}); valid: dense")
+    assert isinstance(base, GrowableTransformer)
+    want = _shape_config(base)
+    for e, m in enumerate(models):
+        got = _shape_config(m)  # type: ignore[arg-type]
+        diff = [k for k in want if want[k] != got[k]]
+        if diff:
+            raise IncompatibleModelError(
+                f"grow_by_merging: models[{e}] has {diff[0]}={got[diff[0]]!r}, base has "
+                f"{want[diff[0]]!r}; every model must have base's architecture")
+    E = len(models)
+    from ..models.moe import check_moe_args
+
+    check_moe_args(E, top_k, gate, None, base.config.ffn)
+    cfg = type(base.config)(**{**want, "moe_experts": (E,) * base.config.n_layers,
+                                "moe_top_k": top_k, "moe_gate": gate,
+                                "moe_capacity_factor": None})
+    ref = base.tok_emb.weight
+    with torch.device("meta"):
+        merged = GrowableTransformer(cfg)
+    merged = merged.to_empty(device=ref.device).to(ref.dtype)
+    if cfg.tie_embeddings:  # materialising from meta unties them
+        merged.head.weight = merged.tok_emb.weight
+    named = [dict(m.named_parameters()) for m in models]
+    base_named = dict(base.named_parameters())
+    buffers = dict(base.named_buffers())
+    g = torch.Generator().manual_seed(seed)
+    src_name = {"w_up": "up.weight", "w_down": "down.weight", "b_up": "up.bias",
+                "b_down": "down.bias", "w_gate": "gate.weight", "b_gate": "gate.bias"}
+    for n, p in merged.named_parameters():
+        parts = n.split(".")
+        if len(parts) == 4 and parts[0] == "layers" and parts[2] == "ffn" and \
+                parts[3] in src_name:
+            src = f"layers.{parts[1]}.ffn.{src_name[parts[3]]}"
+            p.copy_(torch.stack([nm[src].detach() for nm in named]))
+        elif ".ffn.router." in n or ".ffn.k_net." in n or n.endswith(".ffn.threshold"):
+            if n.endswith("weight"):
+                p.copy_(torch.randn(tuple(p.shape), generator=g) * router_std)
+            else:
+                p.zero_()
+        elif non_ffn == "base":
+            p.copy_(base_named[n].detach())
+        else:
+            p.copy_(torch.stack([nm[n].detach().double() for nm in named]).mean(0).to(p.dtype))
+    for n, b in merged.named_buffers():
+        if n in buffers:
+            b.copy_(buffers[n])
+    merged.train(base.training)
+    return merged
+
+
+def train_router_(
+    model: nn.Module,
+    batches: Any,
+    steps: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    seq_len: int = 64,
+) -> list[float]:
+    """Train only the MoE routers (router, top-any thresholds, dynamic-k net) of ``model``
+    on next-token prediction plus the MoE auxiliary loss, in place (BTX's router training
+    after merging); every other parameter is frozen for the duration and restored after.
+
+    Args:
+        batches: an object with ``sample(batch_size, seq_len) -> (x, y)`` (e.g.
+            ``selfgrow.data.text.LMBatches``, or a mixture of several corpora's).
+        steps, lr, batch_size, seq_len: Adam steps, learning rate and batch shape.
+
+    Returns:
+        The training loss of every step.
+
+    Raises:
+        IncompatibleModelError: a model without MoE routers.
+        GrowthConfigError: bad steps / lr / batches.
+    """
+    import torch.nn.functional as F
+
+    from ..models.moe import moe_auxiliary_loss
+
+    routers = [p for n, p in model.named_parameters()
+               if ".router." in n or ".k_net." in n or n.endswith(".threshold")]
+    if not routers:
+        raise IncompatibleModelError("train_router_: the model has no MoE router")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise GrowthConfigError(f"steps={steps!r} is out of range; valid: an integer >= 1")
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise GrowthConfigError(f"lr={lr!r} is out of range; valid: a number > 0")
+    if not callable(getattr(batches, "sample", None)):
+        raise GrowthConfigError("batches needs a sample(batch_size, seq_len) -> (x, y) method "
+                                "(e.g. selfgrow.data.text.LMBatches)")
+    ids = {id(p) for p in routers}
+    frozen = {p: p.requires_grad for p in model.parameters() if id(p) not in ids}
+    was_training = model.training
+    opt = torch.optim.Adam(routers, lr=lr)
+    losses = []
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train()
+        dev = routers[0].device
+        for _ in range(steps):
+            x, y = batches.sample(batch_size, seq_len)
+            x, y = x.to(dev), y.to(dev)
+            logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            total = loss + moe_auxiliary_loss(model)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for p, rg in frozen.items():
+            p.requires_grad_(rg)
+        model.train(was_training)
+    return losses
+
+
 __all__ = [
     "AddExpertConfig",
     "GrowTopKConfig",
     "MoEDropUpcycleConfig",
     "MoEUpcycleConfig",
     "RemoveExpertConfig",
+    "grow_by_merging",
+    "train_router_",
 ]
