@@ -412,6 +412,8 @@ def test_grow_top_k_mixes_more_experts(gate: str) -> None:
      GrowthConfigError, "router_init"),
     (dict(experts=(0, 2)), "remove_expert", dict(layer=1, expert=0), GrowthConfigError,
      "top_k=2 needs"),
+    (dict(gate="dynamic_k", experts=(0, 2)), "remove_expert", dict(layer=1, expert=0),
+     GrowthConfigError, "top_k=2 needs"),
     (dict(experts=(4, 4)), "moe_upcycle", {}, IncompatibleModelError, "nothing to upcycle"),
     (dict(experts=(0, 4)), "moe_upcycle", dict(gate="top_any"), GrowthConfigError,
      "must match"),
@@ -590,3 +592,28 @@ def test_a_trained_moe_model_can_be_deep_copied() -> None:
     c = copy.deepcopy(m)
     assert c.layers[0].ffn.aux_loss is None and m.layers[0].ffn.aux_loss is not None
     assert torch.equal(c.eval()(_ids()), m.eval()(_ids()))
+
+
+def test_checkpoint_of_a_grown_moe_rebuilds_it(tmp_path: Any) -> None:
+    """save_checkpoint / load_checkpoint after upcycling and add_expert: the config (experts
+    per layer, gate, k) rebuilds the grown model; weights and Adam state load by name."""
+    from selfgrow.checkpoint import load_checkpoint, save_checkpoint
+
+    m = GrowableTransformer(tiny_config())
+    x = _ids()
+    opt = _adam(m, x)
+    grow_(m, make_config("moe_upcycle", n_experts=3, layers=(1,), gate="dynamic_k"),
+          optimizer=opt)
+    grow_(m, make_config("add_expert", layer=1, source=2), optimizer=opt)
+    opt.zero_grad()
+    m.train()
+    (m(x).pow(2).mean() + m.moe_loss()).backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ck.pt", m, opt)
+    ck = load_checkpoint(tmp_path / "ck.pt")
+    assert ck.model.config.moe_experts == (0, 4) and ck.model.config.moe_gate == "dynamic_k"
+    m.eval()
+    ck.model.eval()
+    assert torch.equal(ck.model(x), m(x))
+    w = dict(ck.model.named_parameters())["layers.1.ffn.w_up"]
+    assert torch.equal(ck.optimizer.state[w]["exp_avg"], opt.state[m.layers[1].ffn.w_up]["exp_avg"])

@@ -512,7 +512,7 @@ class RemoveExpert(Operator):
         if E < 2:
             raise GrowthConfigError(f"remove_expert: layer {i} has one expert; removing it "
                                     f"would leave no FFN")
-        if m.config.moe_gate == "topk" and m.config.moe_top_k > E - 1:
+        if m.config.moe_gate != "top_any" and m.config.moe_top_k > E - 1:
             raise GrowthConfigError(
                 f"remove_expert: top_k={m.config.moe_top_k} needs at least that many experts; "
                 f"layer {i} has {E}")
