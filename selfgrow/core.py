@@ -17,6 +17,7 @@ controller) builds on these pieces:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,10 @@ import torch
 from torch import nn
 
 from .errors import GrowthConfigError
+
+#: set inside :func:`measurement` (a forward that is not training or evaluation data)
+_MEASURING: contextvars.ContextVar[bool] = contextvars.ContextVar("selfgrow_measuring",
+                                                                  default=False)
 
 _MISSING = object()
 
@@ -444,6 +449,23 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, t in modes:
             m.train(t)
+
+
+def in_measurement() -> bool:
+    """Whether the current forward is a measurement (grow_'s function-preservation probe, a
+    FLOP count) rather than training or evaluation: modules that keep statistics of their
+    inputs (MoE routing counts) skip it. See :func:`measurement`."""
+    return _MEASURING.get()
+
+
+@contextlib.contextmanager
+def measurement() -> Iterator[None]:
+    """Mark the forwards inside as measurements (:func:`in_measurement` is True)."""
+    token = _MEASURING.set(True)
+    try:
+        yield
+    finally:
+        _MEASURING.reset(token)
 
 
 @contextlib.contextmanager

@@ -232,15 +232,30 @@ def test_loss_plateau_resets_when_the_experience_changes():
 # ---------------------------------------------------------------------------------------------
 def test_expert_overload_from_metric():
     sig = ExpertOverload(threshold=0.5, window=1)
-    stats = {"layer0": {"load": torch.tensor([0.25, 0.25, 0.25, 0.25]), "active_k": 2,
-                        "max_k": 2},
-             "layer1": {"load": torch.tensor([0.7, 0.1, 0.1, 0.1]), "active_k": 2, "max_k": 2}}
+    stats = {"layer0": {"load": torch.tensor([0.25, 0.25, 0.25, 0.25]), "active_k": 1,
+                        "max_k": 1},
+             "layer1": {"load": torch.tensor([0.7, 0.1, 0.1, 0.1]), "active_k": 1, "max_k": 1}}
     sig.update(1, {"router_stats": stats})
     st = sig.state()
     assert sig.value == pytest.approx(0.7) and sig.triggered
     assert st["layers"] == ["layer1"] and st["per_layer"]["layer1"]["expert"] == 0
     assert st["per_layer"]["layer0"]["entropy"] == pytest.approx(1.0)
     assert st["entropy"] < 1.0
+
+
+def test_expert_overload_measures_the_token_share_under_top_k():
+    """Top-2: an expert used by every token has load fraction 1/2 (of the assignments) but a
+    token share of 1, so the default threshold fires on collapsed routing."""
+    sig = ExpertOverload(window=1)
+    stats = {"l": {"load": torch.tensor([0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3]), "active_k": 2.0,
+                   "max_k": 2}}
+    sig.update(1, {"router_stats": stats})
+    assert sig.value == pytest.approx(1.0) and sig.triggered
+    assert sig.state()["per_layer"]["l"]["max_load"] == pytest.approx(0.5)
+    stats = {"l": {"load": torch.full((4,), 0.25), "active_k": 2.0, "max_k": 2}}
+    sig = ExpertOverload(window=1)
+    sig.update(1, {"router_stats": stats})
+    assert sig.value == pytest.approx(0.5) and not sig.triggered  # balanced: 1/2 of tokens
 
 
 def test_expert_overload_entropy_floor_and_module_protocol():

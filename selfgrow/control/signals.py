@@ -575,14 +575,20 @@ class ExpertOverload(Signal):
     Reads ``router_stats: dict[layer_name, {"load": Tensor[n_experts], "active_k": float,
     "max_k": int}]`` from ``observe`` (``load`` = fraction of routed tokens per expert, summing
     to 1), or, when the metric is absent, collects it from every module of the bound model that
-    implements ``routing_stats() -> {"load", "active_k", "max_k"}``. ``value`` = max load
-    fraction over layers and experts; ``state()`` also reports the normalised usage entropy
-    ``H(load) / log(n_experts)`` (1 = uniform) per layer, the overloaded layers and their
-    busiest expert. Triggered when ``value > threshold`` or, if ``min_entropy`` is set, when a
-    layer's normalised entropy falls below it.
+    implements ``routing_stats() -> {"load", "active_k", "max_k"}``. ``value`` = the largest
+    share of TOKENS routed to one expert, over layers and experts: its load fraction times
+    the mean active experts per token (``active_k``; 1 when absent), at most 1. Under top-k
+    an expert's load fraction is at most 1/k, so a threshold on the load alone could never
+    fire for k >= 2; the token share is 1 when every token uses the expert, whatever k, and
+    k / E under uniform routing (pick a threshold above it, or use ``min_entropy``, which
+    does not depend on E).
+    ``state()`` also reports per layer the max load fraction, that token share, the
+    normalised usage entropy ``H(load) / log(n_experts)`` (1 = uniform), the overloaded
+    layers and their busiest expert. Triggered when ``value > threshold`` or, if
+    ``min_entropy`` is set, when a layer's normalised entropy falls below it.
 
     Args:
-        threshold: load fraction of one expert that triggers, in (0, 1].
+        threshold: share of tokens routed to one expert that triggers, in (0, 1].
         min_entropy: optional normalised-entropy floor in [0, 1].
         window: loads are averaged over this many updates.
         every: update every N controller steps.
@@ -645,8 +651,11 @@ class ExpertOverload(Signal):
             n = mean.numel()
             p = mean.clamp_min(1e-30)
             ent = float(-(mean * p.log()).sum()) / math.log(n) if n > 1 else 1.0
+            k = _float(st["active_k"]) if "active_k" in st else None
+            scale = k if k is not None and math.isfinite(k) and k > 0 else 1.0
             layers[lname] = {
                 "max_load": float(mean.max()),
+                "token_share": min(1.0, float(mean.max()) * scale),
                 "expert": int(mean.argmax()),
                 "entropy": ent,
                 "n_experts": n,
@@ -656,11 +665,11 @@ class ExpertOverload(Signal):
         self.layers = layers
         if not layers:
             return
-        self.value = max(v["max_load"] for v in layers.values())
+        self.value = max(v["token_share"] for v in layers.values())
         self.overloaded = [
             k
             for k, v in layers.items()
-            if v["max_load"] > self.threshold
+            if v["token_share"] > self.threshold
             or (self.min_entropy is not None and v["entropy"] < self.min_entropy)
         ]
         self.triggered = bool(self.overloaded)

@@ -74,10 +74,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import in_measurement
 from ..errors import GrowthConfigError, choices_message
 
 GATES = ("topk", "dynamic_k", "top_any")
 EXPERT_FFNS = ("gelu", "swiglu")
+
+
+def _number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _pos_int(name: str, v: Any) -> int:
@@ -103,10 +108,7 @@ def check_moe_args(
     if gate != "top_any" and top_k > n_experts:
         raise GrowthConfigError(
             f"top_k={top_k} > n_experts={n_experts}; valid: 1..{n_experts}")
-    if capacity_factor is not None and (
-        isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float))
-        or not math.isfinite(capacity_factor) or capacity_factor <= 0
-    ):
+    if capacity_factor is not None and (not _number(capacity_factor) or capacity_factor <= 0):
         raise GrowthConfigError(f"capacity_factor={capacity_factor!r} is out of range; valid: "
                                 f"None (dropless) or a number > 0")
 
@@ -156,11 +158,11 @@ class MoEFFN(nn.Module):
         _pos_int("d_ff", d_ff)
         check_moe_args(n_experts, top_k, gate, capacity_factor, ffn)
         for name, v in (("aux_weight", aux_weight), ("z_weight", z_weight),
-                        ("k_weight", k_weight)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                        ("k_weight", k_weight), ("init_std", init_std)):
+            if not _number(v) or v < 0:
                 raise GrowthConfigError(f"{name}={v!r} is out of range; valid: a number >= 0")
         for name, v in (("gumbel_tau", gumbel_tau), ("threshold_tau", threshold_tau)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if not _number(v) or v <= 0:
                 raise GrowthConfigError(f"{name}={v!r} is out of range; valid: a number > 0")
         E, C, Fh = n_experts, d_model, d_ff
         self.gate_kind = gate
@@ -264,7 +266,10 @@ class MoEFFN(nn.Module):
             soft = torch.sigmoid(margin / self.threshold_tau)
             sel = hard.to(soft.dtype) + soft - soft.detach()
             self.k_loss = soft.sum(-1).mean()
-        selected = sel.detach() > 0.5
+        sd = sel.detach()
+        # a token whose gate is NaN (non-finite input) goes to every expert, so the NaN
+        # reaches its output instead of silently becoming a zero (no expert selected)
+        selected = (sd > 0.5) | sd.isnan() | probs.detach().isnan()
         w = probs * sel  # every token selects >= 1 expert and p > 0: the sum is > 0
         denom = w.sum(-1, keepdim=True)
         # a token with ONE expert has weight p / p = 1 whatever p is, so the renormalised
@@ -283,6 +288,11 @@ class MoEFFN(nn.Module):
                                     f"{tuple(shape)}")
         xf = x.reshape(-1, shape[-1])  # (N, C)
         N, E = xf.shape[0], self.n_experts
+        if N == 0:  # no token: zero losses (still connected to the router), nothing counted
+            zero = self.router.weight.sum() * 0.0
+            self.aux_loss, self.z_loss = zero, zero
+            self.k_loss = zero if self.gate_kind != "topk" else None
+            return x.new_zeros(shape)
         logits, w, selected = self.route(xf)
         tok, exp = selected.nonzero(as_tuple=True)  # (A,), token-major order
         dropped = 0
@@ -355,6 +365,8 @@ class MoEFFN(nn.Module):
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
     def _record(self, selected: torch.Tensor, exp: torch.Tensor, N: int, dropped: int) -> None:
+        if in_measurement():  # grow_'s probe, a FLOP count: not training or evaluation data
+            return
         counts = torch.bincount(exp.detach().cpu(), minlength=self.n_experts)
         k_hist = torch.bincount(selected.sum(-1).cpu(), minlength=self.n_experts + 1)
         sums = [self._window]

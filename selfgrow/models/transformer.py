@@ -172,10 +172,12 @@ class TransformerConfig:
             raise GrowthConfigError(f"moe_experts has {len(self.moe_experts)} entries for "
                                     f"n_layers={self.n_layers}; valid: one per layer or ()")
         n = min((e for e in self.moe_experts if e), default=None)
-        if n is not None:
-            check_moe_args(n, self.moe_top_k, self.moe_gate, self.moe_capacity_factor, self.ffn)
-        elif self.moe_gate not in ("topk", "dynamic_k", "top_any"):
-            check_moe_args(1, 1, self.moe_gate, None)
+        try:  # checked for a dense config too: a later moe_upcycle uses these fields
+            check_moe_args(n if n is not None else max(self.moe_top_k, 1)
+                           if isinstance(self.moe_top_k, int) else 1,
+                           self.moe_top_k, self.moe_gate, self.moe_capacity_factor, self.ffn)
+        except GrowthConfigError as e:
+            raise GrowthConfigError(f"TransformerConfig moe_* fields: {e}") from None
 
     def experts_of(self, layer: int) -> int:
         """Experts of ``layer`` (0 = dense FFN)."""

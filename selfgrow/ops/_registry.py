@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .._config import config_from_dict, config_to_dict
-from ..core import Transaction, count_params, eval_mode, register_unique
+from ..core import Transaction, count_params, eval_mode, measurement, register_unique
 from ..errors import (
     GrowthConfigError,
     IncompatibleModelError,
@@ -244,8 +244,9 @@ def output_tensor(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def eval_output(model: nn.Module, fn: ProbeFn) -> torch.Tensor:
-    """Run ``fn(model)`` in eval mode without gradients, restoring each module's mode."""
-    with eval_mode(model):
+    """Run ``fn(model)`` in eval mode without gradients, restoring each module's mode; the
+    forward is a :func:`~selfgrow.core.measurement` (statistics-keeping modules skip it)."""
+    with eval_mode(model), measurement():
         return fn(model).detach().clone()
 
 

@@ -14,8 +14,8 @@ operator                what it does                                      exactn
 ``moe_drop_upcycle``    upcycling, then each expert re-initialises a      inexact by design
                         random ``drop_ratio`` of its hidden units         (error measured)
 ``add_expert``          copy of expert ``source`` (default: the most      EXACT for top-any;
-                        loaded); router row copied, both biases - log 2   top-k / dynamic-k:
-                        (their softmax mass split in two)                 measured
+                        loaded); router row copied; top-any: both logits  top-k / dynamic-k:
+                        - log 2; top-k: the copy ties the source (noisy)  measured
 ``remove_expert``       drop expert ``expert`` (default: least loaded)    measured; exact if
                                                                           it gets no mass
 ``grow_top_k``          top-k's k -> ``new_k`` (every MoE layer)          measured
@@ -33,16 +33,19 @@ Why ``add_expert`` is exact for top-any gating: subtracting ``log 2`` from the l
 source expert e and its copy e' keeps the softmax denominator (``2 exp(l_e - log 2) =
 exp(l_e)``), so every other probability is unchanged and e, e' get ``p_e / 2`` each; top-any
 thresholds move by the same ``- log 2`` so e' is selected exactly when e was, and the
-renormalised weights of the pair add up to e's old weight. Under top-k the pair takes two of
-the k slots of a token routed to e (docs/GROWTH-MATH.md): exact for every token not routed
-to e, inexact for the others (measured).
+renormalised weights of the pair add up to e's old weight. Under top-k the pair would take
+two of the k slots of a token routed to e, or, halved, drop out of tokens where e was
+marginal (the busiest expert starved: measured in a trial), so top-k leaves e untouched and
+starts the copy at e's logit with symmetry-breaking noise: exact for every token whose
+top-k does not pick the copy, inexact for the others (measured).
 
 Optimizer state (``selfgrow.optim``): an upcycled expert tensor ``(E, ...)`` maps every
 expert onto the dense tensor (``ParamMap.unsqueeze = 0``) with ``grad_scale = 1 / E`` (each
 expert receives about a 1/E share of the dense gradient under balanced routing), the router
 (and top-any thresholds, the dynamic-k net) start fresh; Drop-Upcycling's expert tensors start
 fresh (their re-initialised units differ per expert); ``add_expert`` copies the source's
-state into the copy with ``grad_scale = 1/2`` on both (they share its tokens);
+state into the copy with ``grad_scale = 1/2`` (on the source too where they split its
+mass: top-any, top-1);
 ``remove_expert`` keeps the other experts' state bit-identical.
 """
 
@@ -223,7 +226,10 @@ def _validate_upcycle(model: nn.Module, config: MoEUpcycleConfig, op: str) -> li
     k = config.top_k if config.top_k is not None else cfg.moe_top_k
     if gate not in GATES:
         raise GrowthConfigError(f"{op}: " + choices_message("MoE gate", gate, GATES))
-    _int_or_none("top_k", config.top_k, 1, e)
+    try:
+        _int_or_none("top_k", config.top_k, 1, e)
+    except GrowthConfigError as err:
+        raise GrowthConfigError(f"{op}: {err}") from None
     if has_moe and (gate != cfg.moe_gate or k != cfg.moe_top_k):
         raise GrowthConfigError(
             f"{op}: the model's MoE layers use gate={cfg.moe_gate!r}, top_k={cfg.moe_top_k}; "
@@ -398,17 +404,39 @@ class MoEDropUpcycle(Operator):
 @dataclass
 class AddExpertConfig(OpConfig):
     """Add one expert to MoE layer ``layer``: a copy of expert ``source`` (None = the most
-    loaded one in the layer's routing statistics) with its router row; the logits of the
-    source and the copy both drop by ``log 2`` (router bias, and top-any threshold), which
-    splits the source's softmax mass in two. EXACT for top-any gating (dropless); under
-    top-k and dynamic-k exact for tokens not routed to the source, inexact for the others
-    (measured). Sources: docs/GROWTH-MATH.md; Komatsuzaki et al. 2023 (experts as copies).
+    loaded one in the layer's routing statistics) with a copy of its router row.
+
+    How the router and the copy start depends on the gate (``router_init="split"``):
+
+    * top-any: the logits of the source and the copy both drop by ``log 2`` (router bias and
+      threshold), which splits the source's softmax mass in two and keeps every selection:
+      EXACT (dropless; ``noise`` and ``router_noise`` default to 0 here).
+    * top-k and dynamic-k with k >= 2: the source is untouched and the copy starts with the
+      source's logit (up to the router noise below), so it competes for the source's tokens
+      as an equal: where both fit in a token's top-k the copy takes a weaker expert's slot,
+      elsewhere one of the two near-identical experts is picked. Halving both logits
+      instead (the top-any split) starves the pair on a balanced router: two experts at
+      p/2 drop out of every top-k, and an unselected expert gets no gradient from the main
+      loss (found in a trial); starting the copy below the source leaves it dead the same
+      way. Inexact where the copy is selected (measured).
+    * top-1: both logits drop by ``log 2`` and the rows get opposite noise, so each token
+      picks one of the pair (measured).
+
+    Symmetry breaking (top-k / dynamic-k only, by default): the copy's expert weights get
+    Gaussian noise of relative std ``noise`` (default 0.01 of each tensor's std) and its
+    router row noise of relative std ``router_noise`` (default 0.1); without them two
+    identical experts selected for the same tokens would receive the same gradient
+    directions. Sources: docs/GROWTH-MATH.md (copy with a log 2 split; exact only under
+    dense / threshold gating); Komatsuzaki et al. 2023 (experts as copies).
     """
 
     name: ClassVar[str] = "add_expert"
     layer: int = 0
     source: int | None = None
     router_init: str = "split"
+    noise: float | None = None
+    router_noise: float | None = None
+    seed: int = 0
 
 
 def _source_expert(m: MoEFFN, source: int | None, op: str, most: bool) -> int:
@@ -424,14 +452,25 @@ def _source_expert(m: MoEFFN, source: int | None, op: str, most: bool) -> int:
     return int(load.argmax()) if most else int(load.argmin())
 
 
+def _noisy(t: torch.Tensor, rel: float, g: torch.Generator) -> torch.Tensor:
+    """``t`` plus N(0, (rel * std(t))^2) noise (drawn on CPU, seeded); meta stays meta."""
+    if rel == 0 or t.is_meta:
+        return t
+    sd = float(t.detach().double().std()) if t.numel() > 1 else float(t.abs().mean())
+    n = torch.randn(tuple(t.shape), generator=g, dtype=torch.float64) * (rel * sd)
+    return t + n.to(device=t.device, dtype=t.dtype)
+
+
 @register_operator(AddExpertConfig)
 class AddExpert(Operator):
     exact = False
 
     def is_exact(self, model: nn.Module, config: OpConfig) -> bool:
         c = getattr(model, "config", None)
-        return getattr(c, "moe_gate", None) == "top_any" and getattr(
-            c, "moe_capacity_factor", 0) is None
+        return (getattr(c, "moe_gate", None) == "top_any"
+                and getattr(c, "moe_capacity_factor", 0) is None
+                and not getattr(config, "noise", None) and not getattr(config, "router_noise",
+                                                                       None))
 
     def _check(self, model: nn.Module, config: OpConfig) -> tuple[GrowableTransformer, int, int]:
         if not isinstance(config, AddExpertConfig):
@@ -441,6 +480,11 @@ class AddExpert(Operator):
         if config.router_init not in ROUTER_INITS:
             raise GrowthConfigError("add_expert: " + choices_message(
                 "router_init", config.router_init, ROUTER_INITS))
+        for name in ("noise", "router_noise"):
+            v = getattr(config, name)
+            if v is not None:
+                _std(name, v)
+        _seed(config.seed)
         layer = m.layers[i].ffn
         src = _source_expert(layer, config.source, "add_expert", most=True)
         return m, i, src
@@ -450,20 +494,43 @@ class AddExpert(Operator):
 
     def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
         m, i, src = self._check(model, config)
+        assert isinstance(config, AddExpertConfig)
         layer: MoEFFN = m.layers[i].ffn
         E = layer.n_experts
+        gate = m.config.moe_gate
+        top1 = gate != "top_any" and layer.top_k == 1
+        mode = "exact_split" if gate == "top_any" else ("pair_split" if top1 else "tie")
+        default = 0.0 if gate == "top_any" else None
+        noise = config.noise if config.noise is not None else (
+            0.0 if default == 0.0 else 0.01)
+        rnoise = config.router_noise if config.router_noise is not None else (
+            0.0 if default == 0.0 else 0.1)
+        g = torch.Generator().manual_seed(config.seed)
         idx = torch.cat([torch.arange(E), torch.tensor([src])])
         scale = torch.ones(E + 1, dtype=torch.float64)
-        scale[src] = scale[E] = 0.5
+        scale[E] = 0.5
+        if mode != "tie":
+            scale[src] = 0.5
         pre = f"layers.{i}.ffn"
         maps = _expert_maps(pre, layer, idx, scale)
         shift = math.log(2.0)
         for n, p in list(layer.expert_params().items()):
-            _set(tx, layer, n, _gather0(p.detach(), idx))
+            new = _gather0(p.detach(), idx)
+            if noise:
+                new = torch.cat([new[:E], _noisy(new[E:], noise, g)])
+            _set(tx, layer, n, new)
         w = _gather0(layer.router.weight.detach(), idx)
         b = _gather0(layer.router.bias.detach(), idx).clone()
-        b[src] -= shift
-        b[E] -= shift
+        if rnoise and not w.is_meta:
+            sd = float(w[src].double().std()) if w.shape[1] > 1 else 1.0
+            d = (torch.randn(w.shape[1], generator=g, dtype=torch.float64) * rnoise * sd).to(w)
+            w = w.clone()
+            w[E] = w[E] + d
+            if mode == "pair_split":
+                w[src] = w[src] - d  # opposite: each token prefers one of the pair
+        if mode != "tie":
+            b[E] -= shift
+            b[src] -= shift
         _set(tx, layer.router, "weight", w)
         _set(tx, layer.router, "bias", b)
         maps[f"{pre}.router.weight"] = ParamMap(f"{pre}.router.weight", (idx, None),
@@ -471,8 +538,8 @@ class AddExpert(Operator):
         maps[f"{pre}.router.bias"] = ParamMap(f"{pre}.router.bias", (idx,), scale.float())
         if layer.threshold is not None:
             t = _gather0(layer.threshold.detach(), idx).clone()
-            t[src] -= shift
             t[E] -= shift
+            t[src] -= shift
             _set(tx, layer, "threshold", t)
             maps[f"{pre}.threshold"] = ParamMap(f"{pre}.threshold", (idx,), scale.float())
         new_index = torch.cat([torch.arange(E), torch.tensor([-1])])
@@ -481,7 +548,8 @@ class AddExpert(Operator):
         experts[i] = E + 1
         tx.set_attr(m.config, "moe_experts", tuple(experts))
         return GrowthResult(param_maps=maps, exact=self.is_exact(model, config), notes={
-            "layer": i, "source": src, "n_experts": [E, E + 1]})
+            "layer": i, "source": src, "n_experts": [E, E + 1], "router_init": mode,
+            "noise": noise, "router_noise": rnoise})
 
 
 @dataclass
@@ -556,7 +624,8 @@ class GrowTopKConfig(OpConfig):
     """Raise top-k's k (the largest k of dynamic-k) to ``new_k`` in every MoE layer: each
     token mixes more experts. INEXACT (the new experts join every token's mixture; the
     error is measured). Dynamic-k's ``k_net`` gains output rows for the new k values (zero
-    weights, bias = the lowest existing bias, so they start as the least likely choices).
+    weights, bias = the lowest existing bias - log 100, so they start as the least likely
+    choices, about 100 times less likely than the least likely old k).
     Top-any has no k and is refused. Source: the survey's "grow k" (Lepikhin et al. 2021 for
     top-2 gating).
     """
@@ -607,8 +676,8 @@ class GrowTopK(Operator):
                 w, bias = layer.k_net.weight.detach(), layer.k_net.bias.detach()
                 idx = torch.cat([torch.arange(k0), torch.full((k - k0,), -1)])
                 new_w = torch.cat([w, w.new_zeros(k - k0, w.shape[1])])
-                new_b = torch.cat([bias, bias.min().expand(k - k0)]) if not bias.is_meta \
-                    else torch.cat([bias, bias[:1].expand(k - k0)])
+                low = bias[:1] if bias.is_meta else bias.min().reshape(1) - math.log(100.0)
+                new_b = torch.cat([bias, low.expand(k - k0)])
                 _set(tx, layer.k_net, "weight", new_w)
                 _set(tx, layer.k_net, "bias", new_b)
                 tx.set_attr(layer.k_net, "out_features", k)
@@ -670,7 +739,8 @@ def grow_by_merging(
 
     Raises:
         IncompatibleModelError: a model that is not a dense GrowableTransformer of base's
-            architecture (the message names the first differing field or parameter).
+            architecture (the message names the first differing field or parameter), or
+            on another dtype / device.
         GrowthConfigError: fewer than two models, or bad ``non_ffn`` / ``top_k`` / ``gate``.
     """
     if not isinstance(models, (list, tuple)) or len(models) < 2:
@@ -698,6 +768,13 @@ def grow_by_merging(
             raise IncompatibleModelError(
                 f"grow_by_merging: models[{e}] has {diff[0]}={got[diff[0]]!r}, base has "
                 f"{want[diff[0]]!r}; every model must have base's architecture")
+    ref_p = base.tok_emb.weight
+    for e, m in enumerate(models):
+        p0 = m.tok_emb.weight  # type: ignore[union-attr]
+        if p0.dtype != ref_p.dtype or p0.device != ref_p.device:
+            raise IncompatibleModelError(
+                f"grow_by_merging: models[{e}] is {p0.dtype} on {p0.device}, base is "
+                f"{ref_p.dtype} on {ref_p.device}; move every model to one dtype and device")
     E = len(models)
     from ..models.moe import check_moe_args
 
@@ -761,7 +838,7 @@ def train_router_(
 
     Raises:
         IncompatibleModelError: a model without MoE routers.
-        GrowthConfigError: bad steps / lr / batches.
+        GrowthConfigError: bad steps / lr / batch_size / seq_len / batches.
     """
     import torch.nn.functional as F
 
@@ -773,8 +850,12 @@ def train_router_(
         raise IncompatibleModelError("train_router_: the model has no MoE router")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise GrowthConfigError(f"steps={steps!r} is out of range; valid: an integer >= 1")
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
+            or lr <= 0:
         raise GrowthConfigError(f"lr={lr!r} is out of range; valid: a number > 0")
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise GrowthConfigError(f"{name}={v!r} is out of range; valid: an integer >= 1")
     if not callable(getattr(batches, "sample", None)):
         raise GrowthConfigError("batches needs a sample(batch_size, seq_len) -> (x, y) method "
                                 "(e.g. selfgrow.data.text.LMBatches)")
