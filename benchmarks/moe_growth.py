@@ -34,8 +34,8 @@ corpus's specialist, where each specialist is far worse on the other corpus.
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/moe_growth.py --quick   # 1 seed, < 10 minutes
-    PYTHONPATH=. python benchmarks/moe_growth.py           # 3 seeds, LR grid of 2
+    PYTHONPATH=. python benchmarks/moe_growth.py --quick   # 3 seeds, one LR, < 10 minutes
+    PYTHONPATH=. python benchmarks/moe_growth.py           # 6x the tokens, LR grid of 2 (~70 min)
 
 Writes ``benchmarks/results/moe_growth[_quick].{md,json}``.
 """
@@ -71,7 +71,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 T = 64
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"steps": 400, "batch": 16, "lrs": (3e-3,), "seeds": (0,), "d_ff": 64,
+    "quick": {"steps": 400, "batch": 16, "lrs": (3e-3,), "seeds": (0, 1, 2), "d_ff": 64,
               "eval_windows": 64, "flop_every": 50, "merge_steps": (200, 400, 100),
               "merge_batch": 32},
     "full": {"steps": 1200, "batch": 32, "lrs": (1e-3, 3e-3), "seeds": (0, 1, 2), "d_ff": 64,
