@@ -109,9 +109,16 @@ MOE: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                            dict(new_k=3)),
 }
 
+#: shrink operators (selfgrow/ops/shrink.py): (operator, kwargs)
+SHRINK: dict[str, tuple[str, dict[str, Any]]] = {
+    "remove-units-magnitude": ("ffn_remove_units", dict(n_remove=3)),
+    "remove-units-given": ("ffn_remove_units", dict(units=(0, 7))),
+}
+
 #: every registered inexact operator -> the cases above that check it
 COVERED = ({op for op, _, _ in DEPTH.values()} | {op for op, _ in WIDTH.values()}
-           | {op for op, _ in LEARNED.values()} | {op for op, _, _ in MOE.values()})
+           | {op for op, _ in LEARNED.values()} | {op for op, _, _ in MOE.values()}
+           | {op for op, _ in SHRINK.values()})
 
 
 def test_every_inexact_operator_has_a_structural_check():
@@ -456,3 +463,50 @@ def test_moe_structure(case):
         for n, p in old.items():
             if "k_net" not in n:
                 assert torch.equal(new[n], p), f"{case}: {n} changed"
+
+
+# ------------------------------------------------------------------------------ shrink
+@pytest.mark.parametrize("case", list(SHRINK))
+@pytest.mark.parametrize("family", ["sg-rms-rope-swiglu-gqa", "hf-gpt2", "torch-enc-preln"])
+def test_shrink_structure(family, case):
+    """ffn_remove_units: every kept unit's incoming rows, biases and outgoing column are the
+    old unit's, the removed units are the ones named (or the least important by
+    magnitude), everything outside the FFNs unchanged; the error is measured."""
+    if family not in FAMILIES:
+        pytest.skip(f"{family} not available")
+    op, kw = SHRINK[case]
+    model = _model(family)
+    ad = get_adapter(model)
+    f, n = ad.dims().d_ff, ad.dims().n_layers
+    old_layers = [{k: (r.weight(), r.bias()) for k, r in
+                   (("up", ad.layer(i).up), ("gate", ad.layer(i).gate),
+                    ("down", ad.layer(i).down)) if r is not None} for i in range(n)]
+    imps = [None] * n
+    if "n_remove" in kw:
+        from selfgrow.ops.shrink import _importance
+        imps = [_importance(ad, i) for i in range(n)]
+    ffn_ids = {id(t) for i in range(n) for r in (ad.layer(i).up, ad.layer(i).gate,
+                                                  ad.layer(i).down) if r is not None
+               for t in (r.raw_weight(), r.raw_bias()) if t is not None}
+    others = {k: p.detach().clone() for k, p in model.named_parameters() if id(p) not in ffn_ids}
+    ev, err = _grow(model, op, kw)
+    _check_error_reported(ev, err)
+    ad = get_adapter(model)
+    for i in range(n):
+        if "units" in kw:
+            gone = set(kw["units"])
+        else:
+            gone = set(imps[i].argsort()[: kw["n_remove"]].tolist())
+        keep = [u for u in range(f) if u not in gone]
+        assert ev.extra["notes"]["removed"][i] == sorted(gone)
+        for k, (w, b) in old_layers[i].items():
+            ref = getattr(ad.layer(i), k)
+            if k == "down":
+                assert torch.equal(ref.weight(), w[:, keep])
+                assert b is None or torch.equal(ref.bias(), b)
+            else:
+                assert torch.equal(ref.weight(), w[keep])
+                assert b is None or torch.equal(ref.bias(), b[keep])
+    new = dict(model.named_parameters())
+    for k, v in others.items():
+        assert torch.equal(new[k], v), k

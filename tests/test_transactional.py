@@ -119,6 +119,8 @@ KW: dict[str, dict[str, Any] | KwFn] = {
     "add_expert": lambda m: dict(layer=_first_moe_layer(m), source=0),
     "remove_expert": lambda m: dict(layer=_first_moe_layer(m), expert=1),
     "grow_top_k": dict(new_k=3),
+    "ffn_remove_units": dict(n_remove=2),
+    "ffn_fold_duplicates": dict(atol=1e9),  # folds every unit into one: a real edit
 }
 
 #: Transaction methods that edit the model (the injection points)
@@ -142,6 +144,8 @@ RECIPE_KIND: dict[str, str] = {
     "heads_clone": "transformer",
     "heads_fresh": "transformer",
     "extend_positions": "transformer",
+    "ffn_remove_units": "transformer",
+    "ffn_fold_duplicates": "transformer",
 }
 #: (operator, family) pairs excluded by hand, with the reason
 EXCLUDED: dict[tuple[str, str], str] = {
@@ -501,7 +505,7 @@ def invalid_variants(op: str, model: nn.Module) -> list[tuple[str, dict[str, Any
             bad = [n + 3, -1] if isinstance(cur, int) else [(n + 3,), (-1,)]
         elif name == "positions":
             bad = [(n + 3,), (-1,)]
-        elif name == "noise" or name.endswith("_std"):
+        elif name in ("noise", "atol") or name.endswith("_std"):
             bad = [-1.0, math.nan]
         elif isinstance(cur, str):
             bad = ["no-such-choice"]
