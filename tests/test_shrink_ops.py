@@ -106,8 +106,11 @@ def test_magnitude_removes_the_least_important_units_per_layer() -> None:
 
 
 @pytest.mark.parametrize(("kw", "err", "msg"), [
-    (dict(units=(0, 99)), GrowthConfigError, r"distinct units in 0\.\.15"),
-    (dict(units=(1, 1)), GrowthConfigError, "distinct"),
+    (dict(units=(0, 99)), GrowthConfigError, r"units \[99\] are out of range; valid: 0\.\.15"),
+    (dict(units=(1, 1)), GrowthConfigError, r"units \[1\] are listed twice"),
+    (dict(units=(0.5,)), GrowthConfigError, "must be a list of unit indices"),
+    (dict(units=(True,)), GrowthConfigError, "must be a list of unit indices"),
+    (dict(units=(1, 2), n_remove=2), GrowthConfigError, "not both"),
     (dict(units=tuple(range(16))), GrowthConfigError, "at least one unit stays"),
     (dict(n_remove=16), GrowthConfigError, "valid: 1..15"),
     (dict(n_remove=0), GrowthConfigError, "valid: 1..15"),
@@ -125,11 +128,50 @@ def test_remove_units_refuses_bad_requests_before_any_change(kw: dict[str, Any],
 
 
 def test_fold_refuses_a_model_without_duplicates_or_uneven_layers() -> None:
-    m, _, _, _ = _setup("sg-preln")
+    m, _, _, fn = _setup("sg-preln")
     with pytest.raises(IncompatibleModelError, match="no duplicated FFN units"):
-        grow_(m, make_config("ffn_fold_duplicates"))
-    grow_(m, make_config("ffn_net2wider", new_d_ff=18, layers=[0]))  # layer 1: zero fan-out
-    with pytest.raises(GrowthConfigError, match="different widths"):
         grow_(m, make_config("ffn_fold_duplicates"))
     with pytest.raises(GrowthConfigError, match="atol=-1"):
         grow_(m, make_config("ffn_fold_duplicates", atol=-1.0))
+    ad = get_adapter(m)
+    with torch.no_grad():  # layer 0 gets two dead units, layer 1 none: uneven widths
+        ad.layer(0).down.raw_weight()[:, [2, 3]] = 0
+    with pytest.raises(IncompatibleModelError, match="different widths"):
+        grow_(m, make_config("ffn_fold_duplicates"))
+
+
+def test_fold_undoes_a_per_layer_net2wider_exactly() -> None:
+    """ffn_net2wider(layers=[0]) copies units in layer 0 and gives layer 1 zero fan-out
+    units: the fold folds the copies and drops the zero fan-out units, exactly."""
+    m, _, _, fn = _setup("sg-preln")
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    grow_(m, make_config("ffn_net2wider", new_d_ff=20, layers=[0], noise=0.1))
+    ev = grow_(m, make_config("ffn_fold_duplicates"), probe_fn=fn)
+    assert ev.preservation["max_rel"] < TOL and get_adapter(m).dims().d_ff == 16
+    assert all(torch.allclose(m.state_dict()[k], v, atol=1e-12) for k, v in sd0.items())
+
+
+def test_shrinks_are_sized_from_shapes() -> None:
+    from selfgrow.ops import estimate_growth
+
+    m, _, _, _ = _setup("sg-preln")
+    before = sum(p.numel() for p in m.parameters())
+    per_unit = 2 * (2 * 8 + 1)  # 2 layers x (up row + down column + up bias)
+    for kw in (dict(units=(1, 2)), dict(n_remove=2)):
+        est = estimate_growth(m, make_config("ffn_remove_units", **kw))
+        assert est["params_after"] == before - 2 * per_unit, kw
+    grow_(m, make_config("ffn_net2wider", new_d_ff=18))
+    est = estimate_growth(m, make_config("ffn_fold_duplicates"))  # upper bound: unfolded
+    assert est["params_after"] == est["params_before"]
+
+
+def test_fold_is_fast_on_a_wide_ffn() -> None:
+    import time
+
+    from selfgrow.models.transformer import GrowableTransformer, tiny_config
+
+    m = GrowableTransformer(tiny_config(d_ff=2048, d_model=32, n_heads=4, head_dim=8))
+    grow_(m, make_config("ffn_net2wider", new_d_ff=2304))
+    t0 = time.perf_counter()
+    grow_(m, make_config("ffn_fold_duplicates"))
+    assert time.perf_counter() - t0 < 10.0 and m.config.d_ff == 2048

@@ -31,6 +31,7 @@ copy's), its second moment by ``c^2``.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,16 +121,22 @@ def _removal(model: nn.Module, config: FFNRemoveUnitsConfig) -> dict[int, torch.
             "criterion", config.criterion, CRITERIA))
     n_layers, f = ad.dims().n_layers, ad.dims().d_ff
     if config.units is not None:
-        u = config.units
-        if not isinstance(u, (list, tuple)) or any(
-                isinstance(j, bool) or not isinstance(j, int) for j in u):
-            raise GrowthConfigError(f"ffn_remove_units: units={u!r} must be a list of unit "
-                                    f"indices; valid: 0..{f - 1}")
+        try:
+            if isinstance(config.units, (str, bytes)) or any(
+                    isinstance(j, bool) for j in config.units):
+                raise TypeError
+            u = [operator.index(j) for j in config.units]
+        except TypeError:
+            raise GrowthConfigError(f"ffn_remove_units: units={config.units!r} must be a list "
+                                    f"of unit indices; valid: 0..{f - 1}") from None
         bad = [j for j in u if not 0 <= j < f]
-        if bad or len(set(u)) != len(u):
-            raise GrowthConfigError(f"ffn_remove_units: units {list(u)} must be distinct "
-                                    f"units in 0..{f - 1}")
-        if config.n_remove not in (0, len(u)):
+        if bad:
+            raise GrowthConfigError(f"ffn_remove_units: units {bad} are out of range; valid: "
+                                    f"0..{f - 1}")
+        dup = sorted({j for j in u if u.count(j) > 1})
+        if dup:
+            raise GrowthConfigError(f"ffn_remove_units: units {dup} are listed twice")
+        if config.n_remove != 0:
             raise GrowthConfigError("ffn_remove_units: give units or n_remove, not both")
         _check_d_ff(ad, len(u), "ffn_remove_units")
         keep = torch.tensor([j for j in range(f) if j not in set(u)], dtype=torch.long)
@@ -138,12 +145,12 @@ def _removal(model: nn.Module, config: FFNRemoveUnitsConfig) -> dict[int, torch.
     if isinstance(n, bool) or not isinstance(n, int):
         raise GrowthConfigError(f"ffn_remove_units: n_remove={n!r} must be an integer")
     _check_d_ff(ad, n, "ffn_remove_units")
-    if _is_meta(ad):
-        raise IncompatibleModelError("ffn_remove_units: choosing units by magnitude needs the "
-                                     "weights (the model is on the meta device); pass units=")
+    if _is_meta(ad):  # a shape-only copy (estimate_growth): which units go does not matter
+        keep = torch.arange(f - n)
+        return {i: keep for i in range(n_layers)}
     out = {}
     for i in range(n_layers):
-        drop = _importance(ad, i).argsort()[:n]  # ties: the lower index first (stable)
+        drop = _importance(ad, i).argsort(stable=True)[:n]  # ties: the lower index first
         mask = torch.ones(f, dtype=torch.bool)
         mask[drop] = False
         out[i] = mask.nonzero().flatten()
@@ -162,6 +169,8 @@ class FFNRemoveUnits(Operator):
         except (GrowthConfigError, IncompatibleModelError):
             return False
         ad = get_adapter(model)
+        if _is_meta(ad):
+            return False  # no values to check (a shape-only copy)
         for i, k in keep.items():
             down = ad.layer(i).down.weight()
             mask = torch.ones(down.shape[1], dtype=torch.bool)
@@ -199,10 +208,19 @@ class FFNRemoveUnits(Operator):
 class FFNFoldDuplicatesConfig(OpConfig):
     """Fold duplicated FFN units (the inverse of Net2WiderNet): units whose incoming rows and
     biases (up and gate) are equal within ``atol`` (max abs difference) form a group, whose
-    first unit stays with the SUM of the group's outgoing columns. EXACT for ``atol = 0``
-    (equal pre-activations give equal activations); with ``atol > 0`` the error is measured.
-    Every layer must fold to the same width (the config holds one d_ff). Source: Chen et
-    al. 2016 (Net2WiderNet, whose copies this undoes).
+    first unit stays with the SUM of the group's outgoing columns; units (or groups) whose
+    outgoing weights are all zero contribute nothing and are dropped too (so a per-layer
+    ``ffn_net2wider(layers=...)``, whose other layers got zero fan-out units, folds back
+    exactly). EXACT for ``atol = 0`` (equal pre-activations give equal activations); with
+    ``atol > 0`` the error is measured, and the greedy grouping (units within ``atol`` of
+    each group's first unit, in unit order) costs one pass per group. Every layer must fold
+    to the same width (the config holds one d_ff). On a shape-only (meta) copy, as in
+    ``estimate_growth``, the duplicates are unknown and the estimate is the unfolded size
+    (an upper bound). Source: Chen et al. 2016 (Net2WiderNet, whose copies this undoes).
+
+    Optimizer state and accumulated gradients of a kept up / gate row are the first copy's
+    times the group size: exact when the copies' outgoing columns are equal (noise 0), an
+    approximation of the copies' sum when Net2WiderNet's symmetry noise made them differ.
     """
 
     name: ClassVar[str] = "ffn_fold_duplicates"
@@ -210,19 +228,29 @@ class FFNFoldDuplicatesConfig(OpConfig):
 
 
 def _groups(ad: TransformerAdapter, i: int, atol: float) -> list[list[int]]:
-    """Groups of duplicated units of layer ``i`` (first unit of each group first)."""
+    """Groups of duplicated units of layer ``i``, each listed from its first unit, ordered
+    by first unit; groups whose summed outgoing column is zero (units that contribute
+    nothing) are left out, at least one group kept."""
     rows = torch.cat([t.double() for t in _incoming(ad, i)], dim=1)  # (F, D)
-    groups: list[list[int]] = []
-    reps: list[int] = []
-    for u in range(rows.shape[0]):
-        for g, r in zip(groups, reps, strict=True):
-            if float((rows[u] - rows[r]).abs().max()) <= atol:
-                g.append(u)
-                break
-        else:
-            groups.append([u])
-            reps.append(u)
-    return groups
+    F_ = rows.shape[0]
+    if atol == 0:  # exact duplicates: one sort (torch.unique), not F^2 comparisons
+        _, inv = torch.unique(rows, dim=0, return_inverse=True)
+        order = torch.argsort(inv, stable=True)
+        members: dict[int, list[int]] = {}
+        for u in order.tolist():
+            members.setdefault(int(inv[u]), []).append(u)
+        groups = sorted(members.values(), key=lambda g: g[0])
+    else:  # greedy: each group is the units within atol of its first unit
+        remaining = torch.arange(F_)
+        groups = []
+        while remaining.numel():
+            r = int(remaining[0])
+            d = (rows[remaining] - rows[r]).abs().amax(dim=1)
+            groups.append(remaining[d <= atol].tolist())
+            remaining = remaining[d > atol]
+    down = ad.layer(i).down.weight().double()  # (C, F)
+    live = [g for g in groups if bool(down[:, g].sum(1).ne(0).any())]
+    return live or groups[:1]
 
 
 def _folding(model: nn.Module, config: FFNFoldDuplicatesConfig) -> dict[int, list[list[int]]]:
@@ -232,20 +260,20 @@ def _folding(model: nn.Module, config: FFNFoldDuplicatesConfig) -> dict[int, lis
     if isinstance(a, bool) or not isinstance(a, (int, float)) or not a >= 0 or a != a:
         raise GrowthConfigError(f"ffn_fold_duplicates: atol={a!r} is out of range; valid: a "
                                 f"number >= 0")
-    if _is_meta(ad):
-        raise IncompatibleModelError("ffn_fold_duplicates needs the weights to find the "
-                                     "duplicates (the model is on the meta device)")
+    f = ad.dims().d_ff
+    if _is_meta(ad):  # a shape-only copy (estimate_growth): the duplicates are unknown
+        return {i: [[u] for u in range(f)] for i in range(ad.dims().n_layers)}
     groups = {i: _groups(ad, i, float(a)) for i in range(ad.dims().n_layers)}
     widths = {i: len(g) for i, g in groups.items()}
-    f = ad.dims().d_ff
     if all(w == f for w in widths.values()):
         raise IncompatibleModelError(
             f"ffn_fold_duplicates: no duplicated FFN units (incoming rows equal within "
-            f"atol={a}) in any layer; nothing to fold")
+            f"atol={a}) and no unit without outgoing weights in any layer; nothing to fold")
     if len(set(widths.values())) != 1:
-        raise GrowthConfigError(
-            f"ffn_fold_duplicates: layers would fold to different widths {widths}; the config "
-            f"holds one d_ff, so every layer must have the same number of duplicates")
+        raise IncompatibleModelError(
+            f"ffn_fold_duplicates: layers would fold to different widths {widths} (after "
+            f"folding duplicates and dropping units whose outgoing weights are all zero); "
+            f"the config holds one d_ff. Remove units per layer with ffn_remove_units first")
     return groups
 
 
