@@ -234,6 +234,12 @@ class MoEFFN(nn.Module):
             zero outside the selection, sum to 1 over it, and carry the gate's gradients;
             capacity is not applied yet.
         """
+        logits, _, w, selected = self._route(x)
+        return logits, w, selected
+
+    def _route(self, x: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`route` plus the router probabilities (N, E) (reused by the losses)."""
         logits = self.router(x)  # (N, E), routed in fp32 at least (fp64 models in fp64)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         probs = logits.softmax(-1)
@@ -242,8 +248,7 @@ class MoEFFN(nn.Module):
             idx = probs.topk(self.top_k, dim=-1).indices  # (N, k)
             sel = torch.zeros_like(probs).scatter_(1, idx, 1.0)
             self.k_loss = None
-        elif self.gate_kind == "dynamic_k":
-            assert self.k_net is not None
+        elif self.k_net is not None:  # dynamic_k
             K = min(self.top_k, E)
             kl = self.k_net(x).to(logits.dtype)[:, :K]  # (N, K): k = 1..K
             if self.training:
@@ -255,8 +260,7 @@ class MoEFFN(nn.Module):
             sel = torch.zeros_like(probs).scatter(1, idx, active)
             ks = torch.arange(1, K + 1, dtype=kl.dtype, device=kl.device)
             self.k_loss = (kl.softmax(-1) * ks).sum(-1).mean()
-        else:  # top_any
-            assert self.threshold is not None
+        elif self.threshold is not None:  # top_any
             margin = logits - self.threshold.to(logits.dtype)  # (N, E)
             hard = margin > 0
             none = ~hard.any(-1)
@@ -266,6 +270,9 @@ class MoEFFN(nn.Module):
             soft = torch.sigmoid(margin / self.threshold_tau)
             sel = hard.to(soft.dtype) + soft - soft.detach()
             self.k_loss = soft.sum(-1).mean()
+        else:
+            raise GrowthConfigError(f"MoEFFN gate {self.gate_kind!r} is missing its "
+                                    f"parameters (k_net / threshold); rebuild the layer")
         sd = sel.detach()
         # a token whose gate is NaN (non-finite input) goes to every expert, so the NaN
         # reaches its output instead of silently becoming a zero (no expert selected)
@@ -277,7 +284,7 @@ class MoEFFN(nn.Module):
         # backward pass (value unchanged, Switch's gradient dp / p)
         single = selected.sum(-1, keepdim=True) == 1
         denom = torch.where(single, denom.detach(), denom)
-        return logits, w / denom, selected
+        return logits, probs, w / denom, selected
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,7 +300,7 @@ class MoEFFN(nn.Module):
             self.aux_loss, self.z_loss = zero, zero
             self.k_loss = zero if self.gate_kind != "topk" else None
             return x.new_zeros(shape)
-        logits, w, selected = self.route(xf)
+        logits, probs, w, selected = self._route(xf)
         tok, exp = selected.nonzero(as_tuple=True)  # (A,), token-major order
         dropped = 0
         if self.capacity_factor is not None and tok.numel():
@@ -303,22 +310,21 @@ class MoEFFN(nn.Module):
             keep = pos < cap
             dropped = int((~keep).sum())
             tok, exp = tok[keep], exp[keep]
-        y = self._dispatch(xf, w, tok, exp)
-        self._losses(logits, exp, N)
-        self._record(selected, exp, N, dropped)
+        counts = torch.bincount(exp, minlength=E)  # (E,) assignments per expert, once
+        y = self._dispatch(xf, w, tok, exp, counts)
+        self._losses(logits, probs, counts)
+        self._record(selected, counts, N, dropped)
         return y.reshape(shape)
 
     def _dispatch(self, xf: torch.Tensor, w: torch.Tensor, tok: torch.Tensor,
-                  exp: torch.Tensor) -> torch.Tensor:
+                  exp: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Sorted-by-expert dispatch: one batched FFN per expert over its slice."""
-        E = self.n_experts
         order = torch.argsort(exp, stable=True)
         tok_s, exp_s = tok[order], exp[order]
-        counts = torch.bincount(exp_s, minlength=E).tolist()
         xs = xf.index_select(0, tok_s)  # (A, C)
         outs = []
         start = 0
-        for e, n in enumerate(counts):
+        for e, n in enumerate(counts.tolist()):
             if n:
                 outs.append(self.expert_forward(e, xs[start:start + n]))
             start += n
@@ -334,8 +340,7 @@ class MoEFFN(nn.Module):
         h = x @ self.w_up[e].t()
         if self.b_up is not None:
             h = h + self.b_up[e]
-        if self.kind == "swiglu":
-            assert self.w_gate is not None
+        if self.w_gate is not None:  # swiglu
             g = x @ self.w_gate[e].t()
             if self.b_gate is not None:
                 g = g + self.b_gate[e]
@@ -345,10 +350,9 @@ class MoEFFN(nn.Module):
         y = h @ self.w_down[e].t()
         return y + self.b_down[e] if self.b_down is not None else y
 
-    def _losses(self, logits: torch.Tensor, exp: torch.Tensor, N: int) -> None:
+    def _losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> None:
         E = logits.shape[-1]
-        probs = logits.softmax(-1)
-        f = torch.bincount(exp, minlength=E).to(probs.dtype) / max(int(exp.numel()), 1)
+        f = counts.to(probs.dtype) / counts.sum().clamp_min(1)
         self.aux_loss = E * (f * probs.mean(0)).sum()
         self.z_loss = torch.logsumexp(logits, -1).pow(2).mean()
 
@@ -364,10 +368,11 @@ class MoEFFN(nn.Module):
 
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
-    def _record(self, selected: torch.Tensor, exp: torch.Tensor, N: int, dropped: int) -> None:
+    def _record(self, selected: torch.Tensor, counts: torch.Tensor, N: int, dropped: int
+                ) -> None:
         if in_measurement():  # grow_'s probe, a FLOP count: not training or evaluation data
             return
-        counts = torch.bincount(exp.detach().cpu(), minlength=self.n_experts)
+        counts = counts.detach().cpu()
         k_hist = torch.bincount(selected.sum(-1).cpu(), minlength=self.n_experts + 1)
         sums = [self._window]
         if self.stats_tag is not None:

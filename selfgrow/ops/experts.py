@@ -139,8 +139,9 @@ def _gather0(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _set(tx: Transaction, module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = module._parameters[name]
-    assert old is not None
+    old = module._parameters.get(name)
+    if old is None:
+        raise IncompatibleModelError(f"{type(module).__name__} has no parameter {name!r}")
     tx.set_parameter(module, name, nn.Parameter(value.detach().to(old.dtype).contiguous(),
                                                 requires_grad=old.requires_grad))
 
@@ -198,7 +199,8 @@ class MoEUpcycleConfig(OpConfig):
     seed: int = 0
 
 
-def _validate_upcycle(model: nn.Module, config: MoEUpcycleConfig, op: str) -> list[int]:
+def _validate_upcycle(model: nn.Module, config: MoEUpcycleConfig, op: str
+                      ) -> tuple[GrowableTransformer, list[int]]:
     m = _transformer(model, op)
     cfg = m.config
     e = config.n_experts
@@ -238,7 +240,7 @@ def _validate_upcycle(model: nn.Module, config: MoEUpcycleConfig, op: str) -> li
         raise GrowthConfigError(f"{op}: top_k={k} > n_experts={e}; valid: 1..{e}")
     _std("router_std", config.router_std)
     _seed(config.seed)
-    return chosen
+    return m, chosen
 
 
 def _upcycle(model: GrowableTransformer, config: MoEUpcycleConfig, tx: Transaction,
@@ -352,12 +354,11 @@ class MoEUpcycle(Operator):
     def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
         if not isinstance(config, MoEUpcycleConfig):
             raise GrowthConfigError("expected MoEUpcycleConfig")
-        layers = _validate_upcycle(model, config, "moe_upcycle")
-        assert isinstance(model, GrowableTransformer)
-        maps = _upcycle(model, config, tx, layers, None)
-        return GrowthResult(param_maps=maps, exact=self.is_exact(model, config), notes={
-            "layers": layers, "n_experts": config.n_experts, "gate": model.config.moe_gate,
-            "top_k": model.config.moe_top_k})
+        m, layers = _validate_upcycle(model, config, "moe_upcycle")
+        maps = _upcycle(m, config, tx, layers, None)
+        return GrowthResult(param_maps=maps, exact=self.is_exact(m, config), notes={
+            "layers": layers, "n_experts": config.n_experts, "gate": m.config.moe_gate,
+            "top_k": m.config.moe_top_k})
 
 
 @dataclass
@@ -390,12 +391,11 @@ class MoEDropUpcycle(Operator):
     def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
         if not isinstance(config, MoEDropUpcycleConfig):
             raise GrowthConfigError("expected MoEDropUpcycleConfig")
-        layers = _validate_upcycle(model, config, "moe_drop_upcycle")
-        assert isinstance(model, GrowableTransformer)
-        maps = _upcycle(model, config, tx, layers, float(config.drop_ratio))
+        m, layers = _validate_upcycle(model, config, "moe_drop_upcycle")
+        maps = _upcycle(m, config, tx, layers, float(config.drop_ratio))
         return GrowthResult(param_maps=maps, exact=False, notes={
             "layers": layers, "n_experts": config.n_experts, "drop_ratio": config.drop_ratio,
-            "dropped_units_per_expert": int(round(config.drop_ratio * model.config.d_ff))})
+            "dropped_units_per_expert": int(round(config.drop_ratio * m.config.d_ff))})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,8 +493,9 @@ class AddExpert(Operator):
         self._check(model, config)
 
     def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
+        if not isinstance(config, AddExpertConfig):
+            raise GrowthConfigError("expected AddExpertConfig")
         m, i, src = self._check(model, config)
-        assert isinstance(config, AddExpertConfig)
         layer: MoEFFN = m.layers[i].ffn
         E = layer.n_experts
         gate = m.config.moe_gate
@@ -662,8 +663,9 @@ class GrowTopK(Operator):
         self._check(model, config)
 
     def apply(self, model: nn.Module, config: OpConfig, tx: Transaction) -> GrowthResult:
+        if not isinstance(config, GrowTopKConfig):
+            raise GrowthConfigError("expected GrowTopKConfig")
         m = self._check(model, config)
-        assert isinstance(config, GrowTopKConfig)
         k0, k = m.config.moe_top_k, config.new_k
         maps: dict[str, ParamMap] = {}
         for i, b in enumerate(m.layers):
@@ -751,7 +753,7 @@ def grow_by_merging(
         raise GrowthConfigError(choices_message("non_ffn", non_ffn, MERGE_NON_FFN))
     _std("router_std", router_std)
     _seed(seed)
-    for who, m in [("base", base)] + [(f"models[{e}]", m) for e, m in enumerate(models)]:
+    def dense(who: str, m: nn.Module) -> GrowableTransformer:
         if not isinstance(m, GrowableTransformer):
             raise IncompatibleModelError(f"grow_by_merging: {who} is {type(m).__name__}; "
                                          f"valid: a dense selfgrow GrowableTransformer")
@@ -759,10 +761,13 @@ def grow_by_merging(
         if m.config.moe_experts:
             raise IncompatibleModelError(f"grow_by_merging: {who} already has MoE layers "
                                          f"(moe_experts={m.config.moe_experts}); valid: dense")
-    assert isinstance(base, GrowableTransformer)
+        return m
+
+    base = dense("base", base)
+    models = [dense(f"models[{e}]", m) for e, m in enumerate(models)]
     want = _shape_config(base)
     for e, m in enumerate(models):
-        got = _shape_config(m)  # type: ignore[arg-type]
+        got = _shape_config(m)
         diff = [k for k in want if want[k] != got[k]]
         if diff:
             raise IncompatibleModelError(
@@ -770,7 +775,7 @@ def grow_by_merging(
                 f"{want[diff[0]]!r}; every model must have base's architecture")
     ref_p = base.tok_emb.weight
     for e, m in enumerate(models):
-        p0 = m.tok_emb.weight  # type: ignore[union-attr]
+        p0 = m.tok_emb.weight
         if p0.dtype != ref_p.dtype or p0.device != ref_p.device:
             raise IncompatibleModelError(
                 f"grow_by_merging: models[{e}] is {p0.dtype} on {p0.device}, base is "

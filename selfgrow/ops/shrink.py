@@ -157,6 +157,20 @@ def _removal(model: nn.Module, config: FFNRemoveUnitsConfig) -> dict[int, torch.
     return out
 
 
+def _removed_fanout_is_zero(ad: TransformerAdapter, keep: dict[int, torch.Tensor]) -> bool:
+    """Whether every unit outside ``keep`` has an all-zero outgoing column (the removal is
+    then exact); False on a shape-only (meta) copy, which has no values to check."""
+    if _is_meta(ad):
+        return False
+    for i, k in keep.items():
+        down = ad.layer(i).down.weight()
+        mask = torch.ones(down.shape[1], dtype=torch.bool)
+        mask[k] = False
+        if bool(down[:, mask].ne(0).any()):
+            return False
+    return True
+
+
 @register_operator(FFNRemoveUnitsConfig)
 class FFNRemoveUnits(Operator):
     exact = False
@@ -168,16 +182,7 @@ class FFNRemoveUnits(Operator):
             keep = _removal(model, config)
         except (GrowthConfigError, IncompatibleModelError):
             return False
-        ad = get_adapter(model)
-        if _is_meta(ad):
-            return False  # no values to check (a shape-only copy)
-        for i, k in keep.items():
-            down = ad.layer(i).down.weight()
-            mask = torch.ones(down.shape[1], dtype=torch.bool)
-            mask[k] = False
-            if bool(down[:, mask].ne(0).any()):
-                return False
-        return True
+        return _removed_fanout_is_zero(get_adapter(model), keep)
 
     def validate(self, model: nn.Module, config: OpConfig) -> None:
         if not isinstance(config, FFNRemoveUnitsConfig):
@@ -192,7 +197,7 @@ class FFNRemoveUnits(Operator):
         f = ad.dims().d_ff
         nf = int(next(iter(keep.values())).numel()) if keep else f
         removed = {i: sorted(set(range(f)) - set(k.tolist())) for i, k in keep.items()}
-        exact = self.is_exact(model, config)
+        exact = _removed_fanout_is_zero(ad, keep)
         plans = ffn_unit_plans(ad, {i: _keep_roles(k, f) for i, k in keep.items()})
         maps = resize_params(tx, model, plans)
         ad.update_dims(tx, d_ff=nf)
