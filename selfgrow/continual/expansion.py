@@ -60,6 +60,7 @@ __all__ = [
     "PNNStreamCheck",
     "PNN_REFUSAL",
     "TaskLogitMask",
+    "with_pnn_plugins",
     "check_task_incremental",
     "der_extractor",
     "der_strategy",
@@ -927,8 +928,18 @@ def pnn_strategy(
     except (TypeError, ValueError) as e:
         raise GrowthConfigError(f"{optimizer_cls.__name__} rejected optimizer_kwargs="
                                 f"{optimizer_kwargs!r}: {e}") from e
-    if not any(isinstance(p, MultiHeadPaddingMask) for p in plugins):
-        plugins.insert(0, MultiHeadPaddingMask())
-    if not any(isinstance(p, PNNStreamCheck) for p in plugins):
-        plugins.insert(0, PNNStreamCheck(in_features))
-    return PNNStrategy(model=model, optimizer=optimizer, plugins=plugins, **strategy_kwargs)
+    return PNNStrategy(model=model, optimizer=optimizer,
+                       plugins=with_pnn_plugins(plugins, in_features), **strategy_kwargs)
+
+
+def with_pnn_plugins(plugins: list[Any], in_features: int) -> list[Any]:
+    """``plugins`` with the two plugins every PNN run needs put first unless present: a
+    :class:`PNNStreamCheck` (refuses a stream PNN cannot learn, a wrong input size) and a
+    :class:`MultiHeadPaddingMask` (masks Avalanche's zero-padded multi-head logits). Used by
+    :func:`pnn_strategy` and ``selfgrow run --strategy pnn``."""
+    out = list(plugins)
+    if not any(isinstance(p, MultiHeadPaddingMask) for p in out):
+        out.insert(0, MultiHeadPaddingMask())
+    if not any(isinstance(p, PNNStreamCheck) for p in out):
+        out.insert(0, PNNStreamCheck(in_features))
+    return out

@@ -822,10 +822,10 @@ def train_variant(
         from .expansion import TaskLogitMask
 
         plugins.append(TaskLogitMask(bench.classes_per_experience, bench.data.num_classes))
-    if spec.strategy == "pnn":  # Avalanche pads each task's head output with zeros
-        from .expansion import MultiHeadPaddingMask
+    if spec.strategy == "pnn":  # the padding mask and the stream check of every PNN run
+        from .expansion import with_pnn_plugins
 
-        plugins.insert(0, MultiHeadPaddingMask())
+        plugins = with_pnn_plugins(plugins, math.prod(bench.data.input_shape))
     template: Any = Naive
     if spec.strategy == "cumulative":
         from avalanche.training.supervised import Cumulative

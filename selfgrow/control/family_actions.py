@@ -195,8 +195,6 @@ def transformer_extend_context(model: nn.Module, factor: int = 2, new_len: int |
     return build_config(ExtendPositionsConfig, new_len=new_len, **kw)
 
 
-
-
 @register_family_action("transformer", "add_expert")
 def transformer_add_expert(model: nn.Module, layer: int | None = None,
                            source: int | None = None, **kw: Any) -> OpConfig:
