@@ -65,6 +65,9 @@ from ..models.transformer import FFN, GrowableTransformer, moe_ffn
 from ._registry import GrowthResult, OpConfig, Operator, register_operator
 
 ROUTER_INITS = ("split",)
+#: the dense FFN parameter each stacked expert tensor of MoEFFN comes from
+DENSE_OF_EXPERT = {"w_up": "up.weight", "w_down": "down.weight", "b_up": "up.bias",
+                   "b_down": "down.bias", "w_gate": "gate.weight", "b_gate": "gate.bias"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,20 +266,14 @@ def _upcycle(model: GrowableTransformer, config: MoEUpcycleConfig, tx: Transacti
             moe = moe_ffn(cfg, E)
         moe = moe.to_empty(device=ref.device).to(ref.dtype)
         pre = f"layers.{i}.ffn"
-        pairs = [("w_up", dense.up.weight), ("w_down", dense.down.weight),
-                 ("b_up", dense.up.bias), ("b_down", dense.down.bias)]
-        if cfg.ffn == "swiglu":
-            pairs += [("w_gate", dense.gate.weight), ("b_gate", dense.gate.bias)]
-        src_name = {"w_up": "up.weight", "w_down": "down.weight", "b_up": "up.bias",
-                    "b_down": "down.bias", "w_gate": "gate.weight", "b_gate": "gate.bias"}
+        dense_params = dict(dense.named_parameters())
         with torch.no_grad():
-            for n, src in pairs:
-                if src is None:
-                    continue
+            for n in moe.expert_params():
+                src = dense_params[DENSE_OF_EXPERT[n]]
                 getattr(moe, n).copy_(src.detach().unsqueeze(0).expand(E, *src.shape))
                 if drop_ratio is None:
                     maps[f"{pre}.{n}"] = ParamMap(
-                        f"{pre}.{src_name[n]}", (zeros,) + (None,) * src.dim(), 1.0 / E,
+                        f"{pre}.{DENSE_OF_EXPERT[n]}", (zeros,) + (None,) * src.dim(), 1.0 / E,
                         unsqueeze=0)
                 else:
                     maps[f"{pre}.{n}"] = ParamMap(None)
@@ -797,13 +794,11 @@ def grow_by_merging(
     base_named = dict(base.named_parameters())
     buffers = dict(base.named_buffers())
     g = torch.Generator().manual_seed(seed)
-    src_name = {"w_up": "up.weight", "w_down": "down.weight", "b_up": "up.bias",
-                "b_down": "down.bias", "w_gate": "gate.weight", "b_gate": "gate.bias"}
     for n, p in merged.named_parameters():
         parts = n.split(".")
         if len(parts) == 4 and parts[0] == "layers" and parts[2] == "ffn" and \
-                parts[3] in src_name:
-            src = f"layers.{parts[1]}.ffn.{src_name[parts[3]]}"
+                parts[3] in DENSE_OF_EXPERT:
+            src = f"layers.{parts[1]}.ffn.{DENSE_OF_EXPERT[parts[3]]}"
             p.copy_(torch.stack([nm[src].detach() for nm in named]))
         elif ".ffn.router." in n or ".ffn.k_net." in n or n.endswith(".ffn.threshold"):
             if n.endswith("weight"):
