@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import RunDirError, choices_message
-from .events import BadLine, GrowthEvent, read_events
+from .events import STRUCTURE_KINDS, BadLine, GrowthEvent, read_events
 from .events.record import jsonable
 from .runs import cli_command
 
@@ -53,7 +53,18 @@ class RunRecord:
 
     @property
     def growths(self) -> list[GrowthEvent]:
+        """Growth events (capacity added), in log order."""
         return [e for e in self.events if e.kind == "growth"]
+
+    @property
+    def prunes(self) -> list[GrowthEvent]:
+        """Prune events (capacity removed by a shrink operator), in log order."""
+        return [e for e in self.events if e.kind == "prune"]
+
+    @property
+    def changes(self) -> list[GrowthEvent]:
+        """Every event that changed the model's structure (growths and prunes), in order."""
+        return [e for e in self.events if e.kind in STRUCTURE_KINDS]
 
     @property
     def other_run_ids(self) -> list[str]:
@@ -204,10 +215,10 @@ def _num(v: Any, fmt: str = "{:.4g}") -> str:
 
 
 def timeline_rows(events: list[GrowthEvent], include_skipped: bool = False) -> list[dict[str, Any]]:
-    """One dict per growth (and, optionally, skipped/anomaly) event, in log order."""
+    """One dict per growth or prune (and, optionally, skipped/anomaly) event, in log order."""
     rows = []
     for e in events:
-        if e.kind != "growth" and not include_skipped:
+        if e.kind not in STRUCTURE_KINDS and not include_skipped:
             continue
         trig = e.trigger or {}
         act = e.action or {}
@@ -246,7 +257,7 @@ def _exp_number(v: Any) -> str:
 
 def _why(r: dict[str, Any]) -> str:
     """Why a decision was skipped (or what the anomaly was): ``blocked: reason``."""
-    if r["kind"] == "growth":
+    if r["kind"] in STRUCTURE_KINDS:
         return ""
     reason = str(r.get("reason") or "").strip()
     blocked = r.get("blocked")
@@ -285,7 +296,7 @@ def format_timeline(rows: list[dict[str, Any]]) -> str:
     are skipped decisions or anomalies). The ``exp`` column is 1-based."""
     header = ["#", "kind", "step", "exp", "trigger", "value (threshold)", "operator",
               "params before -> after", "preservation max_abs (rel)"]
-    show_why = any(r["kind"] != "growth" for r in rows)
+    show_why = any(r["kind"] not in STRUCTURE_KINDS for r in rows)
     if show_why:
         header.append("why skipped")
     table = [header]
@@ -377,6 +388,10 @@ def plot_run(rec: RunRecord, path: str | Path) -> Path:
     return out
 
 
+#: marker colour of a structural change in the figure
+_EVENT_COLOR = {"growth": "tab:red", "prune": "tab:purple"}
+
+
 def build_figure(rec: RunRecord) -> Any:
     """Parameters over steps with growth events marked, the training loss, and average
     accuracy on seen experiences after each experience (every variant in the summary)."""
@@ -387,7 +402,7 @@ def build_figure(rec: RunRecord) -> Any:
 
     fig, axes = plt.subplots(3, 1, figsize=(9, 10), constrained_layout=True)
     ax_p, ax_l, ax_a = axes
-    growths = rec.growths
+    growths = rec.changes  # growths and prunes: the parameter count goes up and down
     evals = [r for r in rec.metrics if r.get("kind") == "eval"]
 
     # parameters over steps
@@ -413,22 +428,25 @@ def build_figure(rec: RunRecord) -> Any:
         ax_p.step(xs, ys, where="post", color="tab:blue", label="parameters")
     for e in growths:
         sig = (e.trigger or {}).get("signal") or "manual"
-        ax_p.axvline(float(e.step or 0), color="tab:red", ls="--", lw=1)
+        color = _EVENT_COLOR[e.kind]
+        ax_p.axvline(float(e.step or 0), color=color, ls="--", lw=1)
         ax_p.annotate(
             f"{sig}\n{(e.action or {}).get('op') or (e.action or {}).get('name')}",
             (float(e.step or 0), float(e.params_after)),
-            fontsize=7, xytext=(3, 3), textcoords="offset points", color="tab:red",
+            fontsize=7, xytext=(3, 3), textcoords="offset points", color=color,
         )
     ax_p.set_xlabel("optimizer step")
     ax_p.set_ylabel("parameters")
-    ax_p.set_title(f"growth timeline ({len(growths)} growth events)")
+    n_prune = sum(1 for e in growths if e.kind == "prune")
+    ax_p.set_title(f"growth timeline ({len(growths) - n_prune} growth events"
+                   + (f", {n_prune} prune events: purple)" if n_prune else ")"))
 
     # loss curve
     lx, ly = _series(rec.metrics, "train/loss", "loss")
     if lx:
         ax_l.plot(lx, ly, color="tab:gray", lw=1, label="training loss")
     for e in growths:
-        ax_l.axvline(float(e.step or 0), color="tab:red", ls="--", lw=1)
+        ax_l.axvline(float(e.step or 0), color=_EVENT_COLOR[e.kind], ls="--", lw=1)
     for r in evals:
         ax_l.axvline(float(r.get("step", 0)), color="tab:green", ls=":", lw=1)
     ax_l.set_xlabel("optimizer step")
@@ -573,8 +591,10 @@ def inspect_main(
         n_skip = sum(1 for e in rec.events if e.kind == "skipped")
         n_anom = sum(1 for e in rec.events if e.kind == "anomaly")
         hint = "" if include_skipped else "; --all shows skipped ones"
-        print(f"\ngrowth timeline ({len(rec.growths)} growths, {n_skip} skipped decisions, "
-              f"{n_anom} anomalies{hint}; exp is 1-based):", file=out)
+        n_prune = len(rec.prunes)
+        prunes = f", {n_prune} prunes" if n_prune else ""
+        print(f"\ngrowth timeline ({len(rec.growths)} growths{prunes}, {n_skip} skipped "
+              f"decisions, {n_anom} anomalies{hint}; exp is 1-based):", file=out)
         print(format_timeline(rows) if rows else "(no growth events)", file=out)
     if rec.summary:
         seed = rec.summary.get("seed") if rec.seeds_summary else None

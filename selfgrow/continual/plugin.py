@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from ..core import eval_mode, rng_isolated
 from ..errors import GrowthConfigError
-from ..events.record import GrowthEvent
+from ..events.record import STRUCTURE_KINDS, GrowthEvent
 from .benchmarks import sample_experience
 
 
@@ -356,7 +356,7 @@ class GrowthPlugin(SupervisedPlugin):
             self._after_decision(strategy, ev)
 
     def _after_decision(self, strategy: Any, ev: GrowthEvent) -> None:
-        if getattr(ev, "kind", "growth") != "growth":
+        if getattr(ev, "kind", "growth") not in STRUCTURE_KINDS:
             return
         self.events.append(ev)
         ctrl = self.controller

@@ -1478,6 +1478,7 @@ def _summary(
         "variants": variants,
         "per_seed": per_seed,
         "growth_events": sum(1 for e in events if e.kind == "growth"),
+        "prune_events": sum(1 for e in events if e.kind == "prune"),
         "skipped_events": sum(1 for e in events if e.kind == "skipped"),
         "wall_seconds_total": wall,
     }

@@ -267,6 +267,11 @@ class GrowthController:
         self.last_transition: ParamTransition | None = None
         self.last_growth_step: int | None = None
         self.last_attempt_step: int | None = None
+        #: prunes applied (shrink operators), the step of the last one and of the last
+        #: prune attempt (applied or failed)
+        self.n_prunes = 0
+        self.last_prune_step: int | None = None
+        self.last_prune_attempt_step: int | None = None
         self.n_anomalies = 0
         self.n_skipped = 0
         self._anomaly_streak = 0
@@ -336,6 +341,7 @@ class GrowthController:
             # resolve each rule's action once now, so bad arguments fail at construction and
             # not every time the rule fires (rules filled from signal state are checked then)
             for rule in getattr(pol, "rules", []):
+                cfg = rule.action if isinstance(rule.action, OpConfig) else None
                 if isinstance(rule.action, str) and not rule.from_state:
                     try:
                         cfg = resolve_action(rule.action, self.model, **rule.kwargs)
@@ -344,6 +350,14 @@ class GrowthController:
                         raise GrowthConfigError(
                             f"rule {rule.signal!r} -> {rule.action!r}: {e}"
                         ) from None
+                direction = getattr(rule, "direction", "grow")
+                if cfg is not None and get_operator(cfg).shrinks != (direction == "prune"):
+                    raise GrowthConfigError(
+                        f"rule {rule.signal!r} -> {rule.action!r} has direction={direction!r}"
+                        f" but operator {cfg.name!r} "
+                        + ("removes capacity; use direction='prune'" if direction == "grow"
+                           else "does not remove capacity; a prune rule needs a shrink "
+                           "operator or the family's 'prune' action"))
         budget = getattr(pol, "budget", None) if pol is not None else None
         if budget is not None and budget.max_memory_bytes is not None:
             spec = self.memory_spec
@@ -468,10 +482,34 @@ class GrowthController:
             trig.update(trigger)
         d = Decision(config_or_action, dict(action_kwargs), reason, trig)
         with rng_isolated():
-            ev = self._apply(d, reason, raise_errors=True)
+            ev = self._apply(d, reason, raise_errors=True, infer_direction=True)
         if ev is None:  # pragma: no cover - raise_errors=True always returns or raises
             raise GrowthConfigError("growth failed")
         return ev
+
+    def prune(self, config_or_action: Action, reason: str = "manual", *,
+              trigger: Mapping[str, Any] | None = None, **action_kwargs: Any) -> GrowthEvent:
+        """Prune now (a shrink operator or the family's ``"prune"`` action) through the same
+        path as automatic prunes: a ``"prune"`` event logged, optimizer state of the kept
+        coordinates kept, removed ones dropped. Floor, cooldown and hysteresis are not
+        applied. Same arguments and errors as :meth:`grow`; refuses an operator that does
+        not remove capacity (GrowthConfigError)."""
+        trig = {"signal": "manual", "value": None, "threshold": None, "window": None}
+        if trigger is not None:
+            if not isinstance(trigger, Mapping):
+                raise GrowthConfigError(f"trigger must be a dict, got {trigger!r}")
+            trig.update(trigger)
+        d = Decision(config_or_action, dict(action_kwargs), reason, trig, direction="prune")
+        with rng_isolated():
+            ev = self._apply(d, reason, raise_errors=True)
+        if ev is None:  # pragma: no cover - raise_errors=True always returns or raises
+            raise GrowthConfigError("prune failed")
+        return ev
+
+    @property
+    def n_changes(self) -> int:
+        """Structural changes applied so far: growths plus prunes."""
+        return self.n_growths + self.n_prunes
 
     def check_limits(self, action: Action, **action_kwargs: Any) -> str:
         """Whether growing by ``action`` now stays within the policy's ``max_growths`` and
@@ -502,7 +540,7 @@ class GrowthController:
     def _n_params(self) -> int:
         """Parameter count, cached until the next growth through this controller (or a
         change of ``self.model``)."""
-        key = (id(self.model), self.n_growths)
+        key = (id(self.model), self.n_changes)
         if getattr(self, "_n_params_key", None) != key:
             self._n_params_key = key
             self._n_params_val = count_params(self.model)
@@ -517,6 +555,9 @@ class GrowthController:
             last_attempt_step=self.last_attempt_step,
             total_steps=self.total_steps,
             estimate=self._estimate,
+            n_prunes=self.n_prunes,
+            last_prune_step=self.last_prune_step,
+            last_prune_attempt_step=self.last_prune_attempt_step,
         )
 
     def _resolve(self, action: Action, kwargs: Mapping[str, Any]) -> OpConfig:
@@ -532,7 +573,7 @@ class GrowthController:
         activation term scaled by the parameter ratio. FLOPs per sample: the current count
         scaled by the parameter ratio (matmul FLOPs grow with the weights they multiply;
         attention's sequence-length term is not rescaled)."""
-        key = (self.n_growths, self._n_params(), repr(action), repr(sorted(kwargs.items())))
+        key = (self.n_changes, self._n_params(), repr(action), repr(sorted(kwargs.items())))
         if key in self._estimates:
             return self._estimates[key]
         budget = getattr(self.policy, "budget", None)
@@ -581,17 +622,31 @@ class GrowthController:
         self._estimates[key] = est
         return est
 
-    def _apply(self, d: Decision, reason: str, raise_errors: bool) -> GrowthEvent | None:
+    def _apply(self, d: Decision, reason: str, raise_errors: bool,
+               infer_direction: bool = False) -> GrowthEvent | None:
         opt = self.optimizer
         try:
             cfg = self._resolve(d.action, d.kwargs)
+            shrinks = bool(get_operator(cfg).shrinks)
+            if infer_direction:
+                d.direction = "prune" if shrinks else "grow"
+            elif shrinks != (d.direction == "prune"):
+                raise GrowthConfigError(
+                    f"action {d.action_name!r} resolved to operator {cfg.name!r}, which "
+                    + ("removes capacity: give its rule direction='prune' (or call "
+                       "controller.prune)" if shrinks else
+                       "does not remove capacity: a prune needs a shrink operator (the "
+                       "family's 'prune' action, ffn_remove_units, remove_expert ...)"))
             flops_before = self._flops()
             ev = grow_(self.model, cfg, optimizer=opt, probe_fn=self.probe_fn,
                        on_commit=self._keep_transition if self.keep_transition else None)
         except Exception as e:  # noqa: BLE001 - grow_ rolled everything back; report it loudly
             if raise_errors:
                 raise
-            self.last_attempt_step = self.step
+            if d.direction == "prune":
+                self.last_prune_attempt_step = self.step
+            else:
+                self.last_attempt_step = self.step
             if self.policy is not None:
                 self.policy.notify(d, self.step, applied=False)
             d.blocked = SkipReason.ERROR
@@ -602,9 +657,13 @@ class GrowthController:
             self._warn_failed(d, e, why)
             return None
         self._estimates.clear()
-        self.n_growths += 1
-        self.last_growth_step = self.step
-        self.last_attempt_step = self.step
+        pruned = d.direction == "prune"
+        if pruned:
+            self.n_prunes += 1
+            self.last_prune_step = self.last_prune_attempt_step = self.step
+        else:
+            self.n_growths += 1
+            self.last_growth_step = self.last_attempt_step = self.step
         self._last_skip = None
         for s in self.signals:
             s.bind(self.model)
@@ -615,7 +674,7 @@ class GrowthController:
         if self.stabilizer is not None:
             self.stabilizer.on_growth(self.step)
             lr_factor = self.stabilizer.factor()
-        ev.kind = "growth"
+        ev.kind = "prune" if pruned else "growth"
         ev.trigger = dict(d.trigger)
         ev.reason = reason
         ev.action = {"name": d.action_name, "kwargs": dict(d.kwargs), **ev.action}
@@ -627,6 +686,8 @@ class GrowthController:
         if opt is not None:
             ev.lr_after = [float(g["lr"]) * lr_factor for g in opt.param_groups]
         ev.extra = {**ev.extra, "n_growths": self.n_growths, "lr_factor": lr_factor}
+        if pruned or self.n_prunes:
+            ev.extra["n_prunes"] = self.n_prunes
         if d.estimate is not None:
             ev.extra["estimate"] = dict(d.estimate)
         self._emit(ev)
@@ -723,6 +784,7 @@ class GrowthController:
         vals: dict[str, float] = {
             "model/params": float(count_params(self.model)),
             "selfgrow/n_growths": float(self.n_growths),
+            "selfgrow/n_prunes": float(self.n_prunes),
             "selfgrow/n_anomalies": float(self.n_anomalies),
         }
         if self._last_loss is not None:
@@ -749,6 +811,9 @@ class GrowthController:
             "n_growths": self.n_growths,
             "last_growth_step": self.last_growth_step,
             "last_attempt_step": self.last_attempt_step,
+            "n_prunes": self.n_prunes,
+            "last_prune_step": self.last_prune_step,
+            "last_prune_attempt_step": self.last_prune_attempt_step,
             "n_anomalies": self.n_anomalies,
             "n_skipped": self.n_skipped,
             "anomaly_streak": self._anomaly_streak,
@@ -789,6 +854,10 @@ class GrowthController:
         self.n_growths = int(state["n_growths"])
         self.last_growth_step = state["last_growth_step"]
         self.last_attempt_step = state["last_attempt_step"]
+        # absent from the state of a run saved before prunes existed: it never pruned
+        self.n_prunes = int(state.get("n_prunes", 0))
+        self.last_prune_step = state.get("last_prune_step")
+        self.last_prune_attempt_step = state.get("last_prune_attempt_step")
         self.n_anomalies = int(state["n_anomalies"])
         self.n_skipped = int(state["n_skipped"])
         self._anomaly_streak = int(state["anomaly_streak"])

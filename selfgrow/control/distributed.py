@@ -428,7 +428,7 @@ class DistributedGrowthController:
         metrics = reduce_metrics(metrics, self.group)
         loss = metrics.pop("loss", None)
         attempts = self._attempts()
-        n_before = self.controller.n_growths
+        n_before = self.controller.n_changes
         event = self.controller.observe(
             loss=loss, step=step, epoch=epoch, experience=experience, **metrics
         )
@@ -439,7 +439,7 @@ class DistributedGrowthController:
     def grow(self, config_or_action: Action, reason: str = "manual", **kwargs: Any
              ) -> GrowthEvent:
         """Grow now on every rank (call it on every rank with the same arguments)."""
-        n_before = self.controller.n_growths
+        n_before = self.controller.n_changes
         pol = self._policy
         if pol is not None:
             pol.attempts += 1
@@ -461,17 +461,17 @@ class DistributedGrowthController:
         return DistributedDataParallel(module, process_group=self.group, **self.ddp_kwargs)
 
     def _after_growth(self, n_before: int) -> None:
-        grew = self.controller.n_growths != n_before
+        grew = self.controller.n_changes != n_before
         if self.check_consistency:
-            mine = (self.controller.n_growths, model_fingerprint(self.model) if grew else "")
+            mine = (self.controller.n_changes, model_fingerprint(self.model) if grew else "")
             all_: list[Any] = [None] * self.world_size
             dist.all_gather_object(all_, mine, group=self.group)
             if any(x != all_[0] for x in all_):
                 raise DistributedGrowthError(
                     f"ranks disagree after growth at step {self.controller.step}: "
-                    f"(n_growths, parameter fingerprint) per rank = {all_}; check that every "
-                    f"rank passes the same probe and that operators draw randomness only from "
-                    f"the torch RNG"
+                    f"(growths + prunes, parameter fingerprint) per rank = {all_}; check that "
+                    f"every rank passes the same probe and that operators draw randomness only "
+                    f"from the torch RNG"
                 )
         if grew:
             old = self.ddp_model

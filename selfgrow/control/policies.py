@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import GrowthConfigError
+from ..errors import GrowthConfigError, choices_message
 from ..ops import OpConfig
 from .signals import check_range
 
@@ -37,6 +37,7 @@ __all__ = [
     "PolicyContext",
     "Rule",
     "RulePolicy",
+    "DIRECTIONS",
 ]
 
 class SkipReason(enum.StrEnum):
@@ -48,6 +49,12 @@ class SkipReason(enum.StrEnum):
     WINDOW = "window"
     MAX_GROWTHS = "max_growths"
     BUDGET = "budget"
+    #: a prune would take the model below ``RulePolicy(prune_floor=...)``
+    FLOOR = "floor"
+    #: a change in the opposite direction (grow after prune, prune after grow) came too soon
+    HYSTERESIS = "hysteresis"
+    #: ``RulePolicy(max_prunes=...)`` reached
+    MAX_PRUNES = "max_prunes"
     #: the growth was attempted and failed (operator, optimizer or probe error)
     ERROR = "error"
 
@@ -73,6 +80,8 @@ class Decision:
         trigger: the triggering signal's state ``{signal, value, threshold, window, ...}``.
         blocked: ``None`` to grow now, else the :class:`SkipReason`.
         estimate: the budget estimate of the grown model, when one was computed.
+        direction: ``"grow"`` or ``"prune"`` (a shrink operator: the controller logs a
+            ``"prune"`` event and counts it in ``n_prunes``).
     """
 
     action: Action
@@ -81,6 +90,7 @@ class Decision:
     trigger: dict[str, Any] = field(default_factory=dict)
     blocked: SkipReason | None = None
     estimate: dict[str, Any] | None = None
+    direction: str = "grow"
 
     @property
     def go(self) -> bool:
@@ -106,6 +116,9 @@ class PolicyContext:
         total_steps: planned length of training in steps, if known (warmup fractions, timing
             windows).
         estimate: callable giving the grown model's size for a candidate action (budget).
+        n_prunes: prunes applied so far.
+        last_prune_step: step of the last applied prune, or None.
+        last_prune_attempt_step: step of the last prune attempt (applied or failed), or None.
     """
 
     step: int
@@ -115,6 +128,13 @@ class PolicyContext:
     last_attempt_step: int | None = None
     total_steps: int | None = None
     estimate: Estimator | None = None
+    n_prunes: int = 0
+    last_prune_step: int | None = None
+    last_prune_attempt_step: int | None = None
+
+
+#: the two directions of a structural change (``Rule.direction``, ``Decision.direction``)
+DIRECTIONS = ("grow", "prune")
 
 
 @dataclass
@@ -233,14 +253,22 @@ class Rule:
         kwargs: fixed keyword arguments for the action.
         from_state: ``{kwarg: state_key}``: copy values from the trigger's state into the
             action's kwargs (e.g. ``{"layers": "layers"}`` to widen the saturated layers).
+        direction: ``"grow"`` (default) or ``"prune"``: a prune rule's action removes
+            capacity (``"prune"``, ``ffn_remove_units``, ``remove_expert`` ...); it is subject
+            to the policy's prune limits (floor, prune cooldown, hysteresis) instead of the
+            growth limits, and is considered only on a step where no grow rule fired.
     """
 
     signal: str
     action: Action
     kwargs: dict[str, Any] = field(default_factory=dict)
     from_state: dict[str, str] = field(default_factory=dict)
+    direction: str = "grow"
 
     def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise GrowthConfigError("Rule " + choices_message(
+                "direction", self.direction, DIRECTIONS))
         if not isinstance(self.signal, str) or not self.signal:
             raise GrowthConfigError(f"Rule signal={self.signal!r} must be a signal name")
         if not isinstance(self.action, (str, OpConfig)):
@@ -268,15 +296,34 @@ class RulePolicy(Policy):
     budget (checked in that order; the budget is checked per rule, so a smaller growth further
     down the list may fit when the first does not).
 
+    Grow and prune (self-evolving models): rules with ``direction="prune"`` remove capacity.
+    A prune rule is considered only on a step where no grow rule fired (a model that lacks
+    capacity is never pruned), and passes its own limits: warmup, ``max_prunes``,
+    ``prune_cooldown`` (steps since the last prune or prune attempt), ``hysteresis`` (steps
+    since the last GROWTH) and ``prune_floor`` (the pruned model, sized on a meta twin, keeps
+    at least that many parameters). A growth, symmetrically, waits ``hysteresis`` steps after
+    the last prune. The hysteresis is what stops the grow/prune oscillation of a model that
+    sits at the edge of its capacity (prune -> loss rises -> grow -> new units idle -> prune):
+    two changes in opposite directions are always at least ``hysteresis`` steps apart, so the
+    number of direction reversals in ``T`` steps is at most ``T / hysteresis``. ``cooldown``
+    and ``max_growths`` count growths only; ``growth_window`` limits growths only.
+
     Args:
         rules: ordered rules.
         budget: limits on the grown model.
         cooldown: minimum steps between two growths (or a growth and a failed attempt), >= 0.
-        warmup_steps: no growth before this step; an int counts steps, a float in (0, 1) is a
-            fraction of ``total_steps``.
+        warmup_steps: no growth or prune before this step; an int counts steps, a float in
+            (0, 1) is a fraction of ``total_steps``.
         max_growths: at most this many growths, or None.
         growth_window: ``(start, end)`` fractions of ``total_steps`` outside which no growth
             happens, or None.
+        prune_floor: a prune never takes the model below this many parameters (None: no
+            floor; at least one unit of every layer always stays).
+        prune_cooldown: minimum steps between two prunes (or a prune and a failed prune
+            attempt), >= 0.
+        hysteresis: minimum steps between a change and the next one in the opposite
+            direction, >= 0.
+        max_prunes: at most this many prunes, or None.
 
     Raises:
         GrowthConfigError: a parameter is out of range.
@@ -290,6 +337,11 @@ class RulePolicy(Policy):
         warmup_steps: int | float = 0,
         max_growths: int | None = None,
         growth_window: tuple[float, float] | None = None,
+        *,
+        prune_floor: int | None = None,
+        prune_cooldown: int = 0,
+        hysteresis: int = 0,
+        max_prunes: int | None = None,
     ) -> None:
         if isinstance(rules, Rule) or not hasattr(rules, "__iter__"):
             raise GrowthConfigError(
@@ -299,8 +351,10 @@ class RulePolicy(Policy):
         rules = list(rules)
         if not rules or not all(isinstance(r, Rule) for r in rules):
             raise GrowthConfigError(f"RulePolicy needs a non-empty list of Rule, got {rules!r}")
-        if not isinstance(cooldown, int) or cooldown < 0:
-            raise GrowthConfigError(f"cooldown={cooldown!r} is out of range; valid: int >= 0")
+        for what, v in (("cooldown", cooldown), ("prune_cooldown", prune_cooldown),
+                        ("hysteresis", hysteresis)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise GrowthConfigError(f"{what}={v!r} is out of range; valid: int >= 0")
         if isinstance(warmup_steps, float) and not warmup_steps.is_integer():
             check_range("warmup_steps (fraction)", warmup_steps, 0.0, 1.0, hi_open=True)
         elif warmup_steps < 0:
@@ -308,8 +362,13 @@ class RulePolicy(Policy):
                 f"warmup_steps={warmup_steps!r} is out of range; valid: steps >= 0 or a "
                 "fraction in [0, 1)"
             )
-        if max_growths is not None and (not isinstance(max_growths, int) or max_growths < 0):
-            raise GrowthConfigError(f"max_growths={max_growths!r} is out of range; valid: >= 0")
+        for what, v in (("max_growths", max_growths), ("max_prunes", max_prunes)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise GrowthConfigError(f"{what}={v!r} is out of range; valid: int >= 0 or None")
+        if prune_floor is not None and (isinstance(prune_floor, bool)
+                                        or not isinstance(prune_floor, int) or prune_floor < 1):
+            raise GrowthConfigError(f"prune_floor={prune_floor!r} is out of range; valid: a "
+                                    f"parameter count >= 1, or None")
         if growth_window is not None:
             lo, hi = growth_window
             check_range("growth_window start", lo, 0.0, 1.0)
@@ -320,6 +379,10 @@ class RulePolicy(Policy):
         self.warmup_steps = warmup_steps
         self.max_growths = max_growths
         self.growth_window = growth_window
+        self.prune_floor = prune_floor
+        self.prune_cooldown = prune_cooldown
+        self.hysteresis = hysteresis
+        self.max_prunes = max_prunes
 
     def actions(self) -> list[Action]:
         return [r.action for r in self.rules]
@@ -329,7 +392,8 @@ class RulePolicy(Policy):
         return self.growth_window is not None or (isinstance(w, float) and 0.0 < w < 1.0)
 
     def needs_estimate(self) -> bool:
-        return not self.budget.unlimited
+        return not self.budget.unlimited or (
+            self.prune_floor is not None and any(r.direction == "prune" for r in self.rules))
 
     def signals(self) -> list[str]:
         """Signal names the rules refer to."""
@@ -339,9 +403,15 @@ class RulePolicy(Policy):
         self, states: Mapping[str, Mapping[str, Any]], ctx: PolicyContext
     ) -> tuple[Decision | None, str]:
         fired = [r for r in self.rules if states.get(r.signal, {}).get("triggered")]
-        if not fired:
-            return None, "no signal triggered"
-        cands = [self._decision(r, states[r.signal]) for r in fired]
+        grow = [r for r in fired if r.direction == "grow"]
+        if grow:
+            return self._decide_grow([self._decision(r, states[r.signal]) for r in grow], ctx)
+        if fired:  # prune rules only: no grow rule fired on this step
+            return self._decide_prune([self._decision(r, states[r.signal]) for r in fired], ctx)
+        return None, "no signal triggered"
+
+    def _decide_grow(self, cands: list[Decision], ctx: PolicyContext
+                     ) -> tuple[Decision | None, str]:
         first = cands[0]
         block = self._limits(ctx)
         if block:
@@ -359,6 +429,46 @@ class RulePolicy(Policy):
         first.blocked = SkipReason.BUDGET
         return first, f"{first.reason}; skipped: budget ({over})"
 
+    def _decide_prune(self, cands: list[Decision], ctx: PolicyContext
+                      ) -> tuple[Decision | None, str]:
+        first = cands[0]
+        block = self._prune_limits(ctx)
+        if block:
+            code, why = block
+            first.blocked = code
+            return first, f"{first.reason}; skipped: {why}"
+        if self.prune_floor is None:
+            return first, first.reason
+        below = ""
+        for d in cands:
+            why = self._floor_check(d, ctx)
+            if not why:
+                return d, d.reason
+            below = below or f"{d.action_name}: {why}"
+        first.blocked = SkipReason.FLOOR
+        return first, f"{first.reason}; skipped: floor ({below})"
+
+    def _floor_check(self, d: Decision, ctx: PolicyContext) -> str:
+        """``""`` when the pruned model keeps at least ``prune_floor`` parameters (sized on a
+        meta twin, stored in ``d.estimate``), else why not. A prune whose size is unknown
+        never passes: the floor is never bypassed silently."""
+        floor = self.prune_floor
+        if floor is None:
+            return ""
+        if ctx.n_params <= floor:
+            return f"params {ctx.n_params:.4g} <= floor {floor:.4g}"
+        if ctx.estimate is None:
+            raise GrowthConfigError("prune_floor is set but the context has no size estimator")
+        d.estimate = dict(ctx.estimate(d.action, d.kwargs))
+        n = d.estimate.get("params")
+        if d.estimate.get("method") == "failed":
+            return ""  # an invalid prune: the real attempt fails through the logged path
+        if n is None:
+            return f"size unknown: {d.estimate.get('error', 'no estimate')}"
+        if n < floor:
+            return f"params after prune {n:.4g} < floor {floor:.4g}"
+        return ""
+
     def _decision(self, rule: Rule, st: Mapping[str, Any]) -> Decision:
         kw = dict(rule.kwargs)
         for k, key in rule.from_state.items():
@@ -368,18 +478,24 @@ class RulePolicy(Policy):
         vtxt = f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
         trig = {k: st.get(k) for k in ("signal", "value", "threshold", "window")}
         trig["signal"] = trig["signal"] or rule.signal
-        for k in ("layers", "worst_experience", "entropy"):
+        for k in ("layers", "worst_experience", "entropy", "idle_fraction", "dead_fraction"):
             if k in st:
                 trig[k] = st[k]
         name = rule.action if isinstance(rule.action, str) else type(rule.action).name
         thr = st.get("threshold")
         reason = f"{rule.signal} triggered (value {vtxt}, threshold {thr}) -> {name}"
-        return Decision(rule.action, kw, reason, trig)
+        return Decision(rule.action, kw, reason, trig, direction=rule.direction)
 
-    def _limits(self, ctx: PolicyContext) -> tuple[SkipReason, str] | None:
+    def _warmup(self, ctx: PolicyContext) -> tuple[SkipReason, str] | None:
         warm = steps_or_fraction("warmup_steps", self.warmup_steps, ctx.total_steps)
         if ctx.step < warm:
             return SkipReason.WARMUP, f"warmup until step {warm} (now {ctx.step})"
+        return None
+
+    def _limits(self, ctx: PolicyContext) -> tuple[SkipReason, str] | None:
+        block = self._warmup(ctx)
+        if block:
+            return block
         if self.growth_window is not None:
             if ctx.total_steps is None:
                 raise GrowthConfigError("growth_window needs total_steps on the controller")
@@ -396,4 +512,27 @@ class RulePolicy(Policy):
         if last is not None and ctx.step - last < self.cooldown:
             why = f"cooldown until step {last + self.cooldown} (now {ctx.step})"
             return SkipReason.COOLDOWN, why
+        lp = ctx.last_prune_step
+        if lp is not None and ctx.step - lp < self.hysteresis:
+            why = (f"hysteresis: no growth until step {lp + self.hysteresis}, "
+                   f"{self.hysteresis} steps after the prune at step {lp} (now {ctx.step})")
+            return SkipReason.HYSTERESIS, why
+        return None
+
+    def _prune_limits(self, ctx: PolicyContext) -> tuple[SkipReason, str] | None:
+        block = self._warmup(ctx)
+        if block:
+            return block
+        if self.max_prunes is not None and ctx.n_prunes >= self.max_prunes:
+            return SkipReason.MAX_PRUNES, f"max_prunes={self.max_prunes} reached"
+        last = max((s for s in (ctx.last_prune_step, ctx.last_prune_attempt_step)
+                    if s is not None), default=None)
+        if last is not None and ctx.step - last < self.prune_cooldown:
+            why = f"prune cooldown until step {last + self.prune_cooldown} (now {ctx.step})"
+            return SkipReason.COOLDOWN, why
+        lg = ctx.last_growth_step
+        if lg is not None and ctx.step - lg < self.hysteresis:
+            why = (f"hysteresis: no prune until step {lg + self.hysteresis}, "
+                   f"{self.hysteresis} steps after the growth at step {lg} (now {ctx.step})")
+            return SkipReason.HYSTERESIS, why
         return None

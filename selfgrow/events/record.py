@@ -12,9 +12,12 @@ from ..errors import EventFormatError
 
 SCHEMA_VERSION = 1
 
-#: event kinds: a growth that happened, one the policy wanted but skipped (budget, cooldown,
-#: max growths ...), and an anomaly (non-finite loss) seen by the controller.
-EVENT_KINDS = ("growth", "skipped", "anomaly")
+#: event kinds: a growth that happened, a prune (a shrink operator: capacity removed) that
+#: happened, one the policy wanted but skipped (budget, cooldown, max growths ...), and an
+#: anomaly (non-finite loss) seen by the controller.
+EVENT_KINDS = ("growth", "prune", "skipped", "anomaly")
+#: the kinds that changed the model's structure
+STRUCTURE_KINDS = ("growth", "prune")
 
 
 @dataclass

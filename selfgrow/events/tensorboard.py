@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .record import GrowthEvent, as_float
+from .record import STRUCTURE_KINDS, GrowthEvent, as_float
 
 
 class TensorBoardSink:
@@ -55,9 +55,9 @@ class TensorBoardSink:
         w = self._writer
         trig = event.trigger or {}
         sig = trig.get("signal")
-        if event.kind == "growth":
+        if event.kind in STRUCTURE_KINDS:
             w.add_scalar("model/params", event.params_after, step)
-            w.add_scalar("growth/event", 1.0, step)
+            w.add_scalar(f"{event.kind}/event", 1.0, step)
             pres = event.preservation or {}
             for key in ("max_abs", "max_rel"):
                 if isinstance(pres.get(key), (int, float)):

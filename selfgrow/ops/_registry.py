@@ -85,6 +85,9 @@ class Operator(abc.ABC):
 
     #: default exactness claim; override ``is_exact`` when it depends on the config
     exact: ClassVar[bool] = False
+    #: a shrink operator (it removes capacity): the controller logs it as a ``"prune"``
+    #: event under the policy's prune limits
+    shrinks: ClassVar[bool] = False
     config_cls: ClassVar[type[OpConfig]]
 
     def is_exact(self, model: nn.Module, config: OpConfig) -> bool:

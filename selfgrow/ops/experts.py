@@ -566,6 +566,7 @@ class RemoveExpertConfig(OpConfig):
 
 @register_operator(RemoveExpertConfig)
 class RemoveExpert(Operator):
+    shrinks = True
     exact = False
 
     def _check(self, model: nn.Module, config: OpConfig) -> tuple[GrowableTransformer, int, int]:

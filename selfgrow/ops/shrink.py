@@ -174,6 +174,7 @@ def _removed_fanout_is_zero(ad: TransformerAdapter, keep: dict[int, torch.Tensor
 @register_operator(FFNRemoveUnitsConfig)
 class FFNRemoveUnits(Operator):
     exact = False
+    shrinks = True
 
     def is_exact(self, model: nn.Module, config: OpConfig) -> bool:
         if not isinstance(config, FFNRemoveUnitsConfig):
@@ -285,6 +286,7 @@ def _folding(model: nn.Module, config: FFNFoldDuplicatesConfig) -> dict[int, lis
 @register_operator(FFNFoldDuplicatesConfig)
 class FFNFoldDuplicates(Operator):
     exact = True
+    shrinks = True
 
     def is_exact(self, model: nn.Module, config: OpConfig) -> bool:
         return isinstance(config, FFNFoldDuplicatesConfig) and config.atol == 0
