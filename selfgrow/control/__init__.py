@@ -3,7 +3,8 @@
 Public API::
 
     from selfgrow.control import (GrowthController, LossPlateau, ReplayForgetting,
-        ValidationPlateau, GradientSaturation, ExpertOverload, CapacityProbe, RulePolicy, Rule,
+        ValidationPlateau, GradientSaturation, ExpertOverload, CapacityProbe, IdleCapacity,
+        RulePolicy, Rule,
         Budget, FixedSchedule, Decision, Stabilizer)
 """
 
@@ -31,6 +32,7 @@ from .signals import (
 )
 from .sizing import estimate_memory, flops_per_sample, round_width
 from .stabilize import Stabilizer
+from .utility import IdleCapacity
 
 __all__ = [
     "Budget",
@@ -41,6 +43,7 @@ __all__ = [
     "FixedSchedule",
     "GradientSaturation",
     "GrowthController",
+    "IdleCapacity",
     "LossPlateau",
     "Policy",
     "PolicyContext",
