@@ -207,12 +207,18 @@ class LossPlateau(Signal):
     the controller reports changes (continual learning: a new task's loss starts high), the
     history is cleared, so a new plateau needs ``window`` fresh updates.
 
+    ``min_loss``: a plateau counts only while the smoothed loss is above it: a task solved to
+    that loss does not lack capacity (a grow-and-prune model must not grow on an easy stretch
+    of the stream, where the loss is flat because it is near zero).
+
     Args:
         window: improvement horizon in updates (steps, or evaluations for sparse metrics), >= 1.
         min_rel_drop: relative improvement below which the loss counts as flat, in [0, 1).
         ema: smoothing factor in [0, 1).
         every: update every N controller steps.
         name: override the signal name.
+        min_loss: smoothed loss (loss units) at or below which a plateau does not trigger,
+            >= 0, or None (every plateau triggers).
 
     Raises:
         GrowthConfigError: a parameter is out of range (message gives the range).
@@ -229,10 +235,14 @@ class LossPlateau(Signal):
         ema: float = 0.9,
         every: int = 1,
         name: str | None = None,
+        min_loss: float | None = None,
     ) -> None:
         check_range("min_rel_drop", min_rel_drop, 0.0, 1.0, hi_open=True)
         check_range("ema", ema, 0.0, 1.0, hi_open=True)
+        if min_loss is not None:
+            check_range("min_loss", min_loss, 0.0, math.inf, hi_open=True)
         super().__init__(threshold=min_rel_drop, window=window, every=every, name=name)
+        self.min_loss = None if min_loss is None else float(min_loss)
         self.min_rel_drop = float(min_rel_drop)
         self.ema = float(ema)
         self._smoothed: float | None = None
@@ -257,7 +267,8 @@ class LossPlateau(Signal):
             return
         ref = self._hist[0]
         self.value = (ref - s) / max(abs(ref), 1e-12)
-        self.triggered = self.value < self.min_rel_drop
+        self.triggered = self.value < self.min_rel_drop and (
+            self.min_loss is None or s > self.min_loss)
 
     def _reset(self) -> None:
         self._hist.clear()
@@ -270,7 +281,10 @@ class LossPlateau(Signal):
         self._reset()
 
     def extra(self) -> dict[str, Any]:
-        return {"smoothed": self._smoothed, "history": len(self._hist)}
+        out: dict[str, Any] = {"smoothed": self._smoothed, "history": len(self._hist)}
+        if self.min_loss is not None:
+            out["min_loss"] = self.min_loss
+        return out
 
     def _extra_state(self) -> dict[str, Any]:
         return {"smoothed": self._smoothed, "hist": list(self._hist),
@@ -300,8 +314,10 @@ class ValidationPlateau(LossPlateau):
         ema: float = 0.0,
         every: int = 1,
         name: str | None = None,
+        min_loss: float | None = None,
     ) -> None:
-        super().__init__(window=window, min_rel_drop=min_rel_drop, ema=ema, every=every, name=name)
+        super().__init__(window=window, min_rel_drop=min_rel_drop, ema=ema, every=every,
+                         name=name, min_loss=min_loss)
 
 
 # ---------------------------------------------------------------------------------------------
