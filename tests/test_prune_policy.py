@@ -1,0 +1,260 @@
+"""Grow-and-prune decisions: prune rules, floor, prune cooldown, hysteresis (RulePolicy) and the
+IdleCapacity utility signal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from selfgrow import GrowthConfigError, IdleCapacity, build_model
+from selfgrow.control.policies import PolicyContext, Rule, RulePolicy, SkipReason
+from selfgrow.models.cnn import CNNConfig
+from selfgrow.models.mlp import MLPConfig
+from selfgrow.models.transformer import TransformerConfig
+
+GROW = {"grow_sig": {"triggered": True, "value": 1.0}}
+PRUNE = {"idle": {"triggered": True, "value": 0.5}}
+BOTH = {**GROW, **PRUNE}
+
+
+def _policy(**kw: Any) -> RulePolicy:
+    return RulePolicy([Rule("grow_sig", "widen"), Rule("idle", "prune", direction="prune")], **kw)
+
+
+def _ctx(step: int, n_params: int = 1000, after: int = 500, **kw: Any) -> PolicyContext:
+    return PolicyContext(step=step, n_params=n_params,
+                         estimate=lambda a, k: {"params": after, "method": "meta_twin"}, **kw)
+
+
+def test_rule_direction_is_validated():
+    with pytest.raises(GrowthConfigError, match="direction 'shrink'.*grow, prune"):
+        Rule("idle", "prune", direction="shrink")
+
+
+@pytest.mark.parametrize("kw", [dict(prune_floor=0), dict(prune_floor=1.5),
+                                dict(prune_cooldown=-1), dict(hysteresis=True),
+                                dict(max_prunes=-2)])
+def test_prune_limits_are_validated(kw):
+    with pytest.raises(GrowthConfigError, match=next(iter(kw))):
+        _policy(**kw)
+
+
+def test_a_grow_rule_that_fires_vetoes_every_prune():
+    """A model that lacks capacity is never pruned, even when the growth itself is blocked."""
+    pol = _policy(max_growths=0)
+    d, why = pol.decide(BOTH, _ctx(10))
+    assert d.direction == "grow" and d.blocked == SkipReason.MAX_GROWTHS
+    d, _ = pol.decide(PRUNE, _ctx(10))
+    assert d.direction == "prune" and d.go
+
+
+def test_prune_floor_uses_the_size_estimate():
+    pol = _policy(prune_floor=600)
+    d, why = pol.decide(PRUNE, _ctx(10, n_params=1000, after=500))
+    assert d.blocked == SkipReason.FLOOR and "500 < floor 600" in why
+    d, _ = pol.decide(PRUNE, _ctx(10, n_params=1000, after=700))
+    assert d.go and d.estimate["params"] == 700
+    d, why = pol.decide(PRUNE, _ctx(10, n_params=600, after=300))
+    assert d.blocked == SkipReason.FLOOR and "<= floor" in why
+
+
+def test_prune_cooldown_and_max_prunes():
+    pol = _policy(prune_cooldown=50, max_prunes=2)
+    d, _ = pol.decide(PRUNE, _ctx(60, n_prunes=1, last_prune_step=20,
+                                  last_prune_attempt_step=20))
+    assert d.blocked == SkipReason.COOLDOWN
+    d, _ = pol.decide(PRUNE, _ctx(70, n_prunes=1, last_prune_step=20,
+                                  last_prune_attempt_step=20))
+    assert d.go
+    d, _ = pol.decide(PRUNE, _ctx(500, n_prunes=2, last_prune_step=20))
+    assert d.blocked == SkipReason.MAX_PRUNES
+    # growths do not count against max_prunes, prunes not against max_growths
+    d, _ = _policy(max_growths=1).decide(GROW, _ctx(500, n_prunes=5))
+    assert d.go
+
+
+def test_hysteresis_blocks_each_direction_after_the_other():
+    pol = _policy(hysteresis=100)
+    d, why = pol.decide(PRUNE, _ctx(150, last_growth_step=100, n_growths=1))
+    assert d.blocked == SkipReason.HYSTERESIS and "after the growth at step 100" in why
+    d, why = pol.decide(GROW, _ctx(150, last_prune_step=100, n_prunes=1))
+    assert d.blocked == SkipReason.HYSTERESIS and "after the prune at step 100" in why
+    assert pol.decide(PRUNE, _ctx(200, last_growth_step=100))[0].go
+    assert pol.decide(GROW, _ctx(200, last_prune_step=100))[0].go
+
+
+def _simulate(pol: RulePolicy, trace: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """Apply every decision the policy lets through, as the controller does (counters and
+    last-change steps), and return the (step, direction) of each change."""
+    ctx = dict(n_growths=0, n_prunes=0, last_growth_step=None, last_attempt_step=None,
+               last_prune_step=None, last_prune_attempt_step=None)
+    changes = []
+    for step, states in enumerate(trace):
+        d, _ = pol.decide(states, _ctx(step, **ctx))
+        if d is None or not d.go:
+            continue
+        changes.append((step, d.direction))
+        if d.direction == "grow":
+            ctx.update(n_growths=ctx["n_growths"] + 1, last_growth_step=step,
+                       last_attempt_step=step)
+        else:
+            ctx.update(n_prunes=ctx["n_prunes"] + 1, last_prune_step=step,
+                       last_prune_attempt_step=step)
+    return changes
+
+
+def _flip_flop_trace(steps: int = 400) -> list[dict[str, Any]]:
+    """A model at the edge of its capacity: a prune makes the loss plateau high (grow), the
+    growth's new units sit idle (prune), and so on: the wanted direction flips every 5
+    steps."""
+    return [GROW if (s // 5) % 2 == 0 else PRUNE for s in range(steps)]
+
+
+def _reversals(changes: list[tuple[int, str]]) -> list[int]:
+    return [s for (s, d), (_, prev) in zip(changes[1:], changes, strict=False) if d != prev]
+
+
+def test_without_hysteresis_the_scripted_trace_oscillates():
+    """The negative control: the same limits without hysteresis reverse direction on every
+    flip of the trace."""
+    changes = _simulate(_policy(cooldown=5, prune_cooldown=5), _flip_flop_trace())
+    assert len(_reversals(changes)) >= 60
+
+
+def test_hysteresis_stops_the_oscillation():
+    """With hysteresis H, two changes in opposite directions are at least H steps apart."""
+    h = 100
+    changes = _simulate(_policy(cooldown=5, prune_cooldown=5, hysteresis=h), _flip_flop_trace())
+    rev = _reversals(changes)
+    assert len(rev) <= 400 // h
+    for (s, d), (s0, d0) in zip(changes[1:], changes, strict=False):
+        if d != d0:
+            assert s - s0 >= h, (s0, d0, s, d)
+    assert changes, "the policy still changes the model"
+
+
+# ------------------------------------------------------------------------------ IdleCapacity
+def _train_steps(model: torch.nn.Module, sig: IdleCapacity, x: torch.Tensor, y: torch.Tensor,
+                 n: int) -> None:
+    for step in range(n):
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        sig.update(step, {})
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("criterion", ["activation", "taylor"])
+def test_idle_capacity_finds_dead_units(criterion):
+    torch.manual_seed(0)
+    m = build_model(MLPConfig(in_features=12, hidden=(16, 8), n_classes=3))
+    with torch.no_grad():  # units 0..3 of layer 0 never fire
+        m.hidden[0].weight[:4] = 0.0
+        m.hidden[0].bias[:4] = -1.0
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    sig = IdleCapacity(window=3, threshold=0.1, criterion=criterion, share=0.0)
+    sig.bind(m)
+    _train_steps(m, sig, x, y, 2)
+    assert sig.value is None  # the window is not full yet
+    _train_steps(m, sig, x, y, 1)
+    st = sig.state()
+    assert st["triggered"] and st["units"][0] == [0, 1, 2, 3]
+    assert st["dead_fraction"] == pytest.approx(4 / 24)
+    assert 1 not in st["units"]  # every unit of layer 1 is alive and share=0
+
+
+def test_idle_capacity_negative_control_live_units_are_not_idle():
+    torch.manual_seed(0)
+    m = build_model(MLPConfig(in_features=12, hidden=(16,), n_classes=3))
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    sig = IdleCapacity(window=2, threshold=0.1, share=0.0)
+    sig.bind(m)
+    _train_steps(m, sig, x, y, 2)
+    assert not sig.triggered and sig.value == 0.0
+
+
+def test_idle_capacity_verify_ablates_without_touching_weights():
+    """With verify, the ladder's fractions are ablated through the hooks: the loss the
+    verify callable sees changes, the weights do not, and the model is back to normal."""
+    torch.manual_seed(0)
+    m = build_model(MLPConfig(in_features=12, hidden=(16,), n_classes=3))
+    x, y = torch.randn(64, 12), torch.randint(0, 3, (64,))
+    seen: list[float] = []
+
+    def verify(model: torch.nn.Module) -> float:
+        assert not model.training and not torch.is_grad_enabled()
+        loss = float(F.cross_entropy(model(x), y))
+        seen.append(loss)
+        return loss
+
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    out0 = m(x).detach()
+    sig = IdleCapacity(window=2, threshold=0.1, verify=verify, tolerance=1e9)
+    sig.bind(m)
+    _train_steps(m, sig, x, y, 2)
+    assert sig.triggered and len(sig.units[0]) == 8  # the 0.5 rung passes an infinite tolerance
+    assert len(seen) == 2 and seen[0] != seen[1]  # unablated, then ablated
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert torch.equal(m(x).detach(), out0)
+    # the negative control: a loss that any ablation of live units raises (the distance to
+    # the unablated output) and a zero tolerance: no rung passes
+
+    def distance(model: torch.nn.Module) -> float:
+        return float((model(x) - out0).pow(2).mean())
+
+    sig0 = IdleCapacity(window=2, threshold=0.1, verify=distance, tolerance=0.0, share=0.0)
+    sig0.bind(m)
+    _train_steps(m, sig0, x, y, 2)
+    assert not sig0.triggered and sig0.units == {}
+
+
+def test_idle_capacity_watches_cnn_and_transformer_units():
+    torch.manual_seed(0)
+    c = build_model(CNNConfig(in_channels=1, image_size=8, channels=(4, 6), n_classes=3,
+                              batchnorm=True, pool_after=(0,)))
+    sig = IdleCapacity(window=1, threshold=0.01, share=0.5)
+    sig.bind(c)
+    _train_steps(c, sig, torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,)), 1)
+    assert set(sig.importance) == {0, 1} and len(sig.importance[1]) == 6
+    t = build_model(TransformerConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=24))
+    sig = IdleCapacity(window=1, threshold=0.01, share=0.5)
+    sig.bind(t)
+    t(torch.randint(0, 40, (2, 6))).float().pow(2).mean().backward()
+    sig.update(0, {})
+    assert set(sig.importance) == {0, 1} and len(sig.importance[0]) == 24
+    assert sig.state()["n_remove"] >= 1
+
+
+def test_idle_capacity_ignores_eval_forwards_and_rebinds():
+    torch.manual_seed(0)
+    m = build_model(MLPConfig(in_features=12, hidden=(16,), n_classes=3))
+    sig = IdleCapacity(window=1, threshold=0.1)
+    sig.bind(m)
+    m.eval()
+    m(torch.randn(4, 12))
+    sig.update(0, {})
+    assert sig.value is None  # no training forward in the window
+    n_hooks = len(m.head._forward_pre_hooks)
+    sig.bind(m)
+    assert len(m.head._forward_pre_hooks) == n_hooks  # the old hook was removed
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(criterion="l1"), "criterion 'l1'.*activation, taylor"),
+    (dict(threshold=0.0), "threshold"),
+    (dict(fractions=(0.5, 1.0)), "fractions"),
+    (dict(fractions=()), "fractions is empty"),
+    (dict(verify=3), "verify=3"),
+    (dict(min_units=0), "min_units"),
+    (dict(include="hidden.0"), "include"),
+])
+def test_idle_capacity_bad_arguments(kw, match):
+    with pytest.raises(GrowthConfigError, match=match):
+        IdleCapacity(**kw)
+
+
+def test_idle_capacity_on_a_model_without_units():
+    with pytest.raises(GrowthConfigError, match="no hidden units"):
+        IdleCapacity().bind(torch.nn.Linear(3, 2))
