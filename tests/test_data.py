@@ -83,3 +83,24 @@ def test_benchmark_split_and_refusal() -> None:
         build_benchmark("split-digits", n_experiences=11)
     with pytest.raises(GrowthConfigError, match="split-digits, split-fmnist, split-mnist"):
         build_benchmark("split-cifar")
+
+
+def test_random_rbf_stream_is_seeded_and_validated() -> None:
+    """load_random_rbf: byte-identical for one seed, different concepts per block, and bad
+    arguments named."""
+    from selfgrow.data import load_random_rbf
+
+    a = load_random_rbf(seed=1, centroids=(50, 2), n_train=(200, 100), n_test=40)
+    b = load_random_rbf(seed=1, centroids=(50, 2), n_train=(200, 100), n_test=40)
+    c = load_random_rbf(seed=2, centroids=(50, 2), n_train=(200, 100), n_test=40)
+    assert a.x_train.shape == (300, 10) and a.x_test.shape == (80, 10)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)
+    assert not torch.equal(a.x_train, c.x_train)
+    seeds = [k["seed_model"] for k in a.source["concepts"]]
+    assert len(set(seeds)) == 2 and a.source["concepts"][1]["centroids"] == 2
+    assert abs(float(a.x_train.mean())) < 0.05  # standardised on the training blocks
+    for kw, match in ((dict(centroids=()), "centroids"), (dict(centroids=(0,)), "centroids"),
+                      (dict(centroids=(5, 5), n_train=(10,)), "1 sizes for 2 concepts"),
+                      (dict(n_test=0), "n_test"), (dict(n_classes=1), "n_classes")):
+        with pytest.raises(GrowthConfigError, match=match):
+            load_random_rbf(**kw)

@@ -9,7 +9,7 @@ from .digits import (
     load_mnist,
     stratified_split,
 )
-from .drift import load_sea
+from .drift import load_random_rbf, load_sea
 from .text import (
     LMBatches,
     TextCorpus,
@@ -38,6 +38,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_mnist",
     "load_mnist_animals",
+    "load_random_rbf",
     "load_sea",
     "stratified_split",
 ]

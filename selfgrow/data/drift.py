@@ -2,7 +2,9 @@
 
 :func:`load_sea` draws the SEA stream (Street & Kim 2001) one concept after another: 3 features
 uniform in ``[0, 10]``, label ``x0 + x1 > theta`` with ``theta`` = 8, 9, 7, 9.5 for river's
-variants 0, 1, 2, 3; the third feature is irrelevant.
+variants 0, 1, 2, 3; the third feature is irrelevant. :func:`load_random_rbf` draws RandomRBF
+concepts of changing difficulty (many centroids: hard; few: easy), the self-evolving
+benchmark's stream.
 """
 
 from __future__ import annotations
@@ -84,14 +86,25 @@ def load_sea(
         ys_te.append(y[n_train:])
         concepts.append({"variant": v, "threshold": SEA_THRESHOLDS[v], "seed": s,
                          "n_train": n_train, "n_test": n_test})
-    x_tr, x_te = np.concatenate(xs_tr), np.concatenate(xs_te)
-    mean, std = x_tr.mean(axis=0), np.maximum(x_tr.std(axis=0), 1e-8)
     source: dict[str, Any] = {
         "dataset": "SEA concepts stream (Street & Kim 2001), river.datasets.synth.SEA",
-        "package": "river",
-        "version": _version("river"),
         "noise": noise,
         "concepts": concepts,
+    }
+    return _pack("sea", xs_tr, ys_tr, xs_te, ys_te, 2, seed, source)
+
+
+def _pack(name: str, xs_tr: list[np.ndarray], ys_tr: list[np.ndarray], xs_te: list[np.ndarray],
+          ys_te: list[np.ndarray], num_classes: int, seed: int, source: dict[str, Any]
+          ) -> ClassificationData:
+    """Concatenate the concepts' blocks in stream order and standardise every feature with
+    the mean / std of the pooled training blocks (recorded in ``source["normalise"]``)."""
+    x_tr, x_te = np.concatenate(xs_tr), np.concatenate(xs_te)
+    mean, std = x_tr.mean(axis=0), np.maximum(x_tr.std(axis=0), 1e-8)
+    source = {
+        **source,
+        "package": "river",
+        "version": _version("river"),
         "split_seed": seed,
         "n_train": len(x_tr),
         "n_test": len(x_te),
@@ -103,11 +116,83 @@ def load_sea(
         return torch.as_tensor((x - mean) / std, dtype=torch.float32).contiguous()
 
     return ClassificationData(
-        name="sea",
+        name=name,
         x_train=t(x_tr),
         y_train=torch.as_tensor(np.concatenate(ys_tr)),
         x_test=t(x_te),
         y_test=torch.as_tensor(np.concatenate(ys_te)),
-        num_classes=2,
+        num_classes=num_classes,
         source=source,
     )
+
+
+def load_random_rbf(
+    seed: int = 0,
+    flatten: bool = True,
+    centroids: Sequence[int] = (50, 2, 50, 2),
+    n_train: int | Sequence[int] = 2000,
+    n_test: int = 500,
+    n_features: int = 10,
+    n_classes: int = 5,
+) -> ClassificationData:
+    """A stream of RandomRBF concepts (river ``RandomRBF``, the MOA generator) whose
+    difficulty changes: concept ``k`` draws its samples around ``centroids[k]`` random
+    Gaussian centroids, each with a random class and weight. Many centroids make a complex
+    decision boundary that needs capacity (50: a 2x8 MLP reaches about 80% prequential
+    accuracy where 2x128 reaches about 91%); two centroids are an easy concept any small
+    model solves. Every concept has its own generator (``seed_model`` and ``seed_sample``
+    derived from ``(seed, k)``), so consecutive concepts are new tasks, not repeats.
+
+    Concept ``k`` takes the first ``n_train[k] + n_test`` samples of its generator: the first
+    ``n_train[k]`` for training (the stream, in order), the rest for testing.
+    ``source["concepts"]`` gives each block's centroids, seeds and sizes. Features are
+    standardised with the pooled training blocks' mean / std.
+
+    Args:
+        seed: base seed.
+        flatten: accepted for the registry's uniform signature; the features are always flat.
+        centroids: centroids per concept in stream order (each >= 1).
+        n_train: training samples per concept (one int for all, or one per concept).
+        n_test: test samples per concept.
+        n_features: input features (>= 2).
+        n_classes: classes (>= 2).
+
+    Raises:
+        DataUnavailableError: ``river`` is not installed.
+        GrowthConfigError: an empty ``centroids``, a size out of range, or ``n_train`` of the
+            wrong length.
+    """
+    del flatten
+    cents = list(centroids) if not isinstance(centroids, (str, bytes)) else []
+    if not cents or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cents):
+        raise GrowthConfigError(f"centroids={centroids!r} is invalid; valid: a non-empty list "
+                                f"of integers >= 1, one per concept")
+    sizes = [n_train] * len(cents) if isinstance(n_train, int) else list(n_train)
+    if len(sizes) != len(cents):
+        raise GrowthConfigError(f"n_train={n_train!r} has {len(sizes)} sizes for "
+                                f"{len(cents)} concepts; give one int or one per concept")
+    for label, n, lo in (*(("n_train", v, 1) for v in sizes), ("n_test", n_test, 1),
+                         ("n_features", n_features, 2), ("n_classes", n_classes, 2)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < lo:
+            raise GrowthConfigError(f"{label}={n!r} is out of range; valid: an integer >= {lo}")
+    synth = _require("river.datasets.synth", "river==0.26.1")
+    xs_tr, ys_tr, xs_te, ys_te, concepts = [], [], [], [], []
+    for k, (c, n) in enumerate(zip(cents, sizes, strict=True)):
+        s_model, s_sample = (_concept_seed(seed, 2 * k), _concept_seed(seed, 2 * k + 1))
+        gen = synth.RandomRBF(seed_model=s_model, seed_sample=s_sample, n_classes=n_classes,
+                              n_features=n_features, n_centroids=c)
+        rows = list(gen.take(n + n_test))
+        x = np.array([[r[0][j] for j in range(n_features)] for r in rows], dtype=np.float64)
+        y = np.array([int(r[1]) for r in rows], dtype=np.int64)
+        xs_tr.append(x[:n])
+        ys_tr.append(y[:n])
+        xs_te.append(x[n:])
+        ys_te.append(y[n:])
+        concepts.append({"centroids": c, "seed_model": s_model, "seed_sample": s_sample,
+                         "n_train": n, "n_test": n_test})
+    source: dict[str, Any] = {
+        "dataset": "RandomRBF concepts stream (MOA), river.datasets.synth.RandomRBF",
+        "n_features": n_features,
+        "concepts": concepts,
+    }
+    return _pack("random_rbf", xs_tr, ys_tr, xs_te, ys_te, n_classes, seed, source)
