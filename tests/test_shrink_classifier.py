@@ -384,3 +384,17 @@ def test_transformer_prune_action_resolves_to_ffn_remove_units() -> None:
         resolve_action("prune", model)
     grow_(model, resolve_action("prune", model, fraction=0.25))
     assert find_adapter(model, "transformer").dims().d_ff == f - f // 4
+
+
+def test_controller_prunes_by_action_name() -> None:
+    from selfgrow.control import FixedSchedule, GrowthController
+
+    model, opt = trained("mlp")
+    ctrl = GrowthController(model, opt, policy=FixedSchedule(
+        [(2, "prune", {"fraction": 0.5}), (3, "prune", {"units": {1: [0]}})]))
+    for _ in range(4):
+        ctrl.observe(loss=1.0)
+    growths = [e for e in ctrl.events if e.kind == "growth"]
+    assert [e.action["op"] for e in growths] == ["remove_units", "remove_units"]
+    assert hidden_widths(model) == (6, 4)
+    assert growths[0].params_after < growths[0].params_before
