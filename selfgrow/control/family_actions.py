@@ -189,7 +189,7 @@ def classifier_prune(
                                         f"can be removed")
         counts = tuple(_fraction_count(float(fraction), widths[i]) for i in idx)
     else:
-        counts = tuple(n_remove for _ in idx)  # type: ignore[misc]
+        counts = (n_remove if n_remove is not None else 0,) * len(idx)
     return RemoveUnitsConfig(layer=tuple(idx), n_remove=counts, criterion=criterion)
 
 
