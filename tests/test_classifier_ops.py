@@ -27,7 +27,9 @@ from selfgrow.models import model_config_dict
 from selfgrow.models.cnn import CNNConfig, GrowableCNN
 from selfgrow.models.mlp import GrowableMLP, MLPConfig
 from selfgrow.ops import OpConfig, get_operator, net2net, op_config_from_dict, op_config_to_dict
+from selfgrow.ops import shrink_classifier as shrink_clf
 from selfgrow.ops.net2net import Net2DeeperConfig, Net2WiderConfig, grown_width, hidden_widths
+from selfgrow.ops.shrink_classifier import RemoveUnitsConfig
 
 # ---------------------------------------------------------------------------------------------
 # model families and operator examples
@@ -125,6 +127,40 @@ def _widths(model: nn.Module) -> tuple[int, ...]:
 
 
 ConfigFactory = Callable[[nn.Module], OpConfig]
+
+
+def zero_fanout_(model: nn.Module, layer: int, units: tuple[int, ...]) -> None:
+    """Zero the outgoing weights of ``units`` of unit ``layer`` (every consumer's columns,
+    ``group`` of them per unit after a Flatten): removing them is then exact."""
+    unit = find_adapter(model, "classifier").units()[layer]
+    with torch.no_grad():
+        for r in unit.consumers:
+            cols = net2net._expand_group(torch.tensor(units), r.group)
+            getattr(r.module, r.attr)[:, cols] = 0
+
+
+def _zeroed(m: nn.Module, layers: tuple[int, ...], units: tuple[int, ...]) -> None:
+    for i in layers:
+        zero_fanout_(m, i, units)
+
+
+def _remove_zeroed(m: nn.Module) -> OpConfig:
+    _zeroed(m, (0,), (1, 3))
+    return RemoveUnitsConfig(layer=0, units=(1, 3))
+
+
+def _magnitude_zeroed(m: nn.Module) -> OpConfig:
+    _zeroed(m, (0, 1), (0, 2))  # zero fan-out: importance 0, the least important
+    return RemoveUnitsConfig(layer=(0, 1), n_remove=2)
+
+
+def _prune_action_zeroed(m: nn.Module) -> OpConfig:
+    _zeroed(m, (1,), (1, 4))
+    return resolve_action("prune", m, units={1: [4, 1]})
+
+
+#: operators that remove parameters (their examples shrink the model)
+SHRINKING = {"remove_units"}
 #: operator name -> {variant: model -> config}
 EXAMPLES: dict[str, dict[str, ConfigFactory]] = {
     "net2wider": {
@@ -138,6 +174,11 @@ EXAMPLES: dict[str, dict[str, ConfigFactory]] = {
     "net2deeper": {
         "first": lambda m: Net2DeeperConfig(layer=0),
         "last": lambda m: resolve_action("deepen", m),
+    },
+    "remove_units": {
+        "given_zeroed": _remove_zeroed,
+        "magnitude_zeroed": _magnitude_zeroed,
+        "prune_action": _prune_action_zeroed,
     },
 }
 
@@ -161,6 +202,10 @@ def _bad_identity_kernel(c: int, k: int, like: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def _bad_expand_group(idx: torch.Tensor, group: int) -> torch.Tensor:
+    return torch.arange(idx.numel() * group)  # keeps the FIRST columns, not the kept units'
+
+
 #: operator name -> helpers of selfgrow.ops.net2net to replace by a buggy version
 NEGATIVE_CONTROLS: dict[str, dict[tuple[Any, str], Callable[..., Any]]] = {
     "net2wider": {(net2net, "_split_outgoing"): _bad_split_outgoing},
@@ -169,6 +214,7 @@ NEGATIVE_CONTROLS: dict[str, dict[tuple[Any, str], Callable[..., Any]]] = {
         (clf, "identity_kernel"): _bad_identity_kernel,
         (clf, "_zero_residual"): lambda bn: None,  # ResNet: keeps the new block's branch on
     },
+    "remove_units": {(shrink_clf, "_expand_group"): _bad_expand_group},
 }
 
 
@@ -280,7 +326,7 @@ def _assert_same(a: Any, b: Any) -> None:
 # registry coverage
 # ---------------------------------------------------------------------------------------------
 def test_registry_lists_the_classifier_operators():
-    assert {"net2wider", "net2deeper"} <= set(classifier_operators())
+    assert {"net2wider", "net2deeper", "remove_units"} <= set(classifier_operators())
 
 
 def test_every_classifier_operator_has_examples_and_a_negative_control():
@@ -301,7 +347,10 @@ def test_exact_in_eval_mode(op: str, variant: str, family: str, dtype: torch.dty
     assert is_exact(err, dtype), f"max relative error {err:.3g} > {TOL[dtype]:g}"
     assert event.preservation["exact_expected"] is True
     assert event.preservation["max_rel"] <= TOL[dtype]
-    assert event.params_after > event.params_before
+    if op in SHRINKING:
+        assert event.params_after < event.params_before
+    else:
+        assert event.params_after > event.params_before
 
 
 @pytest.mark.parametrize("op,variant,family", CASES)
@@ -392,6 +441,10 @@ def test_config_updated_and_state_dict_round_trip(op: str, variant: str, family:
     if isinstance(cfg, Net2WiderConfig):
         targets = cfg.targets()
         assert _widths(model) == tuple(targets.get(i, w) for i, w in enumerate(old))
+    elif isinstance(cfg, RemoveUnitsConfig):
+        layers = (cfg.layer,) if isinstance(cfg.layer, int) else cfg.layer
+        assert _widths(model) == tuple(w - 2 if i in layers else w for i, w in enumerate(old))
+        assert len(list(model.modules())) == n_old
     else:
         assert len(list(model.modules())) > n_old
         if family in SELFGROW:
@@ -440,8 +493,13 @@ def test_op_configs_serialise():
     for cfg in (
         Net2WiderConfig(layer=(0, 2), new_width=(16, 24), noise_std=0.01, seed=4),
         Net2DeeperConfig(layer=1),
+        RemoveUnitsConfig(layer=(0, 1), units=((1, 2), (0,))),
+        RemoveUnitsConfig(layer=(0, 1), n_remove=(2, 1)),
     ):
         assert op_config_from_dict(op_config_to_dict(cfg)) == cfg
+    import json  # through JSON (inner tuples come back as lists)
+    cfg = RemoveUnitsConfig(layer=(0, 1), units=((1, 2), (0,)))
+    assert op_config_from_dict(json.loads(json.dumps(op_config_to_dict(cfg)))) == cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +522,12 @@ BAD: list[Any] = [
     ),
     pytest.param("mlp", lambda m: Net2DeeperConfig(2), GrowthConfigError, id="deeper-range"),
     pytest.param("cnn", lambda m: Net2DeeperConfig(-1), GrowthConfigError, id="deeper-neg"),
+    pytest.param("mlp", lambda m: RemoveUnitsConfig(2, n_remove=1), GrowthConfigError,
+                 id="remove-layer-range"),
+    pytest.param("cnn", lambda m: RemoveUnitsConfig(0, units=(9,)), GrowthConfigError,
+                 id="remove-unit-range"),
+    pytest.param("mlp", lambda m: RemoveUnitsConfig(0, n_remove=12), GrowthConfigError,
+                 id="remove-all"),
 ]
 
 

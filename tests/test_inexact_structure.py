@@ -115,10 +115,16 @@ SHRINK: dict[str, tuple[str, dict[str, Any]]] = {
     "remove-units-given": ("ffn_remove_units", dict(units=(0, 7))),
 }
 
+#: classifier shrink (selfgrow/ops/shrink_classifier.py): (operator, kwargs) on the MLP
+CLASSIFIER_SHRINK: dict[str, tuple[str, dict[str, Any]]] = {
+    "remove-units-magnitude": ("remove_units", dict(layer=(0, 1), n_remove=(2, 1))),
+    "remove-units-given": ("remove_units", dict(layer=(0, 1), units=((0, 5), (3,)))),
+}
+
 #: every registered inexact operator -> the cases above that check it
 COVERED = ({op for op, _, _ in DEPTH.values()} | {op for op, _ in WIDTH.values()}
            | {op for op, _ in LEARNED.values()} | {op for op, _, _ in MOE.values()}
-           | {op for op, _ in SHRINK.values()})
+           | {op for op, _ in SHRINK.values()} | {op for op, _ in CLASSIFIER_SHRINK.values()})
 
 
 def test_every_inexact_operator_has_a_structural_check():
@@ -510,3 +516,38 @@ def test_shrink_structure(family, case):
     new = dict(model.named_parameters())
     for k, v in others.items():
         assert torch.equal(new[k], v), k
+
+
+@pytest.mark.parametrize("case", list(CLASSIFIER_SHRINK))
+def test_classifier_shrink_structure(case):
+    """remove_units on GrowableMLP: kept units' incoming rows, biases and outgoing columns
+    are the old ones, the removed units are the named ones (or the least important by
+    magnitude: ||W_in[u]|| * ||W_out[:, u]||), the head's bias unchanged; error measured."""
+    op, kw = CLASSIFIER_SHRINK[case]
+    torch.manual_seed(0)
+    model = _mlp().double().eval()
+    old = _clone(model)
+    names = ["hidden.0", "hidden.1", "head"]
+    if "units" in kw:
+        gone = [set(u) for u in kw["units"]]
+    else:
+        gone = []
+        for i, n in enumerate(kw["n_remove"]):
+            imp = (old[f"{names[i]}.weight"].norm(dim=1)
+                   * old[f"{names[i + 1]}.weight"].norm(dim=0))
+            gone.append(set(imp.argsort()[:n].tolist()))
+    x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y0 = model(x).detach()
+    ev = grow_(model, make_config(op, **kw), probe=x)
+    _check_error_reported(ev, rel_err(model(x), y0))
+    assert ev.extra["notes"]["removed"] == {i: sorted(g) for i, g in enumerate(gone)}
+    new = _clone(model)
+    keep = [[u for u in range(w) if u not in g] for w, g in zip((6, 5), gone, strict=True)]
+    for i in range(2):
+        rows = keep[i]
+        cols = list(range(16)) if i == 0 else keep[i - 1]
+        assert torch.equal(new[f"{names[i]}.weight"], old[f"{names[i]}.weight"][rows][:, cols])
+        assert torch.equal(new[f"{names[i]}.bias"], old[f"{names[i]}.bias"][rows])
+    assert torch.equal(new["head.weight"], old["head.weight"][:, keep[1]])
+    assert torch.equal(new["head.bias"], old["head.bias"])
+    assert model.config.hidden == (len(keep[0]), len(keep[1]))

@@ -109,6 +109,9 @@ REPS: list[tuple[str, str, str, str, Any]] = [
     ("net2wider-cnn", "classifier", "cnn", "net2wider", dict(layer=(0, 1), new_width=(9, 12))),
     ("net2deeper-mlp", "classifier", "mlp", "net2deeper", dict(layer=0)),
     ("net2deeper-cnn", "classifier", "cnn", "net2deeper", dict(layer=1)),
+    ("remove-units-mlp", "classifier", "mlp", "remove_units", dict(layer=(0, 1), n_remove=3)),
+    ("remove-units-cnn", "classifier", "cnn", "remove_units",
+     dict(layer=(0, 1), units=((1, 4), (0, 2, 7)))),
 ]
 #: dimensions that must have a registered representative once their module exists
 DIM_MODULES = {"depth": "depth", "d_model": "width", "ffn": "ffn", "heads": "heads",

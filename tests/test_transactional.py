@@ -121,6 +121,7 @@ KW: dict[str, dict[str, Any] | KwFn] = {
     "grow_top_k": dict(new_k=3),
     "ffn_remove_units": dict(n_remove=2),
     "ffn_fold_duplicates": dict(atol=1e9),  # folds every unit into one: a real edit
+    "remove_units": dict(layer=(0, 1), n_remove=(2, 1)),
 }
 
 #: Transaction methods that edit the model (the injection points)
@@ -146,6 +147,7 @@ RECIPE_KIND: dict[str, str] = {
     "extend_positions": "transformer",
     "ffn_remove_units": "transformer",
     "ffn_fold_duplicates": "transformer",
+    "remove_units": "classifier",
 }
 #: (operator, family) pairs excluded by hand, with the reason
 EXCLUDED: dict[tuple[str, str], str] = {

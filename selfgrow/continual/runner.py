@@ -339,11 +339,18 @@ def parse_seeds(text: str) -> list[int]:
         raise GrowthConfigError(f"--seeds {text!r}: {e}") from None
 
 
+#: actions that remove parameters: not growth actions of ``selfgrow run`` (its runs grow on
+#: a plateau or on forgetting; pruning is for the API and policies, ``"prune"``)
+SHRINK_ACTIONS = ("prune",)
+
+
 def available_actions(model_kind: str) -> list[str]:
-    """Growth actions the model family offers (``widen``, ``deepen``, ...)."""
+    """Growth actions the model family offers (``widen``, ``deepen``, ...; the shrinking
+    :data:`SHRINK_ACTIONS` left out)."""
     from ..control.actions import list_actions
 
-    return list_actions(build_small_model(model_kind, (1, 8, 8), 10, 4, 2))
+    return [a for a in list_actions(build_small_model(model_kind, (1, 8, 8), 10, 4, 2))
+            if a not in SHRINK_ACTIONS]
 
 
 def spec_benchmark(spec: RunSpec, seed: int) -> Benchmark:

@@ -10,7 +10,8 @@ Policies speak in actions. Resolution order for ``resolve_action(action, model)`
    kind with no registration (HF BERT / GPT-2 / LLaMA, ``nn.TransformerEncoder``, ...).
 
 Standard action names: ``widen``, ``deepen``, ``widen_ffn``, ``add_heads``, ``add_expert``,
-``extend_context``, ``widen_layers`` (widen specific layers, e.g. saturated ones).
+``extend_context``, ``widen_layers`` (widen specific layers, e.g. saturated ones), ``prune``
+(remove the least important or the given units: classifier units, transformer FFN units).
 """
 
 from __future__ import annotations

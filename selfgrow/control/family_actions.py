@@ -10,7 +10,8 @@ register actions (they sit below the control layer).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -24,6 +25,8 @@ from ..ops.ffn import FFNNet2WiderConfig
 from ..ops.heads import HeadsCloneConfig, HeadsFreshConfig
 from ..ops.net2net import Net2DeeperConfig, Net2WiderConfig, classifier_adapter, grown_width
 from ..ops.positions import ExtendPositionsConfig
+from ..ops.shrink import FFNRemoveUnitsConfig
+from ..ops.shrink_classifier import RemoveUnitsConfig
 from ..ops.width import WidenDModelConfig, WidenDModelMaskedConfig
 from .actions import register_family_action
 
@@ -100,6 +103,94 @@ def classifier_widen_layers(
     return Net2WiderConfig(layer=tuple(order),
                            new_width=tuple(grown_width(widths[i], factor, round_to) for i in order),
                            noise_std=noise_std, seed=seed, split_noise=split_noise)
+
+
+def _fraction_count(fraction: float, width: int) -> int:
+    """``fraction * width`` rounded half up, clipped to ``1..width - 1`` (one unit at least
+    goes, one at least stays)."""
+    return min(width - 1, max(1, math.floor(fraction * width + 0.5)))
+
+
+def _check_prune_amount(fraction: float | None, n_remove: int | None, units: Any) -> None:
+    given = [k for k, v in (("fraction", fraction), ("n_remove", n_remove), ("units", units))
+             if v is not None]
+    if len(given) != 1:
+        raise GrowthConfigError(
+            f"prune: give exactly one of fraction, n_remove, units; got "
+            f"{', '.join(given) or 'none'}")
+    if fraction is not None and (
+            isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+            or not math.isfinite(fraction) or not 0 < fraction < 1):
+        raise GrowthConfigError(f"prune: fraction={fraction!r} is out of range; valid: a "
+                                f"number in (0, 1)")
+
+
+@register_family_action("classifier", "prune")
+def classifier_prune(
+    model: nn.Module,
+    layer: int | str | Sequence[int | str] | None = None,
+    fraction: float | None = None,
+    n_remove: int | None = None,
+    units: Sequence[int] | Mapping[int | str, Sequence[int]] | None = None,
+    criterion: str = "magnitude",
+) -> RemoveUnitsConfig:
+    """Structured pruning (``remove_units``) of classifier units: hidden units of an MLP,
+    output channels of a conv layer (with their BatchNorm entries), channels of a ResNet
+    stream.
+
+    Args:
+        layer: the unit(s) to prune (indices or unit / tensor names); ``None``: every
+            hidden layer (with ``units`` as a mapping: its keys).
+        fraction: per layer, remove ``fraction * width`` units (rounded half up; at least
+            1, at most ``width - 1``), the least important by ``criterion``; in (0, 1). With
+            ``layer=None``, layers of width 1 are skipped.
+        n_remove: per layer, remove this many units, the least important by ``criterion``.
+        units: the units to remove: a mapping ``{layer: [units]}`` (keys are indices or
+            names; e.g. from a signal's state) or, with one ``layer``, a list of units.
+        criterion: see :class:`~selfgrow.ops.shrink_classifier.RemoveUnitsConfig`.
+
+    Give exactly one of ``fraction``, ``n_remove`` and ``units``.
+
+    Raises:
+        GrowthConfigError: none or several of fraction / n_remove / units, a fraction
+            outside (0, 1), an unknown layer, or ``units`` as a list without exactly one
+            ``layer`` (the operator checks the rest before any change).
+    """
+    _check_prune_amount(fraction, n_remove, units)
+    ad = classifier_adapter(model)
+    widths = ad.widths()
+    if isinstance(units, Mapping):
+        if layer is not None:
+            raise GrowthConfigError("prune: units as a mapping {layer: units} names its own "
+                                    "layers; leave layer=None")
+        per = {ad.unit_index(k): tuple(v) for k, v in units.items()}
+        if not per:
+            raise GrowthConfigError("prune: units={} names no layer")
+        order = sorted(per)
+        return RemoveUnitsConfig(layer=tuple(order), units=tuple(per[i] for i in order),
+                                 criterion=criterion)
+    if layer is None:
+        idx = list(range(len(widths)))
+    elif isinstance(layer, (int, str)):
+        idx = [ad.unit_index(layer)]
+    else:
+        idx = sorted({ad.unit_index(x) for x in layer})
+    if units is not None:
+        if len(idx) != 1:
+            raise GrowthConfigError(
+                f"prune: units={units!r} as a list needs exactly one layer (got layer="
+                f"{layer!r}); give a mapping {{layer: units}} for several")
+        return RemoveUnitsConfig(layer=idx[0], units=tuple(units), criterion=criterion)
+    if fraction is not None:
+        if layer is None:
+            idx = [i for i in idx if widths[i] > 1]
+            if not idx:
+                raise GrowthConfigError(f"prune: every layer has width 1 {widths}; nothing "
+                                        f"can be removed")
+        counts = tuple(_fraction_count(float(fraction), widths[i]) for i in idx)
+    else:
+        counts = (n_remove if n_remove is not None else 0,) * len(idx)
+    return RemoveUnitsConfig(layer=tuple(idx), n_remove=counts, criterion=criterion)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,3 +312,29 @@ def transformer_add_expert(model: nn.Module, layer: int | None = None,
     if source is None and layer not in seen:
         source = 0  # no routing counted yet (e.g. when the controller checks its rules)
     return build_config(AddExpertConfig, layer=layer, source=source, **kw)
+
+
+
+@register_family_action("transformer", "prune")
+def transformer_prune(model: nn.Module, fraction: float | None = None,
+                      n_remove: int | None = None, units: Sequence[int] | None = None,
+                      criterion: str = "magnitude") -> OpConfig:
+    """Remove FFN hidden units in every layer (``ffn_remove_units``): ``units`` (the same in
+    every layer: the config holds one d_ff), ``n_remove`` or ``fraction * d_ff`` (rounded half
+    up; at least 1, at most ``d_ff - 1``) least important by ``criterion`` per layer. Give exactly
+    one of ``fraction`` (in (0, 1)), ``n_remove`` and ``units``.
+
+    Raises:
+        GrowthConfigError: none or several of them, a fraction outside (0, 1), or ``units``
+            as a per-layer mapping (every layer loses the same units).
+    """
+    _check_prune_amount(fraction, n_remove, units)
+    if isinstance(units, Mapping):
+        raise GrowthConfigError(
+            "prune: a transformer's FFN layers share one d_ff, so units is one list of units "
+            "removed in every layer, not a mapping {layer: units}")
+    if units is not None:
+        return build_config(FFNRemoveUnitsConfig, units=tuple(units), criterion=criterion)
+    if fraction is not None:
+        n_remove = _fraction_count(float(fraction), get_adapter(model).dims().d_ff)
+    return build_config(FFNRemoveUnitsConfig, n_remove=n_remove, criterion=criterion)
