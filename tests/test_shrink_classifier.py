@@ -394,7 +394,8 @@ def test_controller_prunes_by_action_name() -> None:
         [(2, "prune", {"fraction": 0.5}), (3, "prune", {"units": {1: [0]}})]))
     for _ in range(4):
         ctrl.observe(loss=1.0)
-    growths = [e for e in ctrl.events if e.kind == "growth"]
+    growths = [e for e in ctrl.events if e.kind == "prune"]  # a schedule's shrink: a prune
     assert [e.action["op"] for e in growths] == ["remove_units", "remove_units"]
+    assert ctrl.n_prunes == 2 and ctrl.n_growths == 0
     assert hidden_widths(model) == (6, 4)
     assert growths[0].params_after < growths[0].params_before

@@ -482,7 +482,7 @@ class GrowthController:
             trig.update(trigger)
         d = Decision(config_or_action, dict(action_kwargs), reason, trig)
         with rng_isolated():
-            ev = self._apply(d, reason, raise_errors=True, infer_direction=True)
+            ev = self._apply(d, reason, raise_errors=True)
         if ev is None:  # pragma: no cover - raise_errors=True always returns or raises
             raise GrowthConfigError("growth failed")
         return ev
@@ -622,13 +622,12 @@ class GrowthController:
         self._estimates[key] = est
         return est
 
-    def _apply(self, d: Decision, reason: str, raise_errors: bool,
-               infer_direction: bool = False) -> GrowthEvent | None:
+    def _apply(self, d: Decision, reason: str, raise_errors: bool) -> GrowthEvent | None:
         opt = self.optimizer
         try:
             cfg = self._resolve(d.action, d.kwargs)
             shrinks = bool(get_operator(cfg).shrinks)
-            if infer_direction:
+            if d.direction is None:
                 d.direction = "prune" if shrinks else "grow"
             elif shrinks != (d.direction == "prune"):
                 raise GrowthConfigError(

@@ -80,8 +80,10 @@ class Decision:
         trigger: the triggering signal's state ``{signal, value, threshold, window, ...}``.
         blocked: ``None`` to grow now, else the :class:`SkipReason`.
         estimate: the budget estimate of the grown model, when one was computed.
-        direction: ``"grow"`` or ``"prune"`` (a shrink operator: the controller logs a
-            ``"prune"`` event and counts it in ``n_prunes``).
+        direction: ``"grow"`` or ``"prune"`` (the controller logs a ``"prune"`` event and
+            counts it in ``n_prunes``), or None: taken from the operator
+            (:attr:`~selfgrow.ops.Operator.shrinks`; schedules and manual growth). An explicit
+            direction that disagrees with the operator is refused when applied.
     """
 
     action: Action
@@ -90,7 +92,7 @@ class Decision:
     trigger: dict[str, Any] = field(default_factory=dict)
     blocked: SkipReason | None = None
     estimate: dict[str, Any] | None = None
-    direction: str = "grow"
+    direction: str | None = None
 
     @property
     def go(self) -> bool:

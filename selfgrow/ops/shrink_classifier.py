@@ -276,6 +276,8 @@ class RemoveUnits(Operator):
             change, naming the bad value and the valid range or choices).
     """
 
+    shrinks = True
+
     exact = False
     #: the adapter kind this operator works on (registry-generated tests use it)
     adapter_kind: ClassVar[str] = "classifier"
