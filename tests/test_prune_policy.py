@@ -258,3 +258,22 @@ def test_idle_capacity_bad_arguments(kw, match):
 def test_idle_capacity_on_a_model_without_units():
     with pytest.raises(GrowthConfigError, match="no hidden units"):
         IdleCapacity().bind(torch.nn.Linear(3, 2))
+
+
+def test_idle_capacity_max_loss_blocks_pruning_while_the_loss_is_high():
+    """Capacity is only idle while the task is solved: the same dead units trigger at a low
+    window loss and not at a high one (the loss-level half of the grow/prune hysteresis)."""
+    torch.manual_seed(0)
+    m = build_model(MLPConfig(in_features=12, hidden=(16,), n_classes=3))
+    with torch.no_grad():
+        m.hidden[0].weight[:4] = 0.0
+        m.hidden[0].bias[:4] = -1.0
+    x = torch.randn(8, 12)
+    for loss, fires in ((0.05, True), (0.5, False)):
+        sig = IdleCapacity(window=2, threshold=0.1, share=0.0, max_loss=0.1)
+        sig.bind(m)
+        for step in range(2):
+            m(x)
+            sig.update(step, {"loss": loss})
+        assert sig.triggered is fires and sig.state()["window_loss"] == pytest.approx(loss)
+        assert sig.value == pytest.approx(4 / 16)  # the measurement itself is unchanged

@@ -24,7 +24,11 @@ Which units are idle:
   not hurt. This is the measured version and what the self-evolving benchmark uses.
 
 ``value`` is the idle fraction of all watched units; the signal triggers when it is at least
-``threshold`` (and at least one unit of some layer can go). ``state()`` gives the idle units
+``threshold`` (and at least one unit of some layer can go) and, with ``max_loss``, the mean
+training loss over the window is at most ``max_loss``: capacity is only idle while the task
+is solved (grow when the loss plateaus HIGH, ``LossPlateau(min_loss=...)``; prune only when it
+is LOW; a ``max_loss`` below the plateau's ``min_loss`` leaves a dead band between the two,
+the loss-level half of the grow/prune hysteresis). ``state()`` gives the idle units
 per layer (``units``: ``{layer: [unit, ...]}``, the classifier ``"prune"`` action's input),
 ``n_remove`` (the smallest per-layer count, for operators that remove the same number in every
 layer such as ``ffn_remove_units``), ``idle_fraction`` and ``dead_fraction``. Every layer keeps
@@ -106,6 +110,8 @@ class IdleCapacity(Signal):
         fractions: with ``verify``: the ablation ladder, fractions of each layer's units in
             (0, 1), tried largest first.
         min_units: units every layer keeps, >= 1.
+        max_loss: the signal triggers only while the mean training loss of the window (the
+            ``loss`` passed to ``observe``, loss units) is at most this; None: any loss.
         include: layer names to watch (``"hidden.0"``, ``"blocks.1"``, ``"layers.3"``); None
             watches every hidden layer the model's adapter lists.
         every: update every N controller steps.
@@ -118,6 +124,7 @@ class IdleCapacity(Signal):
 
     name: ClassVar[str] = "idle_capacity"
     requires: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ("loss",)
 
     def __init__(
         self,
@@ -134,6 +141,7 @@ class IdleCapacity(Signal):
         include: Sequence[str] | None = None,
         every: int = 1,
         name: str | None = None,
+        max_loss: float | None = None,
     ) -> None:
         check_range("threshold", threshold, 0.0, 1.0, lo_open=True)
         if criterion not in IDLE_CRITERIA:
@@ -155,6 +163,8 @@ class IdleCapacity(Signal):
         for f in fr:
             check_range("fractions", f, 0.0, 1.0, lo_open=True, hi_open=True)
         _check_int("min_units", min_units, 1)
+        if max_loss is not None:
+            check_range("max_loss", max_loss, 0.0, math.inf, hi_open=True)
         if include is not None and (isinstance(include, str)
                                     or not all(isinstance(x, str) for x in include)):
             raise GrowthConfigError(f"IdleCapacity: include={include!r} must be a list of "
@@ -168,6 +178,9 @@ class IdleCapacity(Signal):
         self.relative = bool(relative)
         self.fractions = tuple(fr)
         self.min_units = int(min_units)
+        self.max_loss = None if max_loss is None else float(max_loss)
+        self._loss_sum, self._loss_n = 0.0, 0
+        self.window_loss: float | None = None
         self.include = list(include) if include is not None else None
         self._watch: list[_Watch] = []
         self._model: nn.Module | None = None
@@ -261,18 +274,26 @@ class IdleCapacity(Signal):
     # --- measurement ---------------------------------------------------------------------------
     def update(self, step: int, metrics: Any) -> None:
         self._since += 1
+        loss = metrics.get("loss") if hasattr(metrics, "get") else None
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            self._loss_sum += float(loss)
+            self._loss_n += 1
         if self._since < self.window:
             return
         if not any(w.n_samples for w in self._watch):
             return  # no training forward seen in the window: nothing to say yet
         self._since = 0
         self.n_updates += 1
+        self.window_loss = self._loss_sum / self._loss_n if self._loss_n else None
+        self._loss_sum, self._loss_n = 0.0, 0
         imp = {w.index: self._importance(w) for w in self._watch if w.n_samples}
         dead = {w.index: (w.act_sum / w.n_samples) <= self.dead_eps  # type: ignore[operator]
                 for w in self._watch if w.n_samples}
-        if self.verify is not None:
+        loss_ok = self.max_loss is None or (
+            self.window_loss is not None and self.window_loss <= self.max_loss)
+        if self.verify is not None and loss_ok:
             units = self._verified(imp, dead)
-        else:
+        else:  # (the ablation is not worth running while the loss is too high to prune)
             units = {i: self._tail(v, dead[i]) for i, v in imp.items()}
         total = sum(v.numel() for v in imp.values())
         n_idle = sum(len(u) for u in units.values())
@@ -282,7 +303,7 @@ class IdleCapacity(Signal):
         self.idle_fraction = n_idle / max(total, 1)
         self.dead_fraction = sum(int(d.sum()) for d in dead.values()) / max(total, 1)
         self.value = self.idle_fraction
-        self.triggered = bool(self.units) and self.value >= self.threshold
+        self.triggered = bool(self.units) and self.value >= self.threshold and loss_ok
         for w in self._watch:
             w.act_sum = w.taylor_sum = None
             w.n_samples = 0
@@ -362,6 +383,7 @@ class IdleCapacity(Signal):
         super().on_growth(step)
         self.units = {}
         self._since = 0
+        self._loss_sum, self._loss_n = 0.0, 0
 
     def extra(self) -> dict[str, Any]:
         n = [len(v) for v in self.units.values()]
@@ -372,6 +394,9 @@ class IdleCapacity(Signal):
             "dead_fraction": self.dead_fraction,
             "criterion": self.criterion,
         }
+        if self.max_loss is not None:
+            out["window_loss"] = self.window_loss
+            out["max_loss"] = self.max_loss
         if self.verify is not None:
             out["loss_increase"] = self.loss_increase
         return out
