@@ -268,6 +268,8 @@ def _why(r: dict[str, Any]) -> str:
 def _brief_value(v: Any) -> str:
     if isinstance(v, (list, tuple)) and len(v) > 6:
         return f"[{len(v)} values]"
+    if isinstance(v, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in v):
+        return "[" + ", ".join(_brief_value(x) for x in v) + "]"  # per-layer lists
     if isinstance(v, dict) and "weights" not in v and len(str(v)) > 60:
         return "{...}"
     return str(v)
