@@ -30,14 +30,14 @@ from .signals import check_range
 
 __all__ = [
     "BLOCK_REASONS",
-    "SkipReason",
     "Budget",
+    "DIRECTIONS",
     "Decision",
     "Policy",
     "PolicyContext",
     "Rule",
     "RulePolicy",
-    "DIRECTIONS",
+    "SkipReason",
 ]
 
 class SkipReason(enum.StrEnum):
