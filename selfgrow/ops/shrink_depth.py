@@ -13,10 +13,18 @@ EXACT when every removed block contributes nothing (``is_exact`` checks the weig
   as after ``identity_insert`` / ``function_preserving_stack`` of :mod:`selfgrow.ops.depth`
   (a pre-LN block is then an identity).
 
-A post-LN block without a ramp (HF BERT, post-LN ``nn.TransformerEncoder``) ends with a norm,
-so even with zero output projections it is ``norm2(norm1(h))``, not ``h``: removing it is
-inexact and the error is measured (this operator does not undo the depth operators' norm
-transfer).
+* the model is post-LN without a ramp (HF BERT, post-LN ``nn.TransformerEncoder``) and the
+  removed blocks undo a **norm transfer** (the inverse of the depth operators' post-LN
+  identity, :mod:`selfgrow.ops.depth`): for each run of consecutive removed blocks, the norm
+  that wrote the stream before the run (the previous block's norm2, or the embedding norm
+  before block 0) has gain 1 and bias 0, every block of the run has zero output projections
+  and norm1 (1, 0), all but its last norm2 (1, 0); the last block's norm2 (g, b) then moves
+  into that preceding norm. The run computed ``g * norm(norm(n)) + b`` of the normalised
+  ``n``, equal to ``g * n + b`` up to ``O(eps)`` (the bound of the depth module docstring), so
+  this is claimed exact for ``eps <= 1e-9`` (BERT's 1e-12) and measured otherwise.
+
+Any other post-LN block ends with a norm, so even with zero output projections it is
+``norm2(norm1(h))``, not ``h``: its removal is inexact and the error is measured.
 
 Blocks are given explicitly (``layers``) or chosen as the ``n_remove`` with the smallest
 weight-based residual-contribution proxy (``criterion="residual"``):
@@ -29,9 +37,10 @@ Deeper Layers": whole blocks, chosen by how little they change the stream, can b
 
 Optimizer state: every kept block's parameters keep their state bit-identical (a block that
 moves from index i to j is mapped by name, ``ParamMap(source="<layers>.i.<p>")``); the
-removed blocks' state is dropped. The family config's layer count is rewritten (through
-``set_layers``), so a model built from the config loads the state dict. At least one block
-stays.
+removed blocks' state is dropped; a norm that receives a transferred (g, b) takes the state
+of the norm it came from (the inverse of the depth operators' mapping). The family config's
+layer count is rewritten (through ``set_layers``), so a model built from the config loads
+the state dict. At least one block stays.
 """
 
 from __future__ import annotations
@@ -42,11 +51,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..adapters import TransformerAdapter, get_adapter
+from ..adapters import NormRef, TransformerAdapter, get_adapter, set_param
 from ..core import Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
+from ..optim import ParamMap
 from ._registry import GrowthResult, OpConfig, Operator, register_operator
-from .depth import Slot, rebuild_stack
+from .depth import NORM_TRANSFER_EXACT_EPS, Slot, rebuild_stack
 from .shrink import check_n_remove, parse_indices
 
 OP = "remove_layers"
@@ -59,10 +69,11 @@ class RemoveLayersConfig(OpConfig):
     the smallest residual-contribution proxy (``criterion="residual"``: ramp times
     ``|o| |v| + |b_o| + |down| |up| (|gate|) + |b_down|``, Frobenius norms). EXACT when every
     removed block has ramp 0, or the model is pre-LN and the block's attention output and FFN
-    down projections (weights and biases) are zero; otherwise inexact (the error is
-    measured). At least one block stays; kept blocks keep their optimizer state
-    bit-identical. Sources: Fan et al. 2019 (LayerDrop); Gromov et al. 2024 (pruning the
-    deeper layers).
+    down projections (weights and biases) are zero, or (post-LN without a ramp, norm eps <=
+    1e-9) the removed blocks undo a norm transfer, whose (g, b) moves back into the preceding
+    norm (module docstring); otherwise inexact (the error is measured). At least one block
+    stays; kept blocks keep their optimizer state bit-identical. Sources: Fan et al. 2019
+    (LayerDrop); Gromov et al. 2024 (pruning the deeper layers).
     """
 
     name: ClassVar[str] = "remove_layers"
@@ -132,8 +143,28 @@ def _block_is_dead(ad: TransformerAdapter, i: int) -> bool:
     r = _ramp(ad, i)
     if r is not None and bool(r.eq(0).all()):
         return True
-    if not ad.dims().norm_first:
-        return False
+    return ad.dims().norm_first and _outs_zero(ad, i)
+
+
+def _runs(idx: list[int]) -> list[list[int]]:
+    """Maximal runs of consecutive indices of the sorted list ``idx``."""
+    out: list[list[int]] = []
+    for i in idx:
+        if out and out[-1][-1] == i - 1:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _unit(nr: NormRef) -> bool:
+    """The norm has gain 1 and bias 0 (or no bias)."""
+    b = getattr(nr.module, "bias", None)
+    return bool(nr.module.weight.detach().eq(1).all()) and (
+        b is None or bool(b.detach().eq(0).all()))
+
+
+def _outs_zero(ad: TransformerAdapter, i: int) -> bool:
     for ref in ad.layer(i).out_projections():
         for t in (ref.raw_weight(), ref.raw_bias()):
             if t is not None and bool(t.detach().ne(0).any()):
@@ -141,12 +172,44 @@ def _block_is_dead(ad: TransformerAdapter, i: int) -> bool:
     return True
 
 
+def _transfers(ad: TransformerAdapter, keep: list[int]) -> list[tuple[NormRef, NormRef]]:
+    """``(preceding norm, last removed norm2)`` of every removed run that undoes a post-LN
+    norm transfer (see the module docstring); empty for pre-LN, ramp families and meta
+    copies."""
+    d = ad.dims()
+    if d.norm_first or ad.supports_ramp or _is_meta(ad):
+        return []
+    gone = [i for i in range(d.n_layers) if i not in set(keep)]
+    out = []
+    for run in _runs(gone):
+        prev = ad.layer(run[0] - 1).norm2 if run[0] > 0 else ad.embed_norm()
+        if prev is None or not _unit(prev):
+            continue
+        if all(_outs_zero(ad, i) and _unit(ad.layer(i).norm1) for i in run) and all(
+                _unit(ad.layer(i).norm2) for i in run[:-1]):
+            out.append((prev, ad.layer(run[-1]).norm2))
+    return out
+
+
 def _removed_are_dead(ad: TransformerAdapter, keep: list[int]) -> bool:
-    """Whether every removed block contributes nothing (the removal is then exact); False on
-    a shape-only (meta) copy, which has no values to check."""
+    """Whether the removal is exact: every removed block contributes nothing, or (post-LN
+    without a ramp, eps <= 1e-9) every removed run undoes a norm transfer; False on a
+    shape-only (meta) copy, which has no values to check."""
     if _is_meta(ad):
         return False
-    return all(_block_is_dead(ad, i) for i in range(ad.dims().n_layers) if i not in set(keep))
+    gone = [i for i in range(ad.dims().n_layers) if i not in set(keep)]
+    if all(_block_is_dead(ad, i) for i in gone):
+        return True
+    return (ad.dims().norm_eps <= NORM_TRANSFER_EXACT_EPS
+            and len(_transfers(ad, keep)) == len(_runs(gone)))
+
+
+def _new_path(path: str, lp: str, keep: list[int]) -> str:
+    """Module path of a kept block's submodule after the removal (its index shifts)."""
+    if not path.startswith(lp + "."):
+        return path  # embedding norm
+    i_str, _, tail = path[len(lp) + 1:].partition(".")
+    return f"{lp}.{keep.index(int(i_str))}.{tail}"
 
 
 @register_operator(RemoveLayersConfig)
@@ -174,11 +237,21 @@ class RemoveLayers(Operator):
         ad = get_adapter(model)
         n = ad.dims().n_layers
         exact = _removed_are_dead(ad, keep)
+        transfers = _transfers(ad, keep)
+        lp = ad.layers_path
         res = rebuild_stack(model, ad, tx, [Slot(i) for i in keep])
+        for prev, src in transfers:  # the run's last norm2 (g, b) goes to the preceding norm
+            dst = _new_path(prev.path, lp, keep)
+            set_param(tx, model, f"{dst}.weight", src.module.weight.detach().clone())
+            res.param_maps[f"{dst}.weight"] = ParamMap(source=src.weight_name)
+            if prev.bias_name is not None and src.bias_name is not None:
+                set_param(tx, model, f"{dst}.bias", src.module.bias.detach().clone())
+                res.param_maps[f"{dst}.bias"] = ParamMap(source=src.bias_name)
         res.exact = exact
         res.notes = {"n_layers": [n, len(keep)], "removed": [i for i in range(n)
                                                              if i not in set(keep)],
-                     "criterion": config.criterion if config.layers is None else None}
+                     "criterion": config.criterion if config.layers is None else None,
+                     "norm_transfer": [[p.path, s.path] for p, s in transfers]}
         return res
 
 
