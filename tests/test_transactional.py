@@ -121,6 +121,8 @@ KW: dict[str, dict[str, Any] | KwFn] = {
     "grow_top_k": dict(new_k=3),
     "ffn_remove_units": dict(n_remove=2),
     "ffn_fold_duplicates": dict(atol=1e9),  # folds every unit into one: a real edit
+    "heads_remove": lambda m: dict(n_remove=_dims(m).n_heads // _dims(m).n_kv_heads),
+    "remove_layers": dict(n_remove=1),
 }
 
 #: Transaction methods that edit the model (the injection points)
@@ -146,6 +148,8 @@ RECIPE_KIND: dict[str, str] = {
     "extend_positions": "transformer",
     "ffn_remove_units": "transformer",
     "ffn_fold_duplicates": "transformer",
+    "heads_remove": "transformer",
+    "remove_layers": "transformer",
 }
 #: (operator, family) pairs excluded by hand, with the reason
 EXCLUDED: dict[tuple[str, str], str] = {
