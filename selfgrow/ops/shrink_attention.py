@@ -249,7 +249,7 @@ class HeadsRemove(Operator):
                 kv = _keep_roles(_coords(kkv, dh), d.n_kv_heads * dh)
                 items += [(lv.k, kv.write, None), (lv.v, kv.write, None)]
         maps = resize_params(tx, model, projection_plans(items))
-        first = next(iter(keep.values()))
+        first = next(iter(keep.values()), (torch.arange(d.n_heads), torch.arange(d.n_kv_heads)))
         nh, nkv = int(first[0].numel()), int(first[1].numel())
         ad.update_dims(tx, n_heads=nh, n_kv_heads=nkv)
         removed: Any = {i: sorted(set(range(d.n_heads)) - set(kq.tolist()))
