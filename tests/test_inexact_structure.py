@@ -120,11 +120,24 @@ CLASSIFIER_SHRINK: dict[str, tuple[str, dict[str, Any]]] = {
     "remove-units-magnitude": ("remove_units", dict(layer=(0, 1), n_remove=(2, 1))),
     "remove-units-given": ("remove_units", dict(layer=(0, 1), units=((0, 5), (3,)))),
 }
+#: head removal (selfgrow/ops/shrink_attention.py) on the GQA selfgrow model (H=4, Hkv=2)
+SHRINK_HEADS: dict[str, tuple[str, dict[str, Any]]] = {
+    "heads-groups-magnitude": ("heads_remove", dict(n_remove=2)),
+    "heads-within-magnitude": ("heads_remove", dict(n_remove=2, gqa="within")),
+    "heads-groups-given": ("heads_remove", dict(heads=(0, 1))),
+    "heads-within-given": ("heads_remove", dict(heads=(1, 2), gqa="within")),
+}
+#: layer removal (selfgrow/ops/shrink_depth.py) of live blocks: (operator, kwargs)
+SHRINK_LAYERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "layers-residual": ("remove_layers", dict(n_remove=1)),
+    "layers-given": ("remove_layers", dict(layers=(0,))),
+}
 
 #: every registered inexact operator -> the cases above that check it
 COVERED = ({op for op, _, _ in DEPTH.values()} | {op for op, _ in WIDTH.values()}
            | {op for op, _ in LEARNED.values()} | {op for op, _, _ in MOE.values()}
-           | {op for op, _ in SHRINK.values()} | {op for op, _ in CLASSIFIER_SHRINK.values()})
+           | {op for op, _ in SHRINK.values()} | {op for op, _ in CLASSIFIER_SHRINK.values()}
+           | {op for op, _ in SHRINK_HEADS.values()} | {op for op, _ in SHRINK_LAYERS.values()})
 
 
 def test_every_inexact_operator_has_a_structural_check():
@@ -551,3 +564,96 @@ def test_classifier_shrink_structure(case):
     assert torch.equal(new["head.weight"], old["head.weight"][:, keep[1]])
     assert torch.equal(new["head.bias"], old["head.bias"])
     assert model.config.hidden == (len(keep[0]), len(keep[1]))
+
+
+@pytest.mark.parametrize("case", list(SHRINK_HEADS))
+@pytest.mark.parametrize("family", ["sg-rms-rope-swiglu-gqa", "hf-llama"])
+def test_heads_remove_structure(family, case):
+    """heads_remove of live heads: the kept query heads' q rows, biases and o columns and the
+    kept KV heads' k / v rows are the old ones, the removed heads are the ones named (or the
+    least important by magnitude, per layer), everything else unchanged; error measured."""
+    if family not in FAMILIES:
+        pytest.skip(f"family {family!r} not available")
+    from selfgrow.ops.shrink_attention import head_importance
+
+    op, kw = SHRINK_HEADS[case]
+    model = _model(family)
+    ad = get_adapter(model)
+    d = ad.dims()
+    h, hkv, dh, g = d.n_heads, d.n_kv_heads, d.head_dim, d.n_heads // d.n_kv_heads
+    gqa = kw.get("gqa", "groups")
+    old = [{k: (getattr(ad.layer(i), k).weight(), getattr(ad.layer(i), k).bias())
+            for k in ("q", "k", "v", "o")} for i in range(d.n_layers)]
+    imps = [head_importance(ad, i) for i in range(d.n_layers)]
+    attn_ids = {id(t) for i in range(d.n_layers) for k in ("q", "k", "v", "o")
+                for t in (getattr(ad.layer(i), k).raw_weight(),
+                          getattr(ad.layer(i), k).raw_bias()) if t is not None}
+    others = {k: p.detach().clone() for k, p in model.named_parameters()
+              if id(p) not in attn_ids}
+    ev, err = _grow(model, op, kw)
+    _check_error_reported(ev, err)
+    ad = get_adapter(model)
+    for i in range(d.n_layers):
+        if "heads" in kw:
+            gone = set(kw["heads"])
+        elif gqa == "groups":
+            grp = imps[i].reshape(hkv, g).sum(1).argsort()[: kw["n_remove"] // g].tolist()
+            gone = {j * g + r for j in grp for r in range(g)}
+        else:
+            r = kw["n_remove"] // hkv
+            gone = {j * g + int(t) for j in range(hkv)
+                    for t in imps[i][j * g:(j + 1) * g].argsort()[:r]}
+        assert ev.extra["notes"]["removed"][i] == sorted(gone)
+        kq = [j for j in range(h) if j not in gone]
+        kkv = list(range(hkv)) if gqa == "within" else [
+            j for j in range(hkv) if j * g not in gone]
+        cq = torch.tensor([j * dh + t for j in kq for t in range(dh)])
+        ckv = torch.tensor([j * dh + t for j in kkv for t in range(dh)])
+        lv = ad.layer(i)
+        for k, c in (("q", cq), ("k", ckv), ("v", ckv)):
+            w, b = old[i][k]
+            assert torch.equal(getattr(lv, k).weight(), w[c]), (i, k)
+            assert b is None or torch.equal(getattr(lv, k).bias(), b[c])
+        w, b = old[i]["o"]
+        assert torch.equal(lv.o.weight(), w[:, cq])
+        assert b is None or torch.equal(lv.o.bias(), b)
+    new = dict(model.named_parameters())
+    for k, v in others.items():
+        assert torch.equal(new[k], v), k
+
+
+@pytest.mark.parametrize("case", list(SHRINK_LAYERS))
+@pytest.mark.parametrize("family", ["sg-preln", "hf-bert", "hf-gpt2", "torch-enc-postln"])
+def test_remove_layers_structure(family, case):
+    """remove_layers of live blocks: the kept blocks are the old module objects with their
+    old values, in order; the removed ones are those named (or the smallest residual score);
+    everything outside the layer stack unchanged; error measured."""
+    if family not in FAMILIES:
+        pytest.skip(f"family {family!r} not available")
+    from selfgrow.ops.shrink_depth import residual_score
+
+    op, kw = SHRINK_LAYERS[case]
+    model = _model(family)
+    ad = get_adapter(model)
+    lp = ad.layers_path
+    blocks = list(ad.layers())
+    n = len(blocks)
+    vals = [_clone(b) for b in blocks]
+    scores = torch.tensor([residual_score(ad, i) for i in range(n)])
+    outside = {k: v.clone() for k, v in model.state_dict().items()
+               if not k.startswith(lp + ".")}
+    ev, err = _grow(model, op, kw)
+    _check_error_reported(ev, err)
+    gone = set(kw["layers"]) if "layers" in kw else set(
+        scores.argsort()[: kw["n_remove"]].tolist())
+    assert ev.extra["notes"]["removed"] == sorted(gone)
+    keep = [i for i in range(n) if i not in gone]
+    new_blocks = list(get_adapter(model).layers())
+    assert len(new_blocks) == len(keep) == get_adapter(model).dims().n_layers
+    for b, i in zip(new_blocks, keep, strict=True):
+        assert b is blocks[i]
+        now = _clone(b)
+        assert all(torch.equal(now[k], v) for k, v in vals[i].items()), i
+    sd = model.state_dict()
+    for k, v in outside.items():
+        assert torch.equal(sd[k], v), k

@@ -103,6 +103,9 @@ REPS: list[tuple[str, str, str, str, Any]] = [
      lambda m: dict(new_n_heads=2 * _d(m).n_heads)),
     ("heads-fresh-sg", "heads", "sg-preln", "heads_fresh",
      lambda m: dict(new_n_heads=2 * _d(m).n_heads)),
+    ("heads-remove-sg-gqa", "shrink-heads", "sg-rms-rope-swiglu-gqa", "heads_remove",
+     dict(n_remove=2)),
+    ("remove-layers-llama", "shrink-depth", "hf-llama", "remove_layers", dict(layers=(0,))),
     ("ligo-sg-gqa", "learned", "sg-rms-rope-swiglu-gqa", "ligo",
      dict(depth_factor=2, width_factor=2)),
     ("net2wider-mlp", "classifier", "mlp", "net2wider", dict(layer=0, new_width=19)),
@@ -115,7 +118,8 @@ REPS: list[tuple[str, str, str, str, Any]] = [
 ]
 #: dimensions that must have a registered representative once their module exists
 DIM_MODULES = {"depth": "depth", "d_model": "width", "ffn": "ffn", "heads": "heads",
-               "classifier": "net2net", "learned": "learned"}
+               "classifier": "net2net", "learned": "learned",
+               "shrink-heads": "shrink_attention", "shrink-depth": "shrink_depth"}
 
 
 def test_every_dimension_is_represented():

@@ -277,3 +277,14 @@ def test_idle_capacity_max_loss_blocks_pruning_while_the_loss_is_high():
             sig.update(step, {"loss": loss})
         assert sig.triggered is fires and sig.state()["window_loss"] == pytest.approx(loss)
         assert sig.value == pytest.approx(4 / 16)  # the measurement itself is unchanged
+
+
+def test_every_shrink_operator_says_so():
+    """Operator.shrinks is what makes a change a prune: every operator of the shrink modules
+    (and remove_expert) sets it, no growth operator does."""
+    from selfgrow.ops import get_operator, list_operators
+
+    for name in list_operators():
+        op = get_operator(name)
+        shrink = type(op).__module__.startswith("selfgrow.ops.shrink") or name == "remove_expert"
+        assert op.shrinks is shrink, name

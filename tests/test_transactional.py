@@ -122,6 +122,8 @@ KW: dict[str, dict[str, Any] | KwFn] = {
     "ffn_remove_units": dict(n_remove=2),
     "ffn_fold_duplicates": dict(atol=1e9),  # folds every unit into one: a real edit
     "remove_units": dict(layer=(0, 1), n_remove=(2, 1)),
+    "heads_remove": lambda m: dict(n_remove=_dims(m).n_heads // _dims(m).n_kv_heads),
+    "remove_layers": dict(n_remove=1),
 }
 
 #: Transaction methods that edit the model (the injection points)
@@ -148,6 +150,8 @@ RECIPE_KIND: dict[str, str] = {
     "ffn_remove_units": "transformer",
     "ffn_fold_duplicates": "transformer",
     "remove_units": "classifier",
+    "heads_remove": "transformer",
+    "remove_layers": "transformer",
 }
 #: (operator, family) pairs excluded by hand, with the reason
 EXCLUDED: dict[tuple[str, str], str] = {

@@ -81,6 +81,37 @@ def _keep_roles(keep: torch.Tensor, f: int, in_scale: torch.Tensor | None = None
                  index=keep, count=ones)
 
 
+def parse_indices(values: Any, n: int, field: str, noun: str, op: str) -> list[int]:
+    """``values`` as a list of distinct indices in ``0..n-1`` (integer-likes accepted; bools,
+    strings and floats refused), shared by the shrink operators.
+
+    Raises:
+        GrowthConfigError: not a list of indices, an index out of range or listed twice (the
+            message names the bad values and the valid range).
+    """
+    try:
+        if isinstance(values, (str, bytes)) or any(isinstance(j, bool) for j in values):
+            raise TypeError
+        u = [operator.index(j) for j in values]
+    except TypeError:
+        raise GrowthConfigError(f"{op}: {field}={values!r} must be a list of {noun} indices; "
+                                f"valid: 0..{n - 1}") from None
+    bad = [j for j in u if not 0 <= j < n]
+    if bad:
+        raise GrowthConfigError(f"{op}: {field} {bad} are out of range; valid: 0..{n - 1}")
+    dup = sorted({j for j in u if u.count(j) > 1})
+    if dup:
+        raise GrowthConfigError(f"{op}: {field} {dup} are listed twice")
+    return u
+
+
+def check_n_remove(n: Any, op: str) -> int:
+    """``n`` as an int (bools and non-integers refused with GrowthConfigError)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise GrowthConfigError(f"{op}: n_remove={n!r} must be an integer")
+    return n
+
+
 def _check_d_ff(ad: TransformerAdapter, n_remove: int, op: str) -> int:
     f = ad.dims().d_ff
     if not 0 < n_remove < f:
@@ -121,29 +152,13 @@ def _removal(model: nn.Module, config: FFNRemoveUnitsConfig) -> dict[int, torch.
             "criterion", config.criterion, CRITERIA))
     n_layers, f = ad.dims().n_layers, ad.dims().d_ff
     if config.units is not None:
-        try:
-            if isinstance(config.units, (str, bytes)) or any(
-                    isinstance(j, bool) for j in config.units):
-                raise TypeError
-            u = [operator.index(j) for j in config.units]
-        except TypeError:
-            raise GrowthConfigError(f"ffn_remove_units: units={config.units!r} must be a list "
-                                    f"of unit indices; valid: 0..{f - 1}") from None
-        bad = [j for j in u if not 0 <= j < f]
-        if bad:
-            raise GrowthConfigError(f"ffn_remove_units: units {bad} are out of range; valid: "
-                                    f"0..{f - 1}")
-        dup = sorted({j for j in u if u.count(j) > 1})
-        if dup:
-            raise GrowthConfigError(f"ffn_remove_units: units {dup} are listed twice")
+        u = parse_indices(config.units, f, "units", "unit", "ffn_remove_units")
         if config.n_remove != 0:
             raise GrowthConfigError("ffn_remove_units: give units or n_remove, not both")
         _check_d_ff(ad, len(u), "ffn_remove_units")
         keep = torch.tensor([j for j in range(f) if j not in set(u)], dtype=torch.long)
         return {i: keep for i in range(n_layers)}
-    n = config.n_remove
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise GrowthConfigError(f"ffn_remove_units: n_remove={n!r} must be an integer")
+    n = check_n_remove(config.n_remove, "ffn_remove_units")
     _check_d_ff(ad, n, "ffn_remove_units")
     if _is_meta(ad):  # a shape-only copy (estimate_growth): which units go does not matter
         keep = torch.arange(f - n)
