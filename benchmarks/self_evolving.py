@@ -185,6 +185,9 @@ def run(method: str, width: int, lr: float, data: Any, seed: int,
                     n_changes, n_now = ctrl.n_changes, count_params(ctrl.model)
             param_steps += n_now
         per_concept.append({"centroids": c["centroids"], "prequential": correct / seen})
+        if ctrl is not None and ctrl.metrics_sink is not None:  # the figure's accuracy panel
+            ctrl.metrics_sink.log_row({"kind": "eval", "step": step, "experience": k,
+                                       "prequential": correct / seen})
     m = ctrl.model if ctrl is not None else model
     last = concepts[-1]["n_test"]
     with torch.no_grad():

@@ -441,7 +441,8 @@ def build_figure(rec: RunRecord) -> Any:
     ax_p.set_ylabel("parameters")
     n_prune = sum(1 for e in growths if e.kind == "prune")
     ax_p.set_title(f"growth timeline ({len(growths) - n_prune} growth events"
-                   + (f", {n_prune} prune events: purple)" if n_prune else ")"))
+                   + (f", {n_prune} prune event{'s' * (n_prune != 1)}: purple)" if n_prune
+                      else ")"))
 
     # loss curve
     lx, ly = _series(rec.metrics, "train/loss", "loss")
@@ -453,7 +454,8 @@ def build_figure(rec: RunRecord) -> Any:
         ax_l.axvline(float(r.get("step", 0)), color="tab:green", ls=":", lw=1)
     ax_l.set_xlabel("optimizer step")
     ax_l.set_ylabel("loss")
-    ax_l.set_title("training loss (red: growth, green: end of experience)")
+    ax_l.set_title("training loss (red: growth, " + ("purple: prune, " if n_prune else "")
+                   + "green: end of experience)")
     if not lx:
         ax_l.text(0.5, 0.5, "no loss recorded (metrics.jsonl missing)", ha="center",
                   transform=ax_l.transAxes)
@@ -481,7 +483,11 @@ def build_figure(rec: RunRecord) -> Any:
         acc = v.get("avg_accuracy_per_exp") or []
         if acc:
             ax_a.plot(range(1, len(acc) + 1), acc, marker="o", label=VARIANT_LABELS.get(key, key))
-    if not variants and evals:
+    stream = bool(evals) and all("prequential" in r for r in evals)
+    if not variants and stream:  # a stream's drivers log each experience's test-then-train
+        ax_a.plot(range(1, len(evals) + 1), [float(r["prequential"]) for r in evals],
+                  marker="o", label="prequential accuracy")
+    elif not variants and evals:
         acc = []
         for r in evals:
             seen = [a for a in (r.get("accuracy") or [])[: int(r.get("experience", 0)) + 1]
@@ -492,7 +498,8 @@ def build_figure(rec: RunRecord) -> Any:
     if n_points:
         ax_a.set_xticks(range(1, n_points + 1))
     ax_a.set_xlabel("after training experience")
-    ax_a.set_ylabel("avg test accuracy (seen classes)")
+    ax_a.set_ylabel("prequential accuracy" if stream and not variants
+                    else "avg test accuracy (seen classes)")
     ax_a.set_ylim(0, 1.02)
     if ax_a.lines:
         ax_a.set_title("accuracy per experience")
