@@ -414,41 +414,35 @@ class RulePolicy(Policy):
 
     def _decide_grow(self, cands: list[Decision], ctx: PolicyContext
                      ) -> tuple[Decision | None, str]:
-        first = cands[0]
-        block = self._limits(ctx)
-        if block:
-            code, why = block
-            first.blocked = code
-            return first, f"{first.reason}; skipped: {why}"
-        if self.budget.unlimited:
-            return first, first.reason
-        over = ""
-        for d in cands:
-            why = self.budget.check_decision(d, ctx)
-            if not why:
-                return d, d.reason
-            over = over or f"{d.action_name}: {why}"
-        first.blocked = SkipReason.BUDGET
-        return first, f"{first.reason}; skipped: budget ({over})"
+        check = None if self.budget.unlimited else self.budget.check_decision
+        return self._choose(cands, self._limits(ctx), check, ctx, SkipReason.BUDGET)
 
     def _decide_prune(self, cands: list[Decision], ctx: PolicyContext
                       ) -> tuple[Decision | None, str]:
+        check = None if self.prune_floor is None else self._floor_check
+        return self._choose(cands, self._prune_limits(ctx), check, ctx, SkipReason.FLOOR)
+
+    @staticmethod
+    def _choose(cands: list[Decision], block: tuple[SkipReason, str] | None,
+                check: Callable[[Decision, PolicyContext], str] | None, ctx: PolicyContext,
+                code: SkipReason) -> tuple[Decision | None, str]:
+        """The first candidate, blocked by the step's limits if any; else the first that
+        passes ``check`` (a budget or the floor, ``""`` when it passes: a smaller change
+        further down the list may pass when the first does not)."""
         first = cands[0]
-        block = self._prune_limits(ctx)
         if block:
-            code, why = block
-            first.blocked = code
+            first.blocked, why = block
             return first, f"{first.reason}; skipped: {why}"
-        if self.prune_floor is None:
+        if check is None:
             return first, first.reason
-        below = ""
+        failed = ""
         for d in cands:
-            why = self._floor_check(d, ctx)
+            why = check(d, ctx)
             if not why:
                 return d, d.reason
-            below = below or f"{d.action_name}: {why}"
-        first.blocked = SkipReason.FLOOR
-        return first, f"{first.reason}; skipped: floor ({below})"
+            failed = failed or f"{d.action_name}: {why}"
+        first.blocked = code
+        return first, f"{first.reason}; skipped: {code.value} ({failed})"
 
     def _floor_check(self, d: Decision, ctx: PolicyContext) -> str:
         """``""`` when the pruned model keeps at least ``prune_floor`` parameters (sized on a

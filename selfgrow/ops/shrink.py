@@ -81,9 +81,11 @@ def _keep_roles(keep: torch.Tensor, f: int, in_scale: torch.Tensor | None = None
                  index=keep, count=ones)
 
 
-def parse_indices(values: Any, n: int, field: str, noun: str, op: str) -> list[int]:
+def parse_indices(values: Any, n: int, field: str, noun: str, op: str, where: str = ""
+                  ) -> list[int]:
     """``values`` as a list of distinct indices in ``0..n-1`` (integer-likes accepted; bools,
-    strings and floats refused), shared by the shrink operators.
+    strings and floats refused), shared by the shrink operators; ``where`` names the layer
+    in messages (``"hidden.0"``).
 
     Raises:
         GrowthConfigError: not a list of indices, an index out of range or listed twice (the
@@ -94,14 +96,16 @@ def parse_indices(values: Any, n: int, field: str, noun: str, op: str) -> list[i
             raise TypeError
         u = [operator.index(j) for j in values]
     except TypeError:
-        raise GrowthConfigError(f"{op}: {field}={values!r} must be a list of {noun} indices; "
-                                f"valid: 0..{n - 1}") from None
+        at = f" for {where}" if where else ""
+        raise GrowthConfigError(f"{op}: {field}={values!r}{at} must be a list of {noun} "
+                                f"indices; valid: 0..{n - 1}") from None
+    of = f" of {where}" if where else ""
     bad = [j for j in u if not 0 <= j < n]
     if bad:
-        raise GrowthConfigError(f"{op}: {field} {bad} are out of range; valid: 0..{n - 1}")
+        raise GrowthConfigError(f"{op}: {field} {bad}{of} are out of range; valid: 0..{n - 1}")
     dup = sorted({j for j in u if u.count(j) > 1})
     if dup:
-        raise GrowthConfigError(f"{op}: {field} {dup} are listed twice")
+        raise GrowthConfigError(f"{op}: {field} {dup}{of} are listed twice")
     return u
 
 

@@ -32,8 +32,6 @@ gradients).
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,6 +43,7 @@ from ..core import ParamMap, Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ._registry import GrowthResult, OpConfig, Operator, register_operator
 from .net2net import _as_int_tuple, _check_layer, _Edit, _expand_group, classifier_adapter
+from .shrink import parse_indices
 
 #: importance criteria of :class:`RemoveUnitsConfig`
 CRITERIA = ("magnitude",)
@@ -99,21 +98,7 @@ class RemoveUnitsConfig(OpConfig):
 def _index_list(v: Any, width: int, where: str) -> list[int]:
     """Unit indices of one layer (integer-likes, not bools), in range, distinct, leaving at
     least one unit."""
-    try:
-        if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or any(
-                isinstance(j, bool) for j in v):
-            raise TypeError
-        u = [operator.index(j) for j in v]
-    except TypeError:
-        raise GrowthConfigError(f"remove_units: units={v!r} for {where} must be a tuple of "
-                                f"unit indices; valid: 0..{width - 1}") from None
-    bad = [j for j in u if not 0 <= j < width]
-    if bad:
-        raise GrowthConfigError(f"remove_units: units {bad} of {where} are out of range; "
-                                f"valid: 0..{width - 1}")
-    dup = sorted({j for j in u if u.count(j) > 1})
-    if dup:
-        raise GrowthConfigError(f"remove_units: units {dup} of {where} are listed twice")
+    u = parse_indices(v, width, "units", "unit", "remove_units", where)
     _check_count(len(u), width, where)
     return u
 
