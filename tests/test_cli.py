@@ -62,7 +62,7 @@ def test_run_tiny_with_baselines(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert {"train/loss", "model/params", "eval/avg_acc_seen"} <= tags, (variant, tags)
         assert {t for t in tags if "param" in t} == {"model/params"}, (variant, tags)
         assert not {t for t in tags if t.startswith("selfgrow/")} - {
-            "selfgrow/n_growths", "selfgrow/n_anomalies"}, tags
+            "selfgrow/n_growths", "selfgrow/n_prunes", "selfgrow/n_anomalies"}, tags
     acc = EventAccumulator(str(d / "tb" / "fixed_grown"))
     acc.Reload()
     assert {e.value for e in acc.Scalars("model/params")} == {float(big["final_params"])}

@@ -288,3 +288,34 @@ def test_every_shrink_operator_says_so():
         op = get_operator(name)
         shrink = type(op).__module__.startswith("selfgrow.ops.shrink") or name == "remove_expert"
         assert op.shrinks is shrink, name
+
+
+def test_idle_experts_drives_remove_expert():
+    """IdleExperts names the least used expert; the remove_expert action removes it and
+    the controller logs a prune (with a router that never picks expert 3, exactly)."""
+    from selfgrow import GrowthController
+    from selfgrow.control import IdleExperts
+    from selfgrow.models.moe import moe_layers
+
+    torch.manual_seed(0)
+    m = build_model(TransformerConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2,
+                                      d_ff=24, moe_experts=(0, 4), moe_top_k=2))
+    moe = moe_layers(m)["layers.1.ffn"]
+    with torch.no_grad():
+        moe.router.bias[3] = -1e4  # expert 3 never gets routing mass
+    sig = IdleExperts(threshold=0.25, window=2)
+    pol = RulePolicy([Rule("idle_experts", "remove_expert",
+                           from_state={"layer": "layer", "expert": "expert"},
+                           direction="prune")], max_prunes=1)
+    probe = torch.randint(0, 40, (2, 6))
+    ctrl = GrowthController(m, torch.optim.Adam(m.parameters()), [sig], pol, probe=probe)
+    for _ in range(3):
+        m(torch.randint(0, 40, (4, 6)))
+        ctrl.observe(loss=1.0)
+    ev = next(e for e in ctrl.events if e.kind == "prune")
+    assert ev.trigger["signal"] == "idle_experts" and ev.action["op"] == "remove_expert"
+    assert ev.action["kwargs"] == {"layer": 1, "expert": 3}
+    assert moe_layers(m)["layers.1.ffn"].n_experts == 3
+    assert ev.preservation["max_abs"] < 1e-5  # no routing mass: exact
+    with pytest.raises(GrowthConfigError, match="min_experts"):
+        IdleExperts(min_experts=0)

@@ -341,7 +341,7 @@ def parse_seeds(text: str) -> list[int]:
 
 #: actions that remove parameters: not growth actions of ``selfgrow run`` (its runs grow on
 #: a plateau or on forgetting; pruning is for the API and policies, ``"prune"``)
-SHRINK_ACTIONS = ("prune",)
+SHRINK_ACTIONS = ("prune", "remove_expert")
 
 
 def available_actions(model_kind: str) -> list[str]:
@@ -637,11 +637,11 @@ LOG_EVERY = 5  # training scalars (loss, parameters) every 5 optimizer steps, ev
 STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream"
 
 #: the one TensorBoard / metrics.jsonl tag scheme of a run: ``train/loss``, ``model/params``
-#: (the parameter count), ``selfgrow/n_growths``, ``selfgrow/n_anomalies``,
+#: (the parameter count), ``selfgrow/n_growths``, ``selfgrow/n_prunes``, ``selfgrow/n_anomalies``,
 #: ``signal/<signal name>``, ``replay/...``, ``eval/...``
 PARAM_TAG = "model/params"
 LOSS_TAG = "train/loss"
-_CONTROLLER_COUNTERS = ("selfgrow/n_growths", "selfgrow/n_anomalies")
+_CONTROLLER_COUNTERS = ("selfgrow/n_growths", "selfgrow/n_prunes", "selfgrow/n_anomalies")
 
 
 def _make_replay_buffer(mem_size: int) -> Any:

@@ -32,7 +32,7 @@ from .signals import (
 )
 from .sizing import estimate_memory, flops_per_sample, round_width
 from .stabilize import Stabilizer
-from .utility import IdleCapacity
+from .utility import IdleCapacity, IdleExperts
 
 __all__ = [
     "Budget",
@@ -44,6 +44,7 @@ __all__ = [
     "GradientSaturation",
     "GrowthController",
     "IdleCapacity",
+    "IdleExperts",
     "LossPlateau",
     "Policy",
     "PolicyContext",

@@ -20,7 +20,7 @@ from ..adapters import get_adapter
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ..ops import OpConfig, build_config
 from ..ops.depth import IdentityInsertConfig
-from ..ops.experts import AddExpertConfig
+from ..ops.experts import AddExpertConfig, RemoveExpertConfig
 from ..ops.ffn import FFNNet2WiderConfig
 from ..ops.heads import HeadsCloneConfig, HeadsFreshConfig
 from ..ops.net2net import Net2DeeperConfig, Net2WiderConfig, classifier_adapter, grown_width
@@ -298,14 +298,7 @@ def transformer_add_expert(model: nn.Module, layer: int | None = None,
     Raises:
         IncompatibleModelError: a model without MoE layers (or not a GrowableTransformer).
     """
-    from ..models.moe import moe_layers
-
-    layers = {n: m for n, m in moe_layers(model).items() if n.startswith("layers.")}
-    if not layers:
-        raise IncompatibleModelError(
-            f"add_expert: {type(model).__name__} has no MoE layer (a selfgrow "
-            f"GrowableTransformer with moe_experts); upcycle it first (moe_upcycle)")
-    loads = {int(n.split(".")[1]): m.routing_stats(reset=False) for n, m in layers.items()}
+    loads = _routing_by_block(model, "add_expert")
     seen = {i: st for i, st in loads.items() if st["tokens"] > 0}
     if layer is None:
         layer = max(seen, key=lambda i: float(seen[i]["load"].max())) if seen else min(loads)
@@ -338,3 +331,43 @@ def transformer_prune(model: nn.Module, fraction: float | None = None,
     if fraction is not None:
         n_remove = _fraction_count(float(fraction), get_adapter(model).dims().d_ff)
     return build_config(FFNRemoveUnitsConfig, n_remove=n_remove, criterion=criterion)
+
+
+@register_family_action("transformer", "remove_expert")
+def transformer_remove_expert(model: nn.Module, layer: int | None = None,
+                              expert: int | None = None) -> OpConfig:
+    """Remove one expert of an MoE layer of a selfgrow GrowableTransformer
+    (``remove_expert``, a shrink): by default in the layer whose least used expert has the
+    smallest relative load (load fraction times the number of experts) in the routing
+    statistics (what the ``IdleExperts`` signal read), that expert; before any forward has
+    been counted, the first layer with more than one expert and its expert chosen by the
+    operator.
+
+    Raises:
+        IncompatibleModelError: a model without MoE layers (or not a GrowableTransformer).
+    """
+    loads = _routing_by_block(model, "remove_expert")
+    multi = {i: st for i, st in loads.items() if st["load"].numel() > 1}
+    seen = {i: st for i, st in multi.items() if st["tokens"] > 0}
+    if layer is None:
+        pool = seen or multi or loads
+        layer = min(pool, key=lambda i: float(pool[i]["load"].min()) * pool[i]["load"].numel()
+                    if pool[i]["tokens"] > 0 else float("inf"))
+    return build_config(RemoveExpertConfig, layer=layer, expert=expert)
+
+
+def _routing_by_block(model: nn.Module, op: str) -> dict[int, dict[str, Any]]:
+    """``{block index: routing statistics of its MoE layer}`` (the current window, not
+    consumed).
+
+    Raises:
+        IncompatibleModelError: no MoE layer.
+    """
+    from ..models.moe import moe_layers
+
+    layers = {n: m for n, m in moe_layers(model).items() if n.startswith("layers.")}
+    if not layers:
+        raise IncompatibleModelError(
+            f"{op}: {type(model).__name__} has no MoE layer (a selfgrow "
+            f"GrowableTransformer with moe_experts); upcycle it first (moe_upcycle)")
+    return {int(n.split(".")[1]): m.routing_stats(reset=False) for n, m in layers.items()}

@@ -673,6 +673,8 @@ class ExpertOverload(Signal):
                 "max_load": float(mean.max()),
                 "token_share": min(1.0, float(mean.max()) * scale),
                 "expert": int(mean.argmax()),
+                "min_load": float(mean.min()),
+                "idle_expert": int(mean.argmin()),
                 "entropy": ent,
                 "n_experts": n,
                 "active_k": _float(st["active_k"]) if "active_k" in st else None,

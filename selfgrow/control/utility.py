@@ -53,9 +53,9 @@ from torch import nn
 from ..adapters import find_adapter
 from ..core import eval_mode, in_measurement, measurement, rng_isolated
 from ..errors import GrowthConfigError, choices_message
-from .signals import Signal, _check_int, check_range, register_signal
+from .signals import ExpertOverload, Signal, _check_int, check_range, register_signal
 
-__all__ = ["IDLE_CRITERIA", "IdleCapacity"]
+__all__ = ["IDLE_CRITERIA", "IdleCapacity", "IdleExperts"]
 
 IDLE_CRITERIA = ("activation", "taylor")
 
@@ -416,4 +416,68 @@ def _weight_of(mod: nn.Module) -> Callable[[], torch.Tensor]:
     return lambda: mod.weight
 
 
+class IdleExperts(ExpertOverload):
+    """An MoE expert that the router hardly uses: the prune side of expert growth.
+
+    Reads the same routing statistics as :class:`~selfgrow.control.signals.ExpertOverload`
+    (each layer's per-expert load fraction, averaged over ``window`` updates). An expert's
+    relative load is its load fraction times the number of experts (1 = its uniform share).
+    ``value`` is the smallest relative load over the layers that have more than
+    ``min_experts`` experts; the signal triggers when it is below ``threshold``.
+    ``state()["layer"]`` (the block index) and ``state()["expert"]`` name the idlest expert,
+    the arguments of the ``"remove_expert"`` action
+    (``Rule("idle_experts", "remove_expert", from_state={"layer": "layer", "expert":
+    "expert"}, direction="prune")``). Removing an expert that gets no routing mass is exact
+    (``remove_expert``); otherwise its error is measured.
+
+    Args:
+        threshold: relative load below which an expert is idle, in (0, 1].
+        window: loads are averaged over this many updates, >= 1.
+        min_experts: layers with at most this many experts are left alone, >= 1.
+        every: update every N controller steps.
+        name: override the signal name.
+
+    Raises:
+        GrowthConfigError: an argument is out of range.
+    """
+
+    name: ClassVar[str] = "idle_experts"
+
+    def __init__(self, threshold: float = 0.25, window: int = 10, min_experts: int = 2,
+                 every: int = 1, name: str | None = None) -> None:
+        super().__init__(threshold=threshold, window=window, every=every, name=name)
+        _check_int("min_experts", min_experts, 1)
+        self.min_experts = int(min_experts)
+        self.idle: tuple[int, int] | None = None
+
+    def update(self, step: int, metrics: Any) -> None:
+        super().update(step, metrics)
+        self.overloaded = []
+        cands = {}
+        for lname, v in self.layers.items():
+            parts = lname.split(".")
+            if v["n_experts"] <= self.min_experts or len(parts) < 2 or not parts[1].isdigit():
+                continue
+            cands[int(parts[1])] = (v["min_load"] * v["n_experts"], v["idle_expert"])
+        if not cands:
+            self.value, self.triggered, self.idle = None, False, None
+            return
+        layer = min(cands, key=lambda i: cands[i][0])
+        self.value = cands[layer][0]
+        self.idle = (layer, cands[layer][1])
+        self.triggered = self.value < self.threshold
+
+    def on_growth(self, step: int) -> None:
+        super().on_growth(step)
+        self.idle = None
+
+    def extra(self) -> dict[str, Any]:
+        out = super().extra()
+        del out["layers"]  # overloaded layers: not this signal's business
+        if self.idle is not None:
+            out["layer"], out["expert"] = self.idle
+        return out
+
+
 register_signal(IdleCapacity)
+register_signal(IdleExperts)
