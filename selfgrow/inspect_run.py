@@ -288,8 +288,10 @@ def _brief_op(op: Any, cfg: dict[str, Any]) -> str:
             except Exception:  # noqa: BLE001 - an unknown step still shows its type
                 names.append(str((st or {}).get("type", "?")))
         return f"compound_grow({' + '.join(names)})"
-    brief = ", ".join(f"{k}={_brief_value(v)}" for k, v in cfg.items()
-                      if k not in ("seed", "noise_std", "weights"))
+    skip = {"seed", "noise_std", "weights"}
+    if cfg.get("units") is not None:  # given units: the count and criterion played no part
+        skip |= {"n_remove", "criterion"}
+    brief = ", ".join(f"{k}={_brief_value(v)}" for k, v in cfg.items() if k not in skip)
     return f"{op}({brief})" if brief else str(op)
 
 
@@ -454,8 +456,9 @@ def build_figure(rec: RunRecord) -> Any:
         ax_l.axvline(float(r.get("step", 0)), color="tab:green", ls=":", lw=1)
     ax_l.set_xlabel("optimizer step")
     ax_l.set_ylabel("loss")
-    ax_l.set_title("training loss (red: growth, " + ("purple: prune, " if n_prune else "")
-                   + "green: end of experience)")
+    keys = ["red: growth"] + ["purple: prune"] * bool(n_prune) + [
+        "green: end of experience"] * bool(evals)
+    ax_l.set_title(f"training loss ({', '.join(keys)})")
     if not lx:
         ax_l.text(0.5, 0.5, "no loss recorded (metrics.jsonl missing)", ha="center",
                   transform=ax_l.transAxes)

@@ -266,7 +266,8 @@ def test_growth_steps_between_shapes_are_exact_operators():
     assert torch.allclose(m(x), before, atol=1e-5)
     assert Shape.of(m.config) == Shape(2, 32, 2, 16)
     with pytest.raises(GrowthConfigError, match="whole multiple"):
-        growth_steps(src, config_for(Shape(1, 48, 3, 8), base, 16, 4))
+        growth_steps(config_for(Shape(1, 32, 2, 8), base, 16, 4),  # d_model 32 -> 48
+                     config_for(Shape(1, 48, 3, 8), base, 16, 4))
     with pytest.raises(GrowthConfigError, match="depth operator"):
         growth_steps(src, dst, "bogus")
 

@@ -319,3 +319,45 @@ def test_idle_experts_drives_remove_expert():
     assert ev.preservation["max_abs"] < 1e-5  # no routing mass: exact
     with pytest.raises(GrowthConfigError, match="min_experts"):
         IdleExperts(min_experts=0)
+
+
+def test_idle_capacity_verify_failures_are_loud():
+    """A verify that raises or returns a non-number gets the project's error naming it; a NaN
+    loss warns once and prunes nothing."""
+    from selfgrow.errors import SelfgrowWarning
+
+    torch.manual_seed(0)
+    m = build_model(MLPConfig(in_features=12, hidden=(16,), n_classes=3))
+    x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+
+    def boom(model: torch.nn.Module) -> float:
+        raise RuntimeError("no data")
+
+    for verify, match in ((boom, "verify raised RuntimeError: no data"),
+                          (lambda model: "x", "verify returned 'x'")):
+        sig = IdleCapacity(window=1, threshold=0.1, verify=verify)
+        sig.bind(m)
+        m(x)
+        with pytest.raises(GrowthConfigError, match=match):
+            sig.update(0, {})
+        assert torch.equal(m(x), m(x))  # no ablation mask left behind
+    sig = IdleCapacity(window=1, threshold=0.1, verify=lambda model: float("nan"))
+    sig.bind(m)
+    with pytest.warns(SelfgrowWarning, match="verify returned nan"):
+        _train_steps(m, sig, x, y, 1)
+    assert not sig.triggered and sig.units == {}
+
+
+def test_growth_never_edits_the_callers_config():
+    """A model keeps a copy of the config it was built from: growing or pruning it leaves
+    the caller's config (which may build other models) as written."""
+    from selfgrow import grow_, make_config
+
+    tc = TransformerConfig(vocab_size=40, d_model=16, n_layers=3, n_heads=2, d_ff=24)
+    t = build_model(tc)
+    grow_(t, make_config("remove_layers", layers=(1,)))
+    grow_(t, make_config("ffn_net2wider", new_d_ff=32))
+    assert (tc.n_layers, tc.d_ff) == (3, 24) and (t.config.n_layers, t.config.d_ff) == (2, 32)
+    mc = MLPConfig(in_features=12, hidden=(16,), n_classes=3)
+    grow_(build_model(mc), make_config("remove_units", layer=0, n_remove=4))
+    assert mc.hidden == (16,)

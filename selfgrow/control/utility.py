@@ -43,6 +43,7 @@ window.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -52,7 +53,7 @@ from torch import nn
 
 from ..adapters import find_adapter
 from ..core import eval_mode, in_measurement, measurement, rng_isolated
-from ..errors import GrowthConfigError, choices_message
+from ..errors import GrowthConfigError, SelfgrowWarning, choices_message
 from .signals import ExpertOverload, Signal, _check_int, check_range, register_signal
 
 __all__ = ["IDLE_CRITERIA", "IdleCapacity", "IdleExperts"]
@@ -184,6 +185,7 @@ class IdleCapacity(Signal):
         self.include = list(include) if include is not None else None
         self._watch: list[_Watch] = []
         self._model: nn.Module | None = None
+        self._warned_nan = False
         self._since = 0
         self.units: dict[int, list[int]] = {}
         self.idle_fraction: float | None = None
@@ -347,6 +349,14 @@ class IdleCapacity(Signal):
         watch = {w.index: w for w in self._watch}
         base = self._verify_loss({})
         self.loss_increase = None
+        if not math.isfinite(base):
+            if not self._warned_nan:
+                self._warned_nan = True
+                warnings.warn(
+                    f"IdleCapacity: verify returned {base} on the unablated model; no unit "
+                    f"counts as idle until it returns a finite loss (check the data it "
+                    f"evaluates)", SelfgrowWarning, stacklevel=4)
+            return {}
         for f in self.fractions:
             cand: dict[int, list[int]] = {}
             for i, v in imp.items():
@@ -374,7 +384,17 @@ class IdleCapacity(Signal):
                 m[units] = 0.0
                 w.mask = m
             with rng_isolated(), measurement(), torch.no_grad(), eval_mode(model):
-                return float(self.verify(model))
+                try:
+                    out = self.verify(model)
+                except Exception as e:  # noqa: BLE001 - the user's callable: say whose it is
+                    raise GrowthConfigError(
+                        f"IdleCapacity: verify raised {type(e).__name__}: {e}") from e
+            if isinstance(out, torch.Tensor) and out.numel() == 1:
+                out = out.item()
+            if isinstance(out, bool) or not isinstance(out, (int, float)):
+                raise GrowthConfigError(f"IdleCapacity: verify returned {out!r:.60}; it must "
+                                        f"return the loss as a number")
+            return float(out)
         finally:
             for w in ablate:
                 w.mask = None

@@ -108,7 +108,9 @@ class GrowableCNN(nn.Module):
 
     def __init__(self, config: CNNConfig) -> None:
         super().__init__()
-        self.config = config
+        # a copy: growth edits the model's config, never the caller's (which may build
+        # other models, e.g. baselines)
+        self.config = dataclasses.replace(config)
         c_in = (config.in_channels, *config.channels[:-1])
         self.blocks = nn.ModuleList(
             ConvBlock(a, b, config.kernel_size, config.batchnorm, i in config.pool_after)

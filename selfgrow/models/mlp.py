@@ -80,7 +80,9 @@ class GrowableMLP(nn.Module):
 
     def __init__(self, config: MLPConfig) -> None:
         super().__init__()
-        self.config = config
+        # a copy: growth edits the model's config, never the caller's (which may build
+        # other models, e.g. baselines)
+        self.config = dataclasses.replace(config)
         widths = (config.in_features, *config.hidden)
         self.hidden = nn.ModuleList(
             nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)

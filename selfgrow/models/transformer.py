@@ -53,6 +53,7 @@ Growth hooks:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -347,7 +348,9 @@ class GrowableTransformer(nn.Module):
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
-        self.config = config
+        # a copy: growth edits the model's config, never the caller's (which may build
+        # other models, e.g. baselines)
+        self.config = dataclasses.replace(config)
         c = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
         if c.positions == "learned":
