@@ -501,19 +501,10 @@ class RulePolicy(Policy):
                 return SkipReason.WINDOW, why
         if self.max_growths is not None and ctx.n_growths >= self.max_growths:
             return SkipReason.MAX_GROWTHS, f"max_growths={self.max_growths} reached"
-        last = max(
-            (s for s in (ctx.last_growth_step, ctx.last_attempt_step) if s is not None),
-            default=None,
-        )
-        if last is not None and ctx.step - last < self.cooldown:
-            why = f"cooldown until step {last + self.cooldown} (now {ctx.step})"
-            return SkipReason.COOLDOWN, why
-        lp = ctx.last_prune_step
-        if lp is not None and ctx.step - lp < self.hysteresis:
-            why = (f"hysteresis: no growth until step {lp + self.hysteresis}, "
-                   f"{self.hysteresis} steps after the prune at step {lp} (now {ctx.step})")
-            return SkipReason.HYSTERESIS, why
-        return None
+        return (_cooldown("cooldown", (ctx.last_growth_step, ctx.last_attempt_step),
+                          self.cooldown, ctx.step)
+                or _hysteresis("growth", "prune", ctx.last_prune_step, self.hysteresis,
+                               ctx.step))
 
     def _prune_limits(self, ctx: PolicyContext) -> tuple[SkipReason, str] | None:
         block = self._warmup(ctx)
@@ -521,14 +512,27 @@ class RulePolicy(Policy):
             return block
         if self.max_prunes is not None and ctx.n_prunes >= self.max_prunes:
             return SkipReason.MAX_PRUNES, f"max_prunes={self.max_prunes} reached"
-        last = max((s for s in (ctx.last_prune_step, ctx.last_prune_attempt_step)
-                    if s is not None), default=None)
-        if last is not None and ctx.step - last < self.prune_cooldown:
-            why = f"prune cooldown until step {last + self.prune_cooldown} (now {ctx.step})"
-            return SkipReason.COOLDOWN, why
-        lg = ctx.last_growth_step
-        if lg is not None and ctx.step - lg < self.hysteresis:
-            why = (f"hysteresis: no prune until step {lg + self.hysteresis}, "
-                   f"{self.hysteresis} steps after the growth at step {lg} (now {ctx.step})")
-            return SkipReason.HYSTERESIS, why
-        return None
+        return (_cooldown("prune cooldown", (ctx.last_prune_step, ctx.last_prune_attempt_step),
+                          self.prune_cooldown, ctx.step)
+                or _hysteresis("prune", "growth", ctx.last_growth_step, self.hysteresis,
+                               ctx.step))
+
+
+def _cooldown(label: str, lasts: Sequence[int | None], steps: int, now: int
+              ) -> tuple[SkipReason, str] | None:
+    """COOLDOWN while fewer than ``steps`` steps passed since the latest of ``lasts``."""
+    last = max((s for s in lasts if s is not None), default=None)
+    if last is not None and now - last < steps:
+        return SkipReason.COOLDOWN, f"{label} until step {last + steps} (now {now})"
+    return None
+
+
+def _hysteresis(change: str, other: str, last: int | None, steps: int, now: int
+                ) -> tuple[SkipReason, str] | None:
+    """HYSTERESIS while fewer than ``steps`` steps passed since the last change of the
+    opposite direction (``other``, at step ``last``)."""
+    if last is not None and now - last < steps:
+        return SkipReason.HYSTERESIS, (
+            f"hysteresis: no {change} until step {last + steps}, {steps} steps after the "
+            f"{other} at step {last} (now {now})")
+    return None
