@@ -217,3 +217,28 @@ def check_exact_sg(cfg_kw: dict[str, Any], config: Any, seed: int, T: int = 4,
     assert ev.preservation["max_rel"] <= tol, (cfg_kw, config, ev.preservation)
     get_adapter(model).check()
     return model
+
+
+def probed_model(family: str, dtype: torch.dtype = torch.float64
+                 ) -> tuple[nn.Module, tuple, Any]:
+    """A randomised tiny model of ``family`` in eval mode, its input and ``fn(model)``, the
+    output comparable before and after a change (the shrink tests' starting point)."""
+    torch.manual_seed(0)
+    m = randomize_(FAMILIES[family](), seed=0).to(dtype).eval()
+    args = make_input(m, dtype=dtype)
+    c0 = get_adapter(m).dims().d_model
+    return m, args, (lambda mm: output(mm, args, c0))
+
+
+def adam_with_state(m: nn.Module, fn: Any) -> torch.optim.Adam:
+    """Adam after two steps on ``fn(m)``'s squared output: populated state, no gradients,
+    the model back in eval mode."""
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    m.train()
+    for _ in range(2):
+        opt.zero_grad()
+        fn(m).float().pow(2).mean().backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    m.eval()
+    return opt

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 import torch
-from _families import FAMILIES, make_input, randomize_
+from _families import FAMILIES
 from _growth_checks import (
+    adam_with_state,
     assert_unchanged,
     check_roundtrip,
     ops_of,
-    output,
+    probed_model,
     rel_err,
     snapshot,
     tolerance,
@@ -39,26 +40,6 @@ def test_the_module_registers_heads_remove() -> None:
     assert {"sg-preln", "sg-rms-rope-swiglu-gqa"} <= set(HEAD_FAMILIES)
 
 
-def _setup(family: str, dtype: torch.dtype = torch.float64) -> tuple[Any, tuple, Any]:
-    torch.manual_seed(0)
-    m = randomize_(FAMILIES[family](), seed=0).to(dtype).eval()
-    args = make_input(m, dtype=dtype)
-    c0 = get_adapter(m).dims().d_model
-    return m, args, (lambda mm: output(mm, args, c0))
-
-
-def _adam(m: torch.nn.Module, fn: Any) -> torch.optim.Adam:
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    m.train()
-    for _ in range(2):
-        opt.zero_grad()
-        fn(m).float().pow(2).mean().backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    m.eval()
-    return opt
-
-
 def _rows(ref: Any, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Canonical rows ``idx`` of a tensor stored like ``ref``'s weight."""
     return t[:, idx] if ref.transposed else t[idx]
@@ -76,11 +57,11 @@ def _coords(heads: list[int], dh: int) -> torch.Tensor:
 @pytest.mark.parametrize("family", HEAD_FAMILIES)
 def test_removing_zero_output_heads_is_exact_and_keeps_the_rest(family: str,
                                                                 dtype: torch.dtype) -> None:
-    m, args, fn = _setup(family, dtype)
+    m, args, fn = probed_model(family, dtype)
     d0 = get_adapter(m).dims()
     h, hkv, dh = d0.n_heads, d0.n_kv_heads, d0.head_dim
     grow_(m, make_config("heads_fresh", new_n_heads=2 * h))  # new whole groups at the end
-    opt = _adam(m, fn)
+    opt = adam_with_state(m, fn)
     ad = get_adapter(m)
     with torch.no_grad():  # training moved the new heads' o columns: zero them again
         for lv in ad.layer_views():
@@ -121,7 +102,7 @@ def test_removing_zero_output_heads_is_exact_and_keeps_the_rest(family: str,
 @pytest.mark.parametrize("gqa", ["groups", "within"])
 @pytest.mark.parametrize("family", HEAD_FAMILIES)
 def test_heads_fresh_then_remove_restores_the_original(family: str, gqa: str) -> None:
-    m, args, fn = _setup(family)
+    m, args, fn = probed_model(family)
     sd0 = {k: v.clone() for k, v in m.state_dict().items()}
     before = fn(m).detach()
     h = get_adapter(m).dims().n_heads
@@ -138,7 +119,7 @@ def test_heads_fresh_then_remove_restores_the_original(family: str, gqa: str) ->
 
 
 def test_given_heads_in_both_gqa_modes() -> None:
-    m, args, fn = _setup("sg-rms-rope-swiglu-gqa")  # H=4, Hkv=2, g=2, Dh=2
+    m, args, fn = probed_model("sg-rms-rope-swiglu-gqa")  # H=4, Hkv=2, g=2, Dh=2
     ad = get_adapter(m)
     q0, k0, o0 = (ad.layer(1).q.weight(), ad.layer(1).k.weight(), ad.layer(1).o.weight())
     ev = grow_(m, make_config("heads_remove", heads=(2, 3)), probe_fn=fn)  # group 1
@@ -148,7 +129,7 @@ def test_given_heads_in_both_gqa_modes() -> None:
     assert torch.equal(ad.layer(1).q.weight(), q0[:4]) and torch.equal(
         ad.layer(1).k.weight(), k0[:2]) and torch.equal(ad.layer(1).o.weight(), o0[:, :4])
     check_roundtrip(m, args, 8)
-    m, args, fn = _setup("sg-rms-rope-swiglu-gqa")
+    m, args, fn = probed_model("sg-rms-rope-swiglu-gqa")
     ev = grow_(m, make_config("heads_remove", heads=(0, 3), gqa="within"))
     ad = get_adapter(m)
     assert (ad.dims().n_heads, ad.dims().n_kv_heads) == (2, 2)  # one query head per group
@@ -159,21 +140,21 @@ def test_given_heads_in_both_gqa_modes() -> None:
 
 
 def test_magnitude_removes_the_least_important_heads_per_layer() -> None:
-    m, _, _ = _setup("sg-preln")  # H=2, Dh=4
+    m, _, _ = probed_model("sg-preln")  # H=2, Dh=4
     ad = get_adapter(m)
     with torch.no_grad():  # layer 0: head 1 tiny (o columns); layer 1: head 0 tiny (q rows)
         ad.layer(0).o.raw_weight()[:, 4:8] *= 1e-3
         ad.layer(1).q.raw_weight()[0:4] *= 1e-3
     ev = grow_(m, make_config("heads_remove", n_remove=1))
     assert ev.extra["notes"]["removed"] == {0: [1], 1: [0]}
-    m, _, _ = _setup("sg-rms-rope-swiglu-gqa")  # groups: the group with the smaller sum goes
+    m, _, _ = probed_model("sg-rms-rope-swiglu-gqa")  # groups: the group with the smaller sum goes
     ad = get_adapter(m)
     with torch.no_grad():
         ad.layer(0).o.raw_weight()[:, 0:4] *= 1e-3  # group 0 = heads 0, 1 (Dh = 2)
         ad.layer(1).o.raw_weight()[:, 4:6] *= 1e-3  # only head 2 of group 1: within mode
     ev = grow_(m, make_config("heads_remove", n_remove=2))
     assert ev.extra["notes"]["removed"][0] == [0, 1]
-    m2, _, _ = _setup("sg-rms-rope-swiglu-gqa")
+    m2, _, _ = probed_model("sg-rms-rope-swiglu-gqa")
     ad = get_adapter(m2)
     with torch.no_grad():
         ad.layer(1).o.raw_weight()[:, 4:6] *= 1e-3
@@ -204,8 +185,8 @@ GQA_BAD: list[tuple[dict[str, Any], type[Exception], str]] = [
 @pytest.mark.parametrize(("kw", "err", "msg"), GQA_BAD, ids=[str(k) for k, _, _ in GQA_BAD])
 def test_bad_requests_raise_before_any_change(kw: dict[str, Any], err: type[Exception],
                                               msg: str) -> None:
-    m, _, fn = _setup("sg-rms-rope-swiglu-gqa")
-    opt = _adam(m, fn)
+    m, _, fn = probed_model("sg-rms-rope-swiglu-gqa")
+    opt = adam_with_state(m, fn)
     snap = snapshot(m, opt)
     with pytest.raises(err, match=msg):
         grow_(m, make_config("heads_remove", **kw), optimizer=opt)
@@ -213,10 +194,10 @@ def test_bad_requests_raise_before_any_change(kw: dict[str, Any], err: type[Exce
 
 
 def test_multi_head_and_single_kv_group_limits() -> None:
-    m, _, _ = _setup("sg-preln")  # multi-head: g = 1, 'within' would remove every head
+    m, _, _ = probed_model("sg-preln")  # multi-head: g = 1, 'within' would remove every head
     with pytest.raises(GrowthConfigError, match="valid: none; use gqa='groups'"):
         grow_(m, make_config("heads_remove", n_remove=2, gqa="within"))
-    m, _, _ = _setup("sg-rms-rope-swiglu-gqa")
+    m, _, _ = probed_model("sg-rms-rope-swiglu-gqa")
     grow_(m, make_config("heads_remove", n_remove=2, gqa="groups"))  # one KV group left
     with pytest.raises(GrowthConfigError, match="valid: none; use gqa='within'"):
         grow_(m, make_config("heads_remove", n_remove=1))
@@ -226,8 +207,8 @@ def test_multi_head_and_single_kv_group_limits() -> None:
 
 @pytest.mark.parametrize("family", TIED_FAMILIES)
 def test_head_tied_families_are_refused_before_any_change(family: str) -> None:
-    m, _, fn = _setup(family)
-    opt = _adam(m, fn)
+    m, _, fn = probed_model(family)
+    opt = adam_with_state(m, fn)
     snap = snapshot(m, opt)
     with pytest.raises(IncompatibleModelError, match="ties head_dim = d_model / n_heads"):
         grow_(m, make_config("heads_remove", n_remove=1), optimizer=opt)
@@ -236,7 +217,7 @@ def test_head_tied_families_are_refused_before_any_change(family: str) -> None:
 
 @pytest.mark.parametrize("family", HEAD_FAMILIES)
 def test_heads_remove_is_sized_from_shapes(family: str) -> None:
-    m, _, _ = _setup(family)
+    m, _, _ = probed_model(family)
     d = get_adapter(m).dims()
     cfg = make_config("heads_remove", n_remove=d.n_heads // d.n_kv_heads)
     est = estimate_growth(m, cfg)

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 import torch
-from _families import FAMILIES, make_input, randomize_
+from _families import FAMILIES
 from _growth_checks import (
+    adam_with_state,
     assert_unchanged,
     check_roundtrip,
     ops_of,
-    output,
+    probed_model,
     rel_err,
     snapshot,
     tolerance,
@@ -34,26 +35,6 @@ def test_the_module_registers_remove_layers() -> None:
     assert ops_of("shrink_depth") == ["remove_layers"]
 
 
-def _setup(family: str, dtype: torch.dtype = torch.float64) -> tuple[Any, tuple, Any]:
-    torch.manual_seed(0)
-    m = randomize_(FAMILIES[family](), seed=0).to(dtype).eval()
-    args = make_input(m, dtype=dtype)
-    c0 = get_adapter(m).dims().d_model
-    return m, args, (lambda mm: output(mm, args, c0))
-
-
-def _adam(m: torch.nn.Module, fn: Any) -> torch.optim.Adam:
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    m.train()
-    for _ in range(2):
-        opt.zero_grad()
-        fn(m).float().pow(2).mean().backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    m.eval()
-    return opt
-
-
 def _state_by_name(m: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict]:
     return {n: {k: v.clone() for k, v in opt.state[p].items()}
             for n, p in m.named_parameters() if p in opt.state}
@@ -63,8 +44,8 @@ def _state_by_name(m: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_identity_insert_then_remove_restores_model_and_optimizer(family: str,
                                                                   dtype: torch.dtype) -> None:
-    m, args, fn = _setup(family, dtype)
-    opt = _adam(m, fn)
+    m, args, fn = probed_model(family, dtype)
+    opt = adam_with_state(m, fn)
     sd0 = {k: v.clone() for k, v in m.state_dict().items()}
     st0 = _state_by_name(m, opt)
     before = fn(m).detach()
@@ -98,9 +79,9 @@ def test_identity_insert_then_remove_restores_model_and_optimizer(family: str,
 def test_a_moved_block_keeps_its_state(family: str) -> None:
     if family not in FAMILIES:
         pytest.skip(f"{family} not available")
-    m, args, fn = _setup(family)
+    m, args, fn = probed_model(family)
     grow_(m, make_config("g_stack"))  # 4 blocks
-    opt = _adam(m, fn)
+    opt = adam_with_state(m, fn)
     ad = get_adapter(m)
     blocks = list(ad.layers())
     states = [[{k: v.clone() for k, v in opt.state[p].items()} for p in b.parameters()]
@@ -130,8 +111,8 @@ BAD: list[tuple[dict[str, Any], str]] = [
 
 @pytest.mark.parametrize(("kw", "msg"), BAD, ids=[str(k) for k, _ in BAD])
 def test_bad_requests_raise_before_any_change(kw: dict[str, Any], msg: str) -> None:
-    m, _, fn = _setup("sg-preln")
-    opt = _adam(m, fn)
+    m, _, fn = probed_model("sg-preln")
+    opt = adam_with_state(m, fn)
     snap = snapshot(m, opt)
     with pytest.raises(GrowthConfigError, match=msg):
         grow_(m, make_config("remove_layers", **kw), optimizer=opt)
@@ -139,11 +120,11 @@ def test_bad_requests_raise_before_any_change(kw: dict[str, Any], msg: str) -> N
 
 
 def test_residual_criterion_removes_the_block_that_writes_least() -> None:
-    m, _, _ = _setup("sg-preln")
+    m, _, _ = probed_model("sg-preln")
     grow_(m, make_config("identity_insert", positions=(2,)))
     ev = grow_(m, make_config("remove_layers", n_remove=1))
     assert ev.extra["notes"]["removed"] == [2] and ev.preservation["exact_expected"]
-    m, _, fn = _setup("sg-preln")
+    m, _, fn = probed_model("sg-preln")
     ad = get_adapter(m)
     with torch.no_grad():  # block 1 writes little: its output projections are small
         for ref in ad.layer(1).out_projections():
@@ -154,7 +135,7 @@ def test_residual_criterion_removes_the_block_that_writes_least() -> None:
 
 
 def test_a_ramp_zero_block_is_removed_exactly_even_post_ln() -> None:
-    m, args, fn = _setup("sg-postln")
+    m, args, fn = probed_model("sg-postln")
     m.set_ramp(1, 0.0)  # live weights, but the block is bypassed
     before = fn(m).detach()
     cfg = make_config("remove_layers", layers=(1,))
@@ -162,7 +143,7 @@ def test_a_ramp_zero_block_is_removed_exactly_even_post_ln() -> None:
     ev = grow_(m, cfg, probe_fn=fn)
     assert ev.preservation["exact_expected"] and rel_err(fn(m), before) <= 1e-12
     check_roundtrip(m, args, 8)
-    m, _, _ = _setup("sg-postln")  # negative control: post-LN zero outputs but ramp 1
+    m, _, _ = probed_model("sg-postln")  # negative control: post-LN zero outputs but ramp 1
     ad = get_adapter(m)
     with torch.no_grad():
         for ref in ad.layer(1).out_projections():
@@ -173,7 +154,7 @@ def test_a_ramp_zero_block_is_removed_exactly_even_post_ln() -> None:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_remove_layers_is_sized_from_shapes(family: str) -> None:
-    m, _, _ = _setup(family)
+    m, _, _ = probed_model(family)
     for kw in (dict(n_remove=1), dict(layers=(1,))):
         est = estimate_growth(m, make_config("remove_layers", **kw))
         per_block = sum(p.numel() for p in get_adapter(m).layers()[0].parameters())
