@@ -192,6 +192,22 @@ class _Edit:
     noise: bool = False
 
 
+def _unit_edits(units: list[Unit], idx: dict[int, torch.Tensor], widths: tuple[int, ...],
+                noise: bool = False) -> dict[str, _Edit]:
+    """``{tensor name: _Edit}`` gathering, for every unit ``i`` in ``idx``, its producers'
+    rows and its consumers' columns by ``idx[i]`` (old indices, new order); ``noise`` marks
+    the producers' main weights for Net2WiderNet's symmetry noise."""
+    edits: dict[str, _Edit] = {}
+    for i, g in idx.items():
+        for r in units[i].producers:
+            e = edits.setdefault(r.name, _Edit(r.module, r.attr, r.is_buffer))
+            e.rows, e.row_old, e.noise = g, widths[i], noise and r.main
+        for r in units[i].consumers:
+            e = edits.setdefault(r.name, _Edit(r.module, r.attr, r.is_buffer))
+            e.cols, e.col_old, e.group = g, widths[i], r.group
+    return edits
+
+
 def _expand_group(idx: torch.Tensor, group: int) -> torch.Tensor:
     """Column index of a consumer whose unit coordinate ``u`` spans columns
     ``[u * group, (u + 1) * group)`` (a Linear after Flatten): (new * group,)."""
@@ -287,14 +303,7 @@ class Net2WiderNet(Operator):
         gen = torch.Generator().manual_seed(config.seed)
         idx = {i: _copy_index(widths[i], targets[i], gen) for i in sorted(targets)}
 
-        edits: dict[str, _Edit] = {}
-        for i, g in idx.items():
-            for r in units[i].producers:
-                e = edits.setdefault(r.name, _Edit(r.module, r.attr, r.is_buffer))
-                e.rows, e.row_old, e.noise = g, widths[i], r.main
-            for r in units[i].consumers:
-                e = edits.setdefault(r.name, _Edit(r.module, r.attr, r.is_buffer))
-                e.cols, e.col_old, e.group = g, widths[i], r.group
+        edits = _unit_edits(units, idx, widths, noise=True)
 
         maps: dict[str, ParamMap] = {}
         for name, e in edits.items():

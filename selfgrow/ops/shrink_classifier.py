@@ -42,7 +42,7 @@ from ..adapters.classifier import Unit, sync_classifier_attrs
 from ..core import ParamMap, Transaction
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
 from ._registry import GrowthResult, OpConfig, Operator, register_operator
-from .net2net import _as_int_tuple, _check_layer, _Edit, _expand_group, classifier_adapter
+from .net2net import _as_int_tuple, _check_layer, _expand_group, _unit_edits, classifier_adapter
 from .shrink import parse_indices
 
 #: importance criteria of :class:`RemoveUnitsConfig`
@@ -289,14 +289,7 @@ class RemoveUnits(Operator):
         exact = removed_fanout_is_zero(units, keep)
         widths = tuple(u.width for u in units)
 
-        edits: dict[str, _Edit] = {}
-        for i, k in keep.items():
-            for r in units[i].producers:
-                e = edits.setdefault(r.name, _Edit(r.module, r.attr, r.is_buffer))
-                e.rows, e.row_old = k, widths[i]
-            for r in units[i].consumers:
-                e = edits.setdefault(r.name, _Edit(r.module, r.attr, r.is_buffer))
-                e.cols, e.col_old, e.group = k, widths[i], r.group
+        edits = _unit_edits(units, keep, widths)
 
         maps: dict[str, ParamMap] = {}
         for name, e in edits.items():
