@@ -17,6 +17,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         v = getattr(cfg, f.name)
         if isinstance(v, tuple):
             v = list(v)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = config_to_dict(v)  # a nested config (e.g. a multimodal model's encoders)
         data[f.name] = v
     return {"type": type(cfg).__name__, "version": getattr(cfg, "version", 1), "data": data}
 
@@ -48,4 +50,6 @@ def config_from_dict(d: dict[str, Any], registry: dict[str, type]) -> Any:
     for k, v in list(data.items()):
         if isinstance(v, list) and "tuple" in str(names[k].type):
             data[k] = tuple(v)
+        elif isinstance(v, dict) and v.get("type") in registry and "data" in v:
+            data[k] = config_from_dict(v, registry)  # a nested config of the same registry
     return cls(**data)

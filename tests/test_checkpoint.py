@@ -26,6 +26,8 @@ from selfgrow.checkpoint import (
 from selfgrow.errors import IncompatibleModelError
 from selfgrow.events import GrowthEvent, JsonlSink, read_events
 from selfgrow.models import model_config_dict
+from selfgrow.models.cnn import CNNConfig
+from selfgrow.models.mlp import MLPConfig
 from selfgrow.ops import grow_
 
 
@@ -318,6 +320,11 @@ _EXAMPLES: dict[str, dict[str, Any]] = {
     "CNNConfig": {"in_channels": 1, "image_size": 8, "channels": (4, 6), "n_classes": 3,
                   "pool_after": (0,)},
     "MLPConfig": {"in_features": 6, "hidden": (5, 4), "n_classes": 3},
+    "MultimodalConfig": {
+        "image": CNNConfig(in_channels=1, image_size=8, channels=(4,), n_classes=3),
+        "audio": CNNConfig(in_channels=2, image_size=8, channels=(4,), n_classes=3,
+                           spatial_dims=1),
+        "fusion": MLPConfig(in_features=6, hidden=(5,), n_classes=3)},
     "TransformerConfig": {"vocab_size": 32, "d_model": 16, "n_layers": 2, "n_heads": 2,
                           "d_ff": 32, "max_seq_len": 8},
 }

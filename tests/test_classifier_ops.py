@@ -195,7 +195,8 @@ def _bad_identity_matrix(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.eye(n, dtype=like.dtype, device=like.device).roll(1, dims=0)  # off by one
 
 
-def _bad_identity_kernel(c: int, k: int, like: torch.Tensor) -> torch.Tensor:
+def _bad_identity_kernel(c: int, k: int, like: torch.Tensor, spatial_dims: int = 2
+                         ) -> torch.Tensor:
     w = torch.zeros(c, c, k, k, dtype=like.dtype, device=like.device)
     ar = torch.arange(c)
     w[ar, ar, k // 2, k // 2 + 1] = 1.0  # centre off by one: shifts the feature map

@@ -43,6 +43,7 @@ from selfgrow.adapters import get_adapter
 from selfgrow.errors import GrowthConfigError, IncompatibleModelError
 from selfgrow.models.cnn import CNNConfig, GrowableCNN
 from selfgrow.models.mlp import GrowableMLP, MLPConfig
+from selfgrow.models.multimodal import GrowableMultimodal, MultimodalConfig
 from selfgrow.models.transformer import TransformerConfig
 from selfgrow.ops import Transaction, get_operator, grow_, list_operators, make_config
 
@@ -51,6 +52,14 @@ CLASSIFIERS: dict[str, Callable[[], nn.Module]] = {
     "mlp": lambda: GrowableMLP(MLPConfig(in_features=16, hidden=(6, 5), n_classes=3)),
     "cnn": lambda: GrowableCNN(CNNConfig(in_channels=1, image_size=8, channels=(3, 4),
                                          n_classes=3, pool_after=(0,))),
+    "cnn1d": lambda: GrowableCNN(CNNConfig(in_channels=3, image_size=8, channels=(3, 4),
+                                           n_classes=3, pool_after=(0,), spatial_dims=1)),
+    "multimodal": lambda: GrowableMultimodal(MultimodalConfig(
+        image=CNNConfig(in_channels=1, image_size=8, channels=(3, 4), n_classes=4,
+                        pool_after=(0,)),
+        audio=CNNConfig(in_channels=3, image_size=8, channels=(3, 4), n_classes=4,
+                        pool_after=(0,), spatial_dims=1),
+        fusion=MLPConfig(in_features=8, hidden=(6, 5), n_classes=3))),
 }
 #: MoE transformers (selfgrow's): the MoE operators' families; dense-layer operators refuse
 #: them with IncompatibleModelError
@@ -68,6 +77,8 @@ KwFn = Callable[[nn.Module], dict[str, Any]]
 
 
 def _widths(m: nn.Module) -> tuple[int, ...]:
+    if isinstance(m, GrowableMultimodal):
+        return m.fusion.config.hidden
     return m.config.hidden if isinstance(m, GrowableMLP) else m.config.channels
 
 
@@ -86,6 +97,12 @@ def _max_len(m: nn.Module) -> int:
 def _first_moe_layer(m: nn.Module) -> int:
     experts = getattr(getattr(m, "config", None), "moe_experts", ())
     return next((i for i, e in enumerate(experts) if e), 0)
+
+
+def _component(m: nn.Module) -> str:
+    """The component the ``component`` recipe grows: a multimodal model's fusion; elsewhere
+    the head (a plain Linear, which the operators refuse: not a family of this table)."""
+    return "fusion" if isinstance(m, GrowableMultimodal) else "head"
 
 
 def _compound_steps(m: nn.Module) -> dict[str, Any]:
@@ -124,6 +141,11 @@ KW: dict[str, dict[str, Any] | KwFn] = {
     "remove_units": dict(layer=(0, 1), n_remove=(2, 1)),
     "heads_remove": lambda m: dict(n_remove=_dims(m).n_heads // _dims(m).n_kv_heads),
     "remove_layers": dict(n_remove=1),
+    # a multimodal model's fusion grown through the component operator (a compound of two
+    # steps, so the injected failures land mid-way); other families have no such component
+    "component": lambda m: dict(component=_component(m), step=make_config(
+        "compound_grow", steps=[make_config("net2wider", layer=0, new_width=_widths(m)[0] + 2),
+                                make_config("net2deeper", layer=1)])),
 }
 
 #: Transaction methods that edit the model (the injection points)
@@ -152,6 +174,7 @@ RECIPE_KIND: dict[str, str] = {
     "remove_units": "classifier",
     "heads_remove": "transformer",
     "remove_layers": "transformer",
+    "component": "classifier",
 }
 #: (operator, family) pairs excluded by hand, with the reason
 EXCLUDED: dict[tuple[str, str], str] = {
@@ -202,12 +225,15 @@ def _input(model: nn.Module, seed: int = 0) -> tuple:
     if isinstance(model, GrowableMLP):
         return (torch.randn(4, 1, 4, 4, generator=g),)
     if isinstance(model, GrowableCNN):
-        return (torch.randn(4, 1, 8, 8, generator=g),)
+        c, d = model.config.in_channels, model.config.spatial_dims
+        return (torch.randn(4, c, *(8,) * d, generator=g),)
+    if isinstance(model, GrowableMultimodal):
+        return (torch.randn(4, model.config.packed_features, generator=g),)
     return make_input(model, seed=seed)
 
 
 def probe_fn(model: nn.Module, args: tuple) -> Callable[[nn.Module], torch.Tensor]:
-    if isinstance(model, (GrowableMLP, GrowableCNN)):
+    if isinstance(model, (GrowableMLP, GrowableCNN, GrowableMultimodal)):
         return lambda m: m(*args)
     c0 = get_adapter(model).dims().d_model
     return lambda m: output(m, args, c0)
@@ -484,7 +510,7 @@ def _expect_rejected(model: nn.Module, opt: torch.optim.Optimizer | None, cfg: A
 
 
 def _n_layers(model: nn.Module) -> int:
-    if isinstance(model, (GrowableMLP, GrowableCNN)):
+    if isinstance(model, (GrowableMLP, GrowableCNN, GrowableMultimodal)):
         return len(_widths(model))
     return get_adapter(model).dims().n_layers
 
@@ -517,6 +543,9 @@ def invalid_variants(op: str, model: nn.Module) -> list[tuple[str, dict[str, Any
             bad = ["no-such-choice"]
         elif name == "steps":  # compound_grow: no step, an unknown step config
             bad = [[], [{"type": "NoSuchConfig", "data": {}}]]
+        elif name == "step":  # component: an unknown step config, an invalid step
+            bad = [{"type": "NoSuchConfig", "data": {}},
+                   make_config("net2wider", layer=n + 3, new_width=64)]
         out += [(f"{name}={b!r}", {**base, name: b}) for b in bad]
     return out
 
@@ -557,7 +586,9 @@ def test_frozen_and_meta_models_are_rejected(op, family, monkeypatch):
 def _corrupt_config(model: nn.Module) -> None:
     """Make the model's config disagree with its modules (one layer too many / a width
     that is not the module's)."""
-    if isinstance(model, GrowableMLP | GrowableCNN):
+    if isinstance(model, GrowableMultimodal):
+        _corrupt_config(model.fusion)  # its config is read from the components'
+    elif isinstance(model, GrowableMLP | GrowableCNN):
         w = _widths(model)
         key = "hidden" if isinstance(model, GrowableMLP) else "channels"
         model.config = model.config.replace(**{key: (w[0] + 1, *w[1:])})

@@ -229,7 +229,7 @@ def head_out_features(m: nn.Module) -> int:
 
 
 def _consumer_refs(name: str, m: nn.Module, group: int) -> list[TensorRef]:
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
         return _refs(name, m, 1, group=group)
     return [r for n, lin in head_linears(name, m) for r in _refs(n, lin, 1, group=group)]
 
@@ -248,7 +248,7 @@ def sync_classifier_attrs(tx: Transaction, root: nn.Module) -> None:
             if (m.out_features, m.in_features) != (o, i):
                 tx.set_attr(m, "out_features", o)
                 tx.set_attr(m, "in_features", i)
-        elif isinstance(m, nn.Conv2d):
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             o, i = int(m.weight.shape[0]), int(m.weight.shape[1]) * m.groups
             if (m.out_channels, m.in_channels) != (o, i):
                 tx.set_attr(m, "out_channels", o)
@@ -267,12 +267,12 @@ def identity_matrix(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.eye(n, dtype=like.dtype, device=like.device)
 
 
-def identity_kernel(c: int, k: int, like: torch.Tensor) -> torch.Tensor:
-    """(c, c, k, k) conv kernel with ``weight[i, i, k//2, k//2] = 1`` (zero-based centre):
-    with padding ``k//2`` the conv is the identity map."""
-    w = torch.zeros(c, c, k, k, dtype=like.dtype, device=like.device)
+def identity_kernel(c: int, k: int, like: torch.Tensor, spatial_dims: int = 2) -> torch.Tensor:
+    """(c, c, k, k) conv kernel (``spatial_dims=1``: (c, c, k)) with ``weight[i, i, k//2,
+    k//2] = 1`` (zero-based centre): with padding ``k//2`` the conv is the identity map."""
+    w = torch.zeros(c, c, *(k,) * spatial_dims, dtype=like.dtype, device=like.device)
     ar = torch.arange(c, device=like.device)
-    w[ar, ar, k // 2, k // 2] = 1.0
+    w[(ar, ar, *(k // 2,) * spatial_dims)] = 1.0
     return w
 
 
@@ -286,13 +286,15 @@ def identity_linear(w: int, like: torch.Tensor) -> nn.Linear:
     return lin
 
 
-def identity_conv(c: int, k: int, like: torch.Tensor, bias: bool) -> nn.Conv2d:
-    """``Conv2d(c, c, k, padding=k // 2)`` with an identity kernel
-    (``weight[i, i, k//2, k//2] = 1``) and zero bias when ``bias``: the identity map."""
+def identity_conv(c: int, k: int, like: torch.Tensor, bias: bool, spatial_dims: int = 2
+                  ) -> nn.Module:
+    """``Conv2d(c, c, k, padding=k // 2)`` (``spatial_dims=1``: ``Conv1d``) with an identity
+    kernel (``weight[i, i, k//2, k//2] = 1``) and zero bias when ``bias``: the identity map."""
+    cls = nn.Conv1d if spatial_dims == 1 else nn.Conv2d
     with torch.device("meta"):
-        conv = nn.Conv2d(c, c, k, padding=k // 2, bias=bias)
+        conv = cls(c, c, k, padding=k // 2, bias=bias)
     conv = conv.to_empty(device=like.device).to(dtype=like.dtype)
-    conv.weight = nn.Parameter(identity_kernel(c, k, like))
+    conv.weight = nn.Parameter(identity_kernel(c, k, like, spatial_dims))
     if bias:
         conv.bias = nn.Parameter(torch.zeros(c, dtype=like.dtype, device=like.device))
     return conv
@@ -370,7 +372,7 @@ class SelfgrowClassifierAdapter(ClassifierAdapter):
                 p = f"blocks.{i}"
                 block = m.blocks[i]  # type: ignore[index]
                 prod = _refs(f"{p}.conv", block.conv, 0)
-                if isinstance(block.bn, nn.BatchNorm2d):
+                if isinstance(block.bn, nn.modules.batchnorm._BatchNorm):
                     prod += _refs(f"{p}.bn", block.bn, 0)
                 nxt = (("head", m.head) if i + 1 == n
                        else (f"blocks.{i + 1}.conv", m.blocks[i + 1].conv))  # type: ignore[index]
@@ -405,11 +407,13 @@ class SelfgrowClassifierAdapter(ClassifierAdapter):
             container = m.blocks  # type: ignore[assignment]
             like = m.blocks[i].conv.weight  # type: ignore[index]
             with torch.device("meta"):
-                block = ConvBlock(w, w, cfg.kernel_size, cfg.batchnorm, pool=False)
+                block = ConvBlock(w, w, cfg.kernel_size, cfg.batchnorm, pool=False,
+                                  spatial_dims=cfg.spatial_dims)
             block = block.to_empty(device=like.device).to(dtype=like.dtype)
-            block.conv = identity_conv(w, cfg.kernel_size, like, bias=not cfg.batchnorm)
+            block.conv = identity_conv(w, cfg.kernel_size, like, bias=not cfg.batchnorm,
+                                       spatial_dims=cfg.spatial_dims)
             if cfg.batchnorm:
-                block.bn = identity_batchnorm(w, like, eps=block.bn.eps)
+                block.bn = identity_batchnorm(w, like, cls=type(block.bn), eps=block.bn.eps)
             new = block
             pools = tuple(p + 1 if p > i else p for p in cfg.pool_after)
             tx.set_attr(m, "config", cfg.replace(channels=new_widths, pool_after=pools))

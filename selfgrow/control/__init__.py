@@ -16,6 +16,14 @@ from .actions import (
 )
 from .controller import GrowthController
 from .distributed import DistributedGrowthController
+from .modality import (
+    ComponentSaturation,
+    ModalityImbalance,
+    fusion_plateau,
+    modality_aware_policy,
+    modality_scores,
+    uniform_policy,
+)
 from .policies import Budget, Decision, Policy, PolicyContext, Rule, RulePolicy, SkipReason
 from .schedules import FixedSchedule
 from .signals import (
@@ -37,6 +45,7 @@ from .utility import IdleCapacity, IdleExperts
 __all__ = [
     "Budget",
     "CapacityProbe",
+    "ComponentSaturation",
     "Decision",
     "DistributedGrowthController",
     "ExpertOverload",
@@ -46,6 +55,7 @@ __all__ = [
     "IdleCapacity",
     "IdleExperts",
     "LossPlateau",
+    "ModalityImbalance",
     "Policy",
     "PolicyContext",
     "ReplayForgetting",
@@ -57,12 +67,16 @@ __all__ = [
     "ValidationPlateau",
     "estimate_memory",
     "flops_per_sample",
+    "fusion_plateau",
     "list_actions",
     "list_signals",
     "make_signal",
+    "modality_aware_policy",
+    "modality_scores",
     "register_action",
     "register_family_action",
     "register_signal",
     "resolve_action",
     "round_width",
+    "uniform_policy",
 ]

@@ -351,7 +351,8 @@ class GrowthController:
                             f"rule {rule.signal!r} -> {rule.action!r}: {e}"
                         ) from None
                 direction = getattr(rule, "direction", "grow")
-                if cfg is not None and get_operator(cfg).shrinks != (direction == "prune"):
+                shrinks = cfg is not None and get_operator(cfg).is_shrink(cfg)
+                if cfg is not None and shrinks != (direction == "prune"):
                     raise GrowthConfigError(
                         f"rule {rule.signal!r} -> {rule.action!r} has direction={direction!r}"
                         f" but operator {cfg.name!r} "
@@ -626,7 +627,7 @@ class GrowthController:
         opt = self.optimizer
         try:
             cfg = self._resolve(d.action, d.kwargs)
-            shrinks = bool(get_operator(cfg).shrinks)
+            shrinks = bool(get_operator(cfg).is_shrink(cfg))
             if d.direction is None:
                 d.direction = "prune" if shrinks else "grow"
             elif shrinks != (d.direction == "prune"):

@@ -18,7 +18,10 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..errors import GrowthConfigError, IncompatibleModelError, choices_message
+from ..models.multimodal import GrowableMultimodal
 from ..ops import OpConfig, build_config
+from ..ops.component import ComponentConfig, resolve_component
+from ..ops.compound import CompoundGrowConfig
 from ..ops.depth import IdentityInsertConfig
 from ..ops.experts import AddExpertConfig, RemoveExpertConfig
 from ..ops.ffn import FFNNet2WiderConfig
@@ -28,7 +31,7 @@ from ..ops.positions import ExtendPositionsConfig
 from ..ops.shrink import FFNRemoveUnitsConfig
 from ..ops.shrink_classifier import RemoveUnitsConfig
 from ..ops.width import WidenDModelConfig, WidenDModelMaskedConfig
-from .actions import register_family_action
+from .actions import register_action, register_family_action, resolve_action
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,3 +374,48 @@ def _routing_by_block(model: nn.Module, op: str) -> dict[int, dict[str, Any]]:
             f"{op}: {type(model).__name__} has no MoE layer (a selfgrow "
             f"GrowableTransformer with moe_experts); upcycle it first (moe_upcycle)")
     return {int(n.split(".")[1]): m.routing_stats(reset=False) for n, m in layers.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# multimodal: selfgrow GrowableMultimodal (each component is a classifier-kind model)
+# ---------------------------------------------------------------------------------------------
+def _on_component(model: nn.Module, component: str, action: str, **kwargs: Any
+                  ) -> ComponentConfig:
+    """The component's own ``action`` (its family's), wrapped to target ``component``."""
+    if not isinstance(component, str):
+        raise GrowthConfigError(
+            f"component={component!r} must be a component name; valid: "
+            f"{', '.join(getattr(model, 'growth_components', ()))}")
+    sub = resolve_component(model, component)
+    return ComponentConfig(component=component, step=resolve_action(action, sub, **kwargs))
+
+
+@register_action(GrowableMultimodal, "widen")
+def multimodal_widen(model: nn.Module, component: str, **kwargs: Any) -> ComponentConfig:
+    """Net2WiderNet on one component (``"image"``, ``"audio"``, ``"fusion"``); ``kwargs`` as
+    the classifier ``widen`` action (``factor``, ``layer`` ...)."""
+    return _on_component(model, component, "widen", **kwargs)
+
+
+@register_action(GrowableMultimodal, "deepen")
+def multimodal_deepen(model: nn.Module, component: str, **kwargs: Any) -> ComponentConfig:
+    """Identity insertion in one component; ``kwargs`` as the classifier ``deepen``."""
+    return _on_component(model, component, "deepen", **kwargs)
+
+
+@register_action(GrowableMultimodal, "prune")
+def multimodal_prune(model: nn.Module, component: str, **kwargs: Any) -> ComponentConfig:
+    """Unit removal in one component; ``kwargs`` as the classifier ``prune``."""
+    return _on_component(model, component, "prune", **kwargs)
+
+
+@register_action(GrowableMultimodal, "widen_all")
+def multimodal_widen_all(model: nn.Module, components: Sequence[str] | None = None,
+                         **kwargs: Any) -> CompoundGrowConfig:
+    """Widen every component (default: all of ``growth_components``) in one CompoundGrow:
+    the modality-blind, uniform growth."""
+    comps = list(model.growth_components if components is None else components)
+    if not comps or isinstance(components, str):
+        raise GrowthConfigError(f"components={components!r} must be a non-empty list of names")
+    return CompoundGrowConfig(steps=[_on_component(model, c, "widen", **kwargs)
+                                     for c in comps])

@@ -474,10 +474,13 @@ class RulePolicy(Policy):
         vtxt = f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
         trig = {k: st.get(k) for k in ("signal", "value", "threshold", "window")}
         trig["signal"] = trig["signal"] or rule.signal
-        for k in ("layers", "worst_experience", "entropy", "idle_fraction", "dead_fraction"):
+        for k in ("layers", "worst_experience", "entropy", "idle_fraction", "dead_fraction",
+                  "component", "dominant", "scores", "components"):
             if k in st:
                 trig[k] = st[k]
         name = rule.action if isinstance(rule.action, str) else type(rule.action).name
+        if isinstance(kw.get("component"), str):
+            name = f"{name} {kw['component']}"
         thr = st.get("threshold")
         reason = f"{rule.signal} triggered (value {vtxt}, threshold {thr}) -> {name}"
         return Decision(rule.action, kw, reason, trig, direction=rule.direction)

@@ -1,4 +1,5 @@
-"""A small growable convolutional classifier (fast on CPU for 28x28 MNIST / 8x8 digits).
+"""A small growable convolutional classifier (fast on CPU for 28x28 MNIST / 8x8 digits), 2-D
+over images or 1-D over sequences (e.g. log-mel frames, ``spatial_dims=1``).
 
 ``GrowableCNN(CNNConfig(in_channels=1, image_size=28, channels=(16, 32), n_classes=10,
 pool_after=(0, 1)))``::
@@ -10,7 +11,9 @@ pool_after=(0, 1)))``::
       -> global average pool                             (B, channels[-1])
       -> head: Linear(channels[-1], n_classes)           logits (B, n_classes)
 
-With ``batchnorm=True`` the convs have no bias (BatchNorm's beta plays that role); with
+With ``spatial_dims=1`` the blocks are ``Conv1d`` / ``BatchNorm1d`` / ``MaxPool1d(2)`` over
+``x`` (B, in_channels, L) (for audio: channels = mel bins, L = frames) and the pool averages
+over L. With ``batchnorm=True`` the convs have no bias (BatchNorm's beta plays that role); with
 ``batchnorm=False`` each block is conv (with bias) -> ReLU. Parameter names:
 ``blocks.<i>.conv.weight``, ``blocks.<i>.bn.weight`` / ``.bias`` (buffers
 ``running_mean``, ``running_var``, ``num_batches_tracked``), ``head.weight``, ``head.bias``.
@@ -27,8 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import GrowthConfigError
+from ..errors import GrowthConfigError, choices_message
 from ._registry import register_model
+
+#: supported ``CNNConfig.spatial_dims``: 1 (Conv1d over sequences) and 2 (Conv2d over images)
+SPATIAL_DIMS = (1, 2)
+#: (conv, batchnorm, max-pool) classes per spatial dimensionality
+LAYERS: dict[int, tuple[type[nn.Module], type[nn.Module], type[nn.Module]]] = {
+    1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
+    2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d),
+}
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,9 @@ class CNNConfig:
         n_classes: number of output logits.
         kernel_size: odd conv kernel size, padding ``kernel_size // 2`` keeps H and W.
         batchnorm: BatchNorm2d after every conv (conv bias disabled then).
-        pool_after: indices of the blocks followed by a 2x2 max-pool.
+        pool_after: indices of the blocks followed by a 2x2 max-pool (a 2-max-pool in 1-D).
+        spatial_dims: 2 (images, ``Conv2d``) or 1 (sequences, ``Conv1d``); ``image_size`` is
+            then the sequence length.
     """
 
     version: ClassVar[int] = 1
@@ -54,6 +67,7 @@ class CNNConfig:
     kernel_size: int = 3
     batchnorm: bool = True
     pool_after: tuple[int, ...] = ()
+    spatial_dims: int = 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -67,6 +81,9 @@ class CNNConfig:
             raise GrowthConfigError(
                 f"channels must be a non-empty tuple of widths >= 1, got {self.channels}"
             )
+        if self.spatial_dims not in SPATIAL_DIMS:
+            raise GrowthConfigError(choices_message("spatial_dims", self.spatial_dims,
+                                                    SPATIAL_DIMS))
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise GrowthConfigError(f"kernel_size must be odd and >= 1, got {self.kernel_size}")
         bad = [i for i in self.pool_after if not 0 <= i < len(self.channels)]
@@ -85,20 +102,21 @@ class CNNConfig:
 
 
 class ConvBlock(nn.Module):
-    """conv -> bn (or Identity) -> ReLU -> pool (MaxPool2d(2) or Identity)."""
+    """conv -> bn (or Identity) -> ReLU -> pool (max-pool of 2 or Identity), in 1-D or 2-D."""
 
     def __init__(
-        self, c_in: int, c_out: int, kernel_size: int, batchnorm: bool, pool: bool
+        self, c_in: int, c_out: int, kernel_size: int, batchnorm: bool, pool: bool,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(
-            c_in, c_out, kernel_size, padding=kernel_size // 2, bias=not batchnorm
-        )
-        self.bn: nn.Module = nn.BatchNorm2d(c_out) if batchnorm else nn.Identity()
-        self.pool: nn.Module = nn.MaxPool2d(2) if pool else nn.Identity()
+        conv, bn, maxpool = LAYERS[spatial_dims]
+        self.conv = conv(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=not batchnorm)
+        self.bn: nn.Module = bn(c_out) if batchnorm else nn.Identity()
+        self.pool: nn.Module = maxpool(2) if pool else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, c_in, H, W) -> (B, c_out, H', W') with H' = H // 2 when pooling, else H."""
+        """(B, c_in, H, W) -> (B, c_out, H', W') with H' = H // 2 when pooling, else H (in 1-D:
+        (B, c_in, L) -> (B, c_out, L'))."""
         return self.pool(F.relu(self.bn(self.conv(x))))
 
 
@@ -113,14 +131,16 @@ class GrowableCNN(nn.Module):
         self.config = dataclasses.replace(config)
         c_in = (config.in_channels, *config.channels[:-1])
         self.blocks = nn.ModuleList(
-            ConvBlock(a, b, config.kernel_size, config.batchnorm, i in config.pool_after)
+            ConvBlock(a, b, config.kernel_size, config.batchnorm, i in config.pool_after,
+                      config.spatial_dims)
             for i, (a, b) in enumerate(zip(c_in, config.channels, strict=True))
         )
         self.head = nn.Linear(config.channels[-1], config.n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, in_channels, H, W) -> logits (B, n_classes)."""
+        """``x`` (B, in_channels, H, W) (1-D: (B, in_channels, L)) -> logits (B, n_classes)."""
         h = x
         for block in self.blocks:
-            h = block(h)  # (B, channels[i], H_i, W_i)
-        return self.head(h.mean(dim=(2, 3)))  # (B, channels[-1]) -> (B, n_classes)
+            h = block(h)  # (B, channels[i], H_i, W_i) or (B, channels[i], L_i)
+        pooled = h.flatten(2).mean(dim=2)  # global average pool: (B, channels[-1])
+        return self.head(pooled)  # (B, n_classes)

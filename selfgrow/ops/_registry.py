@@ -93,6 +93,11 @@ class Operator(abc.ABC):
     def is_exact(self, model: nn.Module, config: OpConfig) -> bool:
         return self.exact
 
+    def is_shrink(self, config: OpConfig) -> bool:
+        """Whether this application removes capacity (default :attr:`shrinks`; an operator
+        that wraps another, such as ``component``, answers for its step)."""
+        return self.shrinks
+
     def validate(self, model: nn.Module, config: OpConfig) -> None:  # noqa: B027 - optional hook
         """Raise GrowthConfigError / IncompatibleModelError if the request is invalid."""
 
