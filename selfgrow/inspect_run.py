@@ -275,18 +275,31 @@ def _brief_value(v: Any) -> str:
     return str(v)
 
 
+def _step_name(step: Any) -> str:
+    """The operator name of a serialised step config (its type when unknown)."""
+    from .ops import op_config_from_dict
+
+    try:
+        return type(op_config_from_dict(step)).name
+    except Exception:  # noqa: BLE001 - an unknown step still shows its type
+        return str((step or {}).get("type", "?"))
+
+
 def _brief_op(op: Any, cfg: dict[str, Any]) -> str:
     """``op(k=v, ...)`` with long lists elided; a compound growth lists its steps' operators
-    (``compound_grow(widen_d_model + heads_clone + ...)``)."""
+    (``compound_grow(widen_d_model + heads_clone + ...)``); a component growth names its
+    component (``audio:net2wider(layer=0, new_width=16)``)."""
+    if op == "component" and isinstance(cfg.get("step"), dict):
+        step = cfg["step"]
+        return f"{cfg.get('component')}:{_brief_op(_step_name(step), step.get('data') or {})}"
     if op == "compound_grow" and isinstance(cfg.get("steps"), list):
-        from .ops import op_config_from_dict
-
         names = []
         for st in cfg["steps"]:
-            try:
-                names.append(type(op_config_from_dict(st)).name)
-            except Exception:  # noqa: BLE001 - an unknown step still shows its type
-                names.append(str((st or {}).get("type", "?")))
+            name = _step_name(st)
+            if name == "component":  # uniform multimodal growth: audio:net2wider + ...
+                inner = (st.get("data") or {}).get("step") or {}
+                name = f"{(st.get('data') or {}).get('component')}:{_step_name(inner)}"
+            names.append(name)
         return f"compound_grow({' + '.join(names)})"
     skip = {"seed", "noise_std", "weights"}
     if cfg.get("units") is not None:  # given units: the count and criterion played no part

@@ -390,10 +390,22 @@ def _on_component(model: nn.Module, component: str, action: str, **kwargs: Any
     return ComponentConfig(component=component, step=resolve_action(action, sub, **kwargs))
 
 
+#: which units of a component ``widen`` grows
+WIDEN_UNITS = ("narrowest", "all")
+
+
 @register_action(GrowableMultimodal, "widen")
-def multimodal_widen(model: nn.Module, component: str, **kwargs: Any) -> ComponentConfig:
-    """Net2WiderNet on one component (``"image"``, ``"audio"``, ``"fusion"``); ``kwargs`` as
-    the classifier ``widen`` action (``factor``, ``layer`` ...)."""
+def multimodal_widen(model: nn.Module, component: str, units: str = "narrowest",
+                     **kwargs: Any) -> ComponentConfig:
+    """Net2WiderNet on one component (``"image"``, ``"audio"``, ``"fusion"``): its narrowest
+    unit (``units="narrowest"``, the classifier ``widen`` action) or every unit at once
+    (``units="all"``, ``widen_layers``); ``kwargs`` as those actions (``factor`` ...)."""
+    if units not in WIDEN_UNITS:
+        raise GrowthConfigError(choices_message("widen units", units, WIDEN_UNITS))
+    if units == "all":
+        sub = resolve_component(model, component)
+        n = len(classifier_adapter(sub).widths())
+        return _on_component(model, component, "widen_layers", layers=list(range(n)), **kwargs)
     return _on_component(model, component, "widen", **kwargs)
 
 
@@ -411,11 +423,11 @@ def multimodal_prune(model: nn.Module, component: str, **kwargs: Any) -> Compone
 
 @register_action(GrowableMultimodal, "widen_all")
 def multimodal_widen_all(model: nn.Module, components: Sequence[str] | None = None,
-                         **kwargs: Any) -> CompoundGrowConfig:
+                         units: str = "narrowest", **kwargs: Any) -> CompoundGrowConfig:
     """Widen every component (default: all of ``growth_components``) in one CompoundGrow:
     the modality-blind, uniform growth."""
     comps = list(model.growth_components if components is None else components)
     if not comps or isinstance(components, str):
         raise GrowthConfigError(f"components={components!r} must be a non-empty list of names")
-    return CompoundGrowConfig(steps=[_on_component(model, c, "widen", **kwargs)
+    return CompoundGrowConfig(steps=[multimodal_widen(model, c, units=units, **kwargs)
                                      for c in comps])

@@ -18,7 +18,7 @@ modality's encoder converges first and the other stays under-trained (Peng et al
 :func:`modality_aware_policy` grows the component a signal names (first triggered rule wins:
 imbalance, then saturation, then the fusion plateau), and every growth event carries the
 signal, its value, the component and the per-modality scores. :func:`uniform_policy` is the
-comparison: on a fusion plateau, widen every component at once.
+comparison: on the same signals, widen every component at once.
 
 A model is multimodal here when it offers ``embed(x) -> {modality: (B, D_m)}``,
 ``fuse(embeddings) -> logits (B, C)`` and ``growth_components`` (e.g.
@@ -291,13 +291,21 @@ def modality_aware_policy(
     return RulePolicy(rules, budget=budget, **policy_kwargs)
 
 
-def uniform_policy(*, plateau: str = "fusion_plateau", action: str = "widen_all",
-                   action_kwargs: Mapping[str, Any] | None = None, budget: Budget | None = None,
-                   **policy_kwargs: Any) -> RulePolicy:
-    """The modality-blind comparison: on a fusion plateau, grow every component at once
-    (``widen_all``, one CompoundGrow)."""
-    return RulePolicy([Rule(plateau, action, dict(action_kwargs or {}))], budget=budget,
-                      **policy_kwargs)
+def uniform_policy(*, signals: Sequence[str] = ("modality_imbalance", "component_saturation",
+                                                "fusion_plateau"),
+                   action: str = "widen_all", action_kwargs: Mapping[str, Any] | None = None,
+                   budget: Budget | None = None, **policy_kwargs: Any) -> RulePolicy:
+    """The modality-blind comparison: when any of ``signals`` triggers, grow EVERY component
+    at once (``widen_all``, one CompoundGrow). With the same signals, budget and limits as
+    :func:`modality_aware_policy`, the two differ only in what they grow.
+
+    Raises:
+        GrowthConfigError: no signal names.
+    """
+    if isinstance(signals, str) or not signals:
+        raise GrowthConfigError(f"uniform_policy needs a list of signal names, got {signals!r}")
+    kw = dict(action_kwargs or {})
+    return RulePolicy([Rule(s, action, kw) for s in signals], budget=budget, **policy_kwargs)
 
 
 for _cls in (ModalityImbalance, ComponentSaturation):
