@@ -33,8 +33,8 @@ growth's accuracy with fewer parameters added, and beats the equal-compute fixed
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/multimodal.py --quick   # 3 seeds, short runs (< 10 min)
-    PYTHONPATH=. python benchmarks/multimodal.py           # 3 seeds, longer runs, LR grid of 3 (both)
+    PYTHONPATH=. python benchmarks/multimodal.py --quick   # 3 seeds, 10 epochs (< 10 min)
+    PYTHONPATH=. python benchmarks/multimodal.py           # 3 seeds, twice the epochs
 
 Writes ``benchmarks/results/multimodal[_quick].{md,json}`` and the event log of seed 0's
 modality-aware run in ``benchmarks/results/multimodal[_quick]_run/`` (``selfgrow inspect``).
