@@ -83,7 +83,7 @@ class CNNConfig:
             )
         if self.spatial_dims not in SPATIAL_DIMS:
             raise GrowthConfigError(choices_message("spatial_dims", self.spatial_dims,
-                                                    SPATIAL_DIMS))
+                                                    [str(d) for d in SPATIAL_DIMS]))
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise GrowthConfigError(f"kernel_size must be odd and >= 1, got {self.kernel_size}")
         bad = [i for i in self.pool_after if not 0 <= i < len(self.channels)]
