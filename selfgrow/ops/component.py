@@ -77,6 +77,10 @@ class ComponentConfig(OpConfig):
                 f"step must be an operator config (make_config(name, **fields)) or its "
                 f"serialised dict, got {type(self.step).__name__} {self.step!r:.80}"
             )
+        try:
+            self.step_config()
+        except GrowthConfigError as e:
+            raise GrowthConfigError(f"component {self.component!r} step: {e}") from None
 
     def step_config(self) -> OpConfig:
         """The step as an OpConfig (GrowthConfigError if it is not a known config)."""
