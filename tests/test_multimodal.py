@@ -723,7 +723,7 @@ def test_modality_aware_policy_grows_the_lagging_encoder():
 def test_uniform_policy_widens_every_component_in_one_event():
     model = _model(seed=5)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    pol = uniform_policy(plateau="flat", max_growths=1, action_kwargs={"factor": 2.0})
+    pol = uniform_policy(signals=("flat",), max_growths=1, action_kwargs={"factor": 2.0})
     ctrl = GrowthController(model, opt, [Scripted({3}, "flat")], pol,
                             probe=model.pack(*_batch()), measure_flops=False)
     before = model.config
