@@ -20,8 +20,10 @@ Rules (docs/GROWTH-MATH.md, docs/optimizer-after-growth.md; staged training, She
   about 3x too large; the mean of the old ``v`` (GROWTH-MATH's example, kept as the fallback
   until that first gradient) makes it 7-25x too small when the new coordinates' gradients
   are smaller than the old ones' (zero fan-out units, fresh heads, new position rows);
-* brand-new tensors join the param group of their nearest sibling by name (longest common
-  dotted prefix). With Adam/AdamW their state is initialised at their first gradient so that
+* brand-new tensors join the param group of their nearest sibling by name: the same tensor
+  of another block when there is one (``h.1.attn.c_proj.weight`` -> ``h.0.attn.c_proj.weight``,
+  so a new block's weights get the weight decay of the old blocks' weights), else the longest
+  common dotted prefix. With Adam/AdamW their state is initialised at their first gradient so that
   their first update has the RMS of the sibling's last normalised update (``m = 0``,
   ``v = c * g**2`` with ``c`` solved from Adam's update rule, step count of the sibling).
   Fresh Adam state (step 0) would move every coordinate by about ``lr`` on the first step,
@@ -196,18 +198,32 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _sibling(name: str, candidates: list[str]) -> str | None:
-    """The candidate sharing the longest dotted prefix with ``name``."""
+    """The candidate most like ``name``: first one of the same pattern (equal but for its
+    numeric parts: ``h.1.attn.c_proj.weight`` ~ ``h.0.attn.c_proj.weight``, the same tensor of
+    another block), then the longest common dotted prefix, then the longest common suffix."""
     parts = name.split(".")
-    best, best_len = None, -1
-    for c in candidates:
+    pattern = ["#" if a.isdigit() else a for a in parts]
+
+    def score(c: str) -> tuple[bool, int, int]:
         cp = c.split(".")
-        n = 0
+        same = len(cp) == len(parts) and ["#" if b.isdigit() else b for b in cp] == pattern
+        pre = 0
         for a, b in zip(parts, cp, strict=False):
             if a != b:
                 break
-            n += 1
-        if n > best_len:
-            best, best_len = c, n
+            pre += 1
+        suf = 0
+        for a, b in zip(reversed(parts), reversed(cp), strict=False):
+            if a != b:
+                break
+            suf += 1
+        return same, pre, suf
+
+    best, best_score = None, (False, -1, -1)
+    for c in candidates:
+        sc = score(c)
+        if sc > best_score:
+            best, best_score = c, sc
     return best
 
 
