@@ -60,22 +60,24 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..checkpoint import (
-    EventCursor,
-    _atomic_save,
-    _check_loadable,
-    _controller_events_path,
-    rewind_events,
+from ..checkpoint import _atomic_save, _check_loadable
+from ..errors import CheckpointError, IncompatibleModelError
+from ._common import (
+    check_controller,
+    describe,
+    log_cursors,
+    new_changes,
+    repair_optimizer,
+    replay,
+    restore_controller,
+    shapes,
 )
-from ..errors import CheckpointError, GrowthConfigError, IncompatibleModelError
-from ..ops import grow_, op_config_from_dict
 
 try:
     from transformers import TrainerCallback
@@ -110,10 +112,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model
-
-
-def _shapes(sd: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
 def read_growth_file(path: str | Path) -> dict[str, Any]:
@@ -158,11 +156,7 @@ class GrowthCallback(TrainerCallback):
     """
 
     def __init__(self, controller: Any) -> None:
-        from ..control.controller import GrowthController
-
-        if not isinstance(controller, GrowthController):
-            raise GrowthConfigError(
-                f"GrowthCallback needs a GrowthController, got {type(controller).__name__}")
+        check_controller(controller, "GrowthCallback")
         self.controller = controller
         #: op config dicts of every growth / prune applied to the model, in order
         self.history: list[dict[str, Any]] = []
@@ -187,8 +181,8 @@ class GrowthCallback(TrainerCallback):
                             *args: Any) -> None:
         if prefix:  # the Trainer loads the whole model; a sub-module load is not ours
             return
-        theirs = _shapes(state_dict)
-        mine = _shapes(module.state_dict())
+        theirs = shapes(state_dict)
+        mine = shapes(module.state_dict())
         if all(mine.get(k) == s for k, s in theirs.items()):
             return
         if self.history:
@@ -197,19 +191,9 @@ class GrowthCallback(TrainerCallback):
                 "grown in this process: resume on the model as it was built (the small one)")
         found = self._find_growth_file(theirs)
         data = read_growth_file(found)
-        for cfg in data["history"]:
-            grow_(module, op_config_from_dict(cfg), optimizer=None)
-        now = _shapes(module.state_dict())
-        bad = sorted(k for k, s in theirs.items() if now.get(k) != s)
-        if bad:
-            raise CheckpointError(
-                f"replaying the {len(data['history'])} growths of {str(found)!r} does not give "
-                f"the checkpoint's shapes (first: {bad[0]} {now.get(bad[0])} vs "
-                f"{theirs[bad[0]]}); was the model built as at the start of the run?")
+        replay(module, data["history"], theirs, repr(str(found)))
         self.history = list(data["history"])
         self._resume_file = found
-        logger.info("selfgrow: rebuilt the grown model (%d growths) from %s",
-                    len(self.history), found)
 
     def _find_growth_file(self, theirs: dict[str, tuple[int, ...]]) -> Path:
         roots = [self._output_dir] if self._output_dir is not None else []
@@ -262,14 +246,7 @@ class GrowthCallback(TrainerCallback):
             raise CheckpointError(f"{str(path)!r} was saved at step {data['step']}, the Trainer "
                                   f"resumes at step {state.global_step}")
         ctrl = self.controller
-        ev_path = _controller_events_path(ctrl)
-        if data.get("events") and ev_path is not None:
-            rewind_events(ev_path, EventCursor(**data["events"]))
-        ms = ctrl.metrics_sink
-        if data.get("metrics") and ms is not None:
-            ms.flush()
-            rewind_events(ms.path, EventCursor(**data["metrics"]))
-        ctrl.load_state_dict(data["controller"])
+        restore_controller(ctrl, data["controller"], data)
         self.history = list(data["history"])
         self._n_events = len(ctrl.events)
 
@@ -289,9 +266,7 @@ class GrowthCallback(TrainerCallback):
             self._val_loss = None
         epoch = math.floor(state.epoch) if state.epoch is not None else None
         ctrl.observe(loss=loss, step=int(state.global_step), epoch=epoch, **metrics)
-        new = ctrl.events[self._n_events:]
-        self._n_events = len(ctrl.events)
-        changed = [e for e in new if e.kind in ("growth", "prune")]
+        changed, self._n_events = new_changes(ctrl, self._n_events)
         for ev in changed:
             self.history.append(dict(ev.action["config"]))
             record = {"step": int(state.global_step), "selfgrow_event": ev.kind,
@@ -300,28 +275,10 @@ class GrowthCallback(TrainerCallback):
                       "selfgrow_params_before": int(ev.params_before),
                       "selfgrow_params_after": int(ev.params_after)}
             state.log_history.append(record)
-            logger.info("selfgrow: step %d: %s %s (%s): %d -> %d parameters",
-                        state.global_step, ev.kind, record["selfgrow_op"], ev.reason,
-                        ev.params_before, ev.params_after)
+            logger.info("selfgrow: step %d: %s", state.global_step, describe(ev))
         if changed:
-            self._repair(kw.get("lr_scheduler"))
-
-    def _repair(self, scheduler: Any) -> None:
-        """Put each param group's parameters in ``named_parameters()`` order and check that
-        the scheduler still has one base LR per group."""
-        opt = self.controller.optimizer
-        if opt is None:
-            return
-        order = {id(p): i for i, (_, p) in enumerate(self.controller.model.named_parameters())}
-        for g in opt.param_groups:
-            g["params"].sort(key=lambda p: order.get(id(p), len(order)))
-        inner = getattr(scheduler, "scheduler", scheduler)
-        base = getattr(inner, "base_lrs", None)
-        if base is not None and len(base) != len(opt.param_groups):
-            raise IncompatibleModelError(
-                f"after growth the optimizer has {len(opt.param_groups)} param groups, its LR "
-                f"scheduler {type(inner).__name__} {len(base)}: selfgrow's operators keep the "
-                f"groups; a custom migration rule that adds groups needs a new scheduler")
+            sched = kw.get("lr_scheduler")
+            repair_optimizer(ctrl.optimizer, ctrl.model, [sched] if sched is not None else [])
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not getattr(state, "is_world_process_zero", True):
@@ -330,19 +287,14 @@ class GrowthCallback(TrainerCallback):
         if not folder.is_dir():
             return
         ctrl = self.controller
-        ev_path = _controller_events_path(ctrl)
-        ms = ctrl.metrics_sink
-        if ms is not None:
-            ms.flush()
         payload = {
             "format": _FORMAT,
             "version": _VERSION,
             "step": int(state.global_step),
             "history": list(self.history),
-            "shapes": {k: list(s) for k, s in _shapes(ctrl.model.state_dict()).items()},
+            "shapes": {k: list(s) for k, s in shapes(ctrl.model.state_dict()).items()},
             "controller": ctrl.state_dict(),
-            "events": asdict(EventCursor.of_file(ev_path, ctrl.seq)) if ev_path else None,
-            "metrics": asdict(EventCursor.of_file(ms.path)) if ms is not None else None,
+            **log_cursors(ctrl),
         }
         _check_loadable(payload, GROWTH_FILE)
         _atomic_save(payload, folder / GROWTH_FILE)
