@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             x = torch.randn(32, 32, generator=gen).to(device)
             y = teacher(x).argmax(-1).detach()
             opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(ctrl.ddp_model(x), y)
+            loss = nn.functional.cross_entropy(ctrl.wrapped_model(x), y)
             loss.backward()
             opt.step()
             ev = ctrl.observe(loss=loss)
@@ -71,12 +71,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if rank == 0:
             same = all(p == prints[0] for p in prints)
             final = float(loss.detach())
-            print(f"{world} ranks, {ctrl.controller.n_growths} growths, final loss "
+            print(f"{world} ranks, {ctrl.n_growths} growths, final loss "
                   f"{final:.4f}, parameters identical on all ranks: {same}", flush=True)
             if args.checkpoint:
                 from .checkpoint import save_checkpoint
 
-                save_checkpoint(args.checkpoint, ctrl.ddp_model, opt, controller=ctrl)
+                save_checkpoint(args.checkpoint, ctrl.wrapped_model, opt, controller=ctrl)
         ctrl.close()
         dist.barrier()
     finally:

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from _growth_helpers import _TinyNet, _TinyNetConfig, batch, init_gloo, split_units
 from torch import nn
 
-from selfgrow.control.distributed import DistributedGrowthController, model_fingerprint
+from selfgrow.control import GrowthController
+from selfgrow.control.distributed import DDPStrategy, model_fingerprint
 from selfgrow.control.policies import Decision, Policy
 from selfgrow.ops import GrowthResult, OpConfig, Operator, Transaction, register_operator
 
@@ -67,7 +68,7 @@ class _RankLocalPolicy(Policy):
         return Decision(cfg, reason=f"rank {rank} prefers units {UNITS[rank]}"), ""
 
 
-class _RecordingController(DistributedGrowthController):
+class _RecordingStrategy(DDPStrategy):
     """Records every module handed to a (fresh) DDP wrapper, before DDP broadcasts rank 0's
     parameters into it."""
 
@@ -90,19 +91,20 @@ def run(rank: int, world: int, port: int, out: str) -> None:
         model = _TinyNet(_TinyNetConfig(hidden=(12,)))
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         policy = _RankLocalPolicy()
-        ctrl = _RecordingController(
+        strategy = _RecordingStrategy(check_consistency=False)
+        ctrl = GrowthController(
             model, opt, policy=policy, probe=batch(seed=999, step=0)[0], run_id="ddp-decide",
-            check_consistency=False, measure_flops=False,
+            measure_flops=False, distributed=strategy,
         )
         for s in range(STEPS):
             x, y = batch(seed=rank + 1, step=s)  # rank-local data and losses
             opt.zero_grad(set_to_none=True)
-            loss = nn.functional.mse_loss(ctrl.ddp_model(x), y)
+            loss = nn.functional.mse_loss(ctrl.wrapped_model(x), y)
             loss.backward()
             opt.step()
             ctrl.observe(loss=loss)
         torch.save({
-            "handed_to_ddp": ctrl.handed_to_ddp,
+            "handed_to_ddp": strategy.handed_to_ddp,
             "actions": [e.action for e in ctrl.events],
             "steps": [e.step for e in ctrl.events],
             "calls_on_rank": dict(policy.calls_on_rank),

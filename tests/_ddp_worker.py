@@ -82,7 +82,7 @@ def run(rank: int, world: int, port: int, out: str, sync_rng: bool = True,
         for s in range(STEPS):
             x, y = batch(seed=rank + 1, step=s)  # rank-local data
             opt.zero_grad(set_to_none=True)
-            loss = nn.functional.mse_loss(ctrl.ddp_model(x), y)
+            loss = nn.functional.mse_loss(ctrl.wrapped_model(x), y)
             loss.backward()
             opt.step()
             ev = ctrl.observe(loss=loss)
@@ -93,7 +93,7 @@ def run(rank: int, world: int, port: int, out: str, sync_rng: bool = True,
             if resume_at is not None and s == resume_at:
                 ck_path = outp / "ckpt.pt"
                 if rank == 0:
-                    save_checkpoint(ck_path, ctrl.ddp_model, opt, controller=ctrl)
+                    save_checkpoint(ck_path, ctrl.wrapped_model, opt, controller=ctrl)
                 dist.barrier()
                 ctrl.close()
                 ck = load_checkpoint(ck_path, restore_rng=False)
@@ -114,8 +114,8 @@ def run(rank: int, world: int, port: int, out: str, sync_rng: bool = True,
                 "fingerprints": fingerprints,
                 "optimizer_params": sum(len(g["params"]) for g in opt.param_groups),
                 "n_params": len(list(ctrl.model.parameters())),
-                "ddp_module_is_model": ctrl.ddp_model.module is ctrl.model,
-                "signals": {sg.name: sg.state_dict() for sg in ctrl.controller.signals},
+                "ddp_module_is_model": ctrl.wrapped_model.module is ctrl.model,
+                "signals": {sg.name: sg.state_dict() for sg in ctrl.signals},
                 "reduced": reduced,
             },
             outp / f"rank{rank}.pt",

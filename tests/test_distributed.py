@@ -99,3 +99,22 @@ def test_fingerprint_handles_zero_dim_buffers():
     bn.num_batches_tracked += 1
     assert model_fingerprint(bn) != a
     assert len(model_fingerprint(GrowableTransformer(TransformerConfig()))) == 64
+
+
+def test_the_one_controller_takes_a_strategy():
+    from selfgrow.control import GrowthController, GrowthStrategy
+    from selfgrow.errors import GrowthConfigError, SelfgrowError
+    from selfgrow.models import build_model
+    from selfgrow.models.mlp import MLPConfig
+
+    model = build_model(MLPConfig(in_features=4, hidden=(3,), n_classes=2))
+    ctrl = GrowthController(model, None, measure_flops=False)
+    assert type(ctrl.distributed) is GrowthStrategy and ctrl.wrapped_model is model
+    assert ctrl.state_dict()["distributed"] == {}
+    with pytest.raises(GrowthConfigError, match="GrowthStrategy"):
+        GrowthController(model, None, distributed="ddp")
+    if not dist.is_initialized():
+        from selfgrow.control import DDPStrategy
+
+        with pytest.raises(SelfgrowError, match="not initialised"):
+            DDPStrategy()

@@ -15,7 +15,7 @@ from .actions import (
     resolve_action,
 )
 from .controller import GrowthController
-from .distributed import DistributedGrowthController
+from .distributed import DDPStrategy, DistributedGrowthController
 from .modality import (
     ComponentSaturation,
     ModalityImbalance,
@@ -40,18 +40,21 @@ from .signals import (
 )
 from .sizing import estimate_memory, flops_per_sample, round_width
 from .stabilize import Stabilizer
+from .strategy import GrowthStrategy
 from .utility import IdleCapacity, IdleExperts
 
 __all__ = [
     "Budget",
     "CapacityProbe",
     "ComponentSaturation",
+    "DDPStrategy",
     "Decision",
     "DistributedGrowthController",
     "ExpertOverload",
     "FixedSchedule",
     "GradientSaturation",
     "GrowthController",
+    "GrowthStrategy",
     "IdleCapacity",
     "IdleExperts",
     "LossPlateau",

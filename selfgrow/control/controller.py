@@ -60,6 +60,7 @@ from .policies import Action, Decision, Policy, PolicyContext, SkipReason
 from .signals import Signal
 from .sizing import estimate_memory, flops_per_sample
 from .stabilize import Stabilizer
+from .strategy import GrowthStrategy
 
 __all__ = ["GrowthController"]
 
@@ -145,6 +146,11 @@ class GrowthController:
             Default False: the event is logged, a :class:`~selfgrow.errors.GrowthFailedWarning`
             is issued once per distinct reason, and training goes on with the model,
             optimizer and gradients unchanged.
+        distributed: how the controller runs across processes (a
+            :class:`~selfgrow.control.strategy.GrowthStrategy`): ``None`` is one process;
+            :class:`~selfgrow.control.distributed.DDPStrategy` keeps DDP ranks in lock-step
+            (metrics averaged over ranks, one decision on rank 0, the same growth on every
+            rank, a fresh DDP wrapper in :attr:`wrapped_model`).
 
     Randomness: the controller draws nothing from the global random streams (operators use
     their configs' seeded generators, and every call runs under
@@ -178,9 +184,17 @@ class GrowthController:
         memory_spec: Mapping[str, Any] | None = None,
         measure_flops: bool = True,
         strict: bool = False,
+        distributed: GrowthStrategy | None = None,
     ) -> None:
+        if distributed is not None and not isinstance(distributed, GrowthStrategy):
+            raise GrowthConfigError(
+                f"distributed must be a GrowthStrategy (DDPStrategy(...)), got "
+                f"{type(distributed).__name__}")
+        #: the distribution strategy (one process by default)
+        self.distributed: GrowthStrategy = distributed or GrowthStrategy()
         if not isinstance(model, nn.Module):
             raise IncompatibleModelError(f"model must be an nn.Module, got {type(model).__name__}")
+        model, log_dir, run_id = self.distributed.setup(model, optimizer, log_dir, run_id)
         if isinstance(signals, Signal) or not hasattr(signals, "__iter__"):
             raise GrowthConfigError(
                 f"signals must be a list of Signal instances, got {type(signals).__name__} "
@@ -206,7 +220,7 @@ class GrowthController:
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 1):
             raise GrowthConfigError(f"total_steps={total_steps!r} is out of range; valid: >= 1")
         self.signals = signals
-        self.policy = policy
+        self.policy = self.distributed.wrap_policy(policy) if policy is not None else None
         self.stabilizer = stabilizer
         self.total_steps = total_steps
         self.scalar_every = scalar_every
@@ -288,8 +302,16 @@ class GrowthController:
         for s in self.signals:
             s.bind(model)
         self._validate(provides)
+        self.distributed.bind(self)
 
     # --- plain attributes an adapter may reassign ----------------------------------------------
+    @property
+    def wrapped_model(self) -> nn.Module:
+        """The module the training loop calls: :attr:`model` on one process, its current
+        ``DistributedDataParallel`` wrapper under :class:`~selfgrow.control.distributed.
+        DDPStrategy` (replaced after every growth: fetch it every step)."""
+        return self.distributed.wrapped(self._model)
+
     @property
     def model(self) -> nn.Module:
         """The live model (reassigning it rebinds the signals)."""
@@ -404,9 +426,19 @@ class GrowthController:
 
         Raises:
             Only with ``strict=True``: the error of a decided growth that failed.
+            DistributedGrowthError: under a distributed strategy, ranks differ after a growth.
         """
-        with rng_isolated():
-            return self._observe(loss, step, epoch, experience, metrics)
+        if loss is not None:
+            metrics["loss"] = loss
+        metrics = self.distributed.reduce(metrics)
+        loss = metrics.pop("loss", None)
+        attempts, n_before = self.distributed.attempts(), self.n_changes
+        try:
+            with rng_isolated():
+                return self._observe(loss, step, epoch, experience, metrics)
+        finally:
+            if self.distributed.attempts() != attempts:
+                self.distributed.after_change(self, n_before)
 
     def _observe(
         self,
@@ -482,10 +514,16 @@ class GrowthController:
                 raise GrowthConfigError(f"trigger must be a dict, got {trigger!r}")
             trig.update(trigger)
         d = Decision(config_or_action, dict(action_kwargs), reason, trig)
-        with rng_isolated():
-            ev = self._apply(d, reason, raise_errors=True)
+        n_before = self.n_changes
+        self.distributed.before_manual(self.step)
+        try:
+            with rng_isolated():
+                ev = self._apply(d, reason, raise_errors=True)
+        finally:
+            self.distributed.after_manual()
         if ev is None:  # pragma: no cover - raise_errors=True always returns or raises
             raise GrowthConfigError("growth failed")
+        self.distributed.after_change(self, n_before)
         return ev
 
     def prune(self, config_or_action: Action, reason: str = "manual", *,
@@ -501,10 +539,16 @@ class GrowthController:
                 raise GrowthConfigError(f"trigger must be a dict, got {trigger!r}")
             trig.update(trigger)
         d = Decision(config_or_action, dict(action_kwargs), reason, trig, direction="prune")
-        with rng_isolated():
-            ev = self._apply(d, reason, raise_errors=True)
+        n_before = self.n_changes
+        self.distributed.before_manual(self.step)
+        try:
+            with rng_isolated():
+                ev = self._apply(d, reason, raise_errors=True)
+        finally:
+            self.distributed.after_manual()
         if ev is None:  # pragma: no cover - raise_errors=True always returns or raises
             raise GrowthConfigError("prune failed")
+        self.distributed.after_change(self, n_before)
         return ev
 
     @property
@@ -823,6 +867,7 @@ class GrowthController:
             "signals": {s.name: s.state_dict() for s in self.signals},
             "policy": self.policy.state_dict() if self.policy is not None else {},
             "stabilizer": self.stabilizer.state_dict() if self.stabilizer is not None else {},
+            "distributed": self.distributed.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -871,6 +916,8 @@ class GrowthController:
             self.policy.load_state_dict(state["policy"])
         if self.stabilizer is not None and state.get("stabilizer"):
             self.stabilizer.load_state_dict(state["stabilizer"])
+        if state.get("distributed"):
+            self.distributed.load_state_dict(state["distributed"])
         self._estimates.clear()
 
     def close(self) -> None:

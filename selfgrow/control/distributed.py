@@ -1,8 +1,9 @@
 """Growth under DistributedDataParallel: one decision for all ranks, the same growth on every
 rank, then a fresh DDP wrapper.
 
-Every rank runs the same :class:`~selfgrow.control.controller.GrowthController`; this module
-keeps them in lock-step:
+Every rank runs the same :class:`~selfgrow.control.controller.GrowthController`, given
+``distributed=DDPStrategy(...)`` (a :class:`~selfgrow.control.strategy.GrowthStrategy`); the
+strategy keeps the ranks in lock-step:
 
 1. **Signals see global metrics.** ``observe(loss=..., **metrics)`` all-reduces (mean over
    ranks) the loss and every numeric metric in one collective before the signals update, so
@@ -29,12 +30,12 @@ Training loop (launched with ``torchrun --nproc_per_node=N train.py``)::
     dist.init_process_group("nccl")                 # or "gloo" on CPU
     model = build_model(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)      # the module's parameters
-    ctrl = DistributedGrowthController(model, opt, signals=[LossPlateau(window=200)],
-                                       policy=policy, log_dir="runs/exp1", probe=probe,
-                                       ddp_kwargs={"device_ids": [local_rank]})
+    ctrl = GrowthController(model, opt, signals=[LossPlateau(window=200)], policy=policy,
+                            log_dir="runs/exp1", probe=probe,
+                            distributed=DDPStrategy(ddp_kwargs={"device_ids": [local_rank]}))
     for x, y in loader:                             # e.g. with a DistributedSampler
         opt.zero_grad()
-        loss = loss_fn(ctrl.ddp_model(x), y)        # always ctrl.ddp_model: it is replaced
+        loss = loss_fn(ctrl.wrapped_model(x), y)    # fetched every step: it is replaced
         loss.backward()
         opt.step()
         ctrl.observe(loss=loss)                     # called on every rank, every step
@@ -42,11 +43,12 @@ Training loop (launched with ``torchrun --nproc_per_node=N train.py``)::
 
 Only rank 0 writes ``events.jsonl`` (``log_all_ranks=True`` gives every rank
 ``log_dir/rank<r>``); every rank keeps the same events in ``ctrl.events``. Checkpoints are
-written by rank 0 (``save_checkpoint(path, ctrl.ddp_model, opt, controller=ctrl)`` unwraps the
-model) and loaded on every rank.
+written by rank 0 (``save_checkpoint(path, ctrl.wrapped_model, opt, controller=ctrl)`` unwraps
+the model) and loaded on every rank. ``DistributedGrowthController(model, opt, ...)`` is the
+same controller, built with ``DDPStrategy`` from the same keyword arguments.
 
 Requirements: every rank passes the same metric keys to ``observe`` and the same probe batch;
-do not keep references to an old ``ddp_model`` across ``observe`` calls.
+do not keep references to an old ``wrapped_model`` across ``observe`` calls.
 """
 
 from __future__ import annotations
@@ -61,12 +63,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import DistributedGrowthError, GrowthConfigError, SelfgrowError
-from ..events.record import GrowthEvent
 from .controller import GrowthController
 from .policies import Action, Decision, Policy, PolicyContext
 from .signals import Signal
+from .strategy import GrowthStrategy
 
 __all__ = [
+    "DDPStrategy",
     "DistributedGrowthController",
     "DistributedGrowthError",
     "RankZeroPolicy",
@@ -277,17 +280,12 @@ class RankZeroPolicy(Policy):
             torch.cuda.set_rng_state_all(cuda)
 
 
-class DistributedGrowthController:
-    """A :class:`GrowthController` for DDP training (see the module docstring for the flow).
+class DDPStrategy(GrowthStrategy):
+    """DDP as a :class:`~selfgrow.control.strategy.GrowthStrategy` of the one
+    :class:`~selfgrow.control.controller.GrowthController` (see the module docstring for the
+    flow): ``GrowthController(model, opt, signals, policy, distributed=DDPStrategy(...))``.
 
     Args:
-        model: the plain module (a ``DistributedDataParallel`` is unwrapped; the controller
-            builds and owns the wrapper).
-        optimizer: optimizer over ``model.parameters()`` (the module's, not a wrapper's).
-        signals: as for GrowthController.
-        policy: as for GrowthController; wrapped in :class:`RankZeroPolicy`.
-        log_dir: directory of ``events.jsonl``, written by rank 0 only (unless
-            ``log_all_ranks``: then ``log_dir/rank<r>/events.jsonl`` on every rank).
         process_group: process group (default: the world).
         ddp_kwargs: keyword arguments of every ``DistributedDataParallel`` built (e.g.
             ``device_ids=[local_rank]``, ``find_unused_parameters``).
@@ -295,37 +293,48 @@ class DistributedGrowthController:
             ``torch.initial_seed()``).
         check_consistency: compare parameter fingerprints across ranks after each growth.
         sync_growth_rng: seed the RNG identically during growth (default True).
-        log_all_ranks: every rank writes its own event log.
-        **controller_kwargs: any other GrowthController argument (probe, stabilizer,
-            total_steps, run_id, sinks ...). ``run_id`` defaults to rank 0's.
+        log_all_ranks: every rank writes its own event log (``log_dir/rank<r>``); by default
+            only rank 0 writes ``log_dir/events.jsonl``.
 
     Raises:
         SelfgrowError: ``torch.distributed`` is not initialised.
-        GrowthConfigError: the optimizer holds tensors that are not the model's parameters.
+        GrowthConfigError (at controller construction): the optimizer holds tensors that are
+            not the model's parameters.
     """
+
+    name = "ddp"
 
     def __init__(
         self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None,
-        signals: Sequence[Signal] = (),
-        policy: Policy | None = None,
         *,
-        log_dir: str | None = None,
         process_group: Any = None,
         ddp_kwargs: Mapping[str, Any] | None = None,
         growth_seed: int | None = None,
         check_consistency: bool = True,
         sync_growth_rng: bool = True,
         log_all_ranks: bool = False,
-        **controller_kwargs: Any,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise SelfgrowError(
                 "torch.distributed is not initialised; call dist.init_process_group(...) first "
-                "(or use GrowthController for single-process training)"
+                "(or leave distributed=None for single-process training)"
             )
-        if isinstance(model, DistributedDataParallel):  # the controller owns the wrapper
+        self.group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self.ddp_kwargs = dict(ddp_kwargs or {})
+        self.growth_seed = growth_seed
+        self.check_consistency = check_consistency
+        self.sync_growth_rng = sync_growth_rng
+        self.log_all_ranks = log_all_ranks
+        self.policy: RankZeroPolicy | None = None
+        #: the current DistributedDataParallel wrapper (None before the controller binds)
+        self.ddp_model: DistributedDataParallel | None = None
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+              log_dir: str | None, run_id: str | None
+              ) -> tuple[nn.Module, str | None, str | None]:
+        if isinstance(model, DistributedDataParallel):  # the strategy owns the wrapper
             remove = getattr(model, "_remove_autograd_hooks", None)
             if callable(remove):
                 remove()
@@ -338,137 +347,56 @@ class DistributedGrowthController:
                     "from the plain module's parameters (model.parameters(), not a wrapper's "
                     "copies) so that growth can migrate it"
                 )
-        self.group = process_group
-        self.rank = dist.get_rank(process_group)
-        self.world_size = dist.get_world_size(process_group)
-        self.ddp_kwargs = dict(ddp_kwargs or {})
-        self.check_consistency = check_consistency
-        self._policy = (
-            RankZeroPolicy(policy, process_group, growth_seed, sync_growth_rng)
-            if policy is not None
-            else None
-        )
-        if log_dir is not None and log_all_ranks:
+        if log_dir is not None and self.log_all_ranks:
             log_dir = f"{log_dir}/rank{self.rank}"
         elif self.rank != 0:
             log_dir = None
-        run_id = [controller_kwargs.pop("run_id", None)]
-        if run_id[0] is None and self.rank == 0:
+        box = [run_id]
+        if box[0] is None and self.rank == 0:
             from .controller import _default_run_id
 
-            run_id[0] = _default_run_id()
-        dist.broadcast_object_list(run_id, src=_group_src(process_group), group=process_group)
-        self.controller = GrowthController(
-            model, optimizer, signals, self._policy, log_dir=log_dir, run_id=run_id[0],
-            **controller_kwargs,
-        )
-        self.ddp_model: DistributedDataParallel = self._wrap(model)
+            box[0] = _default_run_id()
+        dist.broadcast_object_list(box, src=_group_src(self.group), group=self.group)
+        return model, log_dir, box[0]
 
-    # --- delegation ---------------------------------------------------------------------------
-    @property
-    def model(self) -> nn.Module:
-        """The underlying (unwrapped) module."""
-        return self.controller.model
+    def wrap_policy(self, policy: Any) -> Any:
+        self.policy = RankZeroPolicy(policy, self.group, self.growth_seed, self.sync_growth_rng)
+        return self.policy
 
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        return self.controller.optimizer
+    def bind(self, controller: Any) -> None:
+        self.ddp_model = self._wrap(controller.model)
 
-    @optimizer.setter
-    def optimizer(self, opt: torch.optim.Optimizer | None) -> None:
-        self.controller.optimizer = opt
+    def reduce(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        return reduce_metrics(metrics, self.group)
 
-    @property
-    def events(self) -> list[GrowthEvent]:
-        return self.controller.events
+    def attempts(self) -> int:
+        return self.policy.attempts if self.policy is not None else 0
 
-    @property
-    def sinks(self) -> list[Any]:
-        return self.controller.sinks
+    def before_manual(self, step: int) -> None:
+        if self.policy is not None:
+            self.policy.attempts += 1
+            if self.policy.sync_rng:
+                self.policy._seed_for(step)
 
-    @property
-    def events_path(self) -> Any:
-        """This rank's ``events.jsonl`` (None on ranks that keep no log)."""
-        for s in self.controller.sinks:
-            p = getattr(s, "path", None)
-            if p is not None and str(p).endswith("events.jsonl"):
-                return p
-        return None
+    def after_manual(self) -> None:
+        if self.policy is not None:
+            self.policy._restore_rng()
 
-    @property
-    def seq(self) -> int:
-        return self.controller.seq
-
-    @property
-    def step(self) -> int:
-        return self.controller.step
-
-    # --- per step -----------------------------------------------------------------------------
-    def observe(
-        self,
-        loss: Any = None,
-        step: int | None = None,
-        epoch: int | None = None,
-        experience: int | None = None,
-        **metrics: Any,
-    ) -> GrowthEvent | None:
-        """Reduce metrics across ranks, run the controller (rank 0 decides), and after a
-        growth check the ranks agree and re-wrap the model in a fresh DDP.
-
-        Must be called on every rank at every step with the same metric keys.
-
-        Returns:
-            The growth event (identical on every rank up to wall-clock fields), or None.
-
-        Raises:
-            DistributedGrowthError: ranks differ after a growth.
-        """
-        if loss is not None:
-            metrics["loss"] = loss
-        metrics = reduce_metrics(metrics, self.group)
-        loss = metrics.pop("loss", None)
-        attempts = self._attempts()
-        n_before = self.controller.n_changes
-        event = self.controller.observe(
-            loss=loss, step=step, epoch=epoch, experience=experience, **metrics
-        )
-        if self._attempts() != attempts:
-            self._after_growth(n_before)
-        return event
-
-    def grow(self, config_or_action: Action, reason: str = "manual", **kwargs: Any
-             ) -> GrowthEvent:
-        """Grow now on every rank (call it on every rank with the same arguments)."""
-        n_before = self.controller.n_changes
-        pol = self._policy
-        if pol is not None:
-            pol.attempts += 1
-            if pol.sync_rng:
-                pol._seed_for(self.controller.step)
-        try:
-            ev = self.controller.grow(config_or_action, reason, **kwargs)
-        finally:
-            if pol is not None:
-                pol._restore_rng()
-        self._after_growth(n_before)
-        return ev
-
-    # --- internals ------------------------------------------------------------------------
-    def _attempts(self) -> int:
-        return self._policy.attempts if self._policy is not None else 0
+    def wrapped(self, model: nn.Module) -> nn.Module:
+        return self.ddp_model if self.ddp_model is not None else model
 
     def _wrap(self, module: nn.Module) -> DistributedDataParallel:
         return DistributedDataParallel(module, process_group=self.group, **self.ddp_kwargs)
 
-    def _after_growth(self, n_before: int) -> None:
-        grew = self.controller.n_changes != n_before
+    def after_change(self, controller: Any, n_before: int) -> None:
+        grew = controller.n_changes != n_before
         if self.check_consistency:
-            mine = (self.controller.n_changes, model_fingerprint(self.model) if grew else "")
+            mine = (controller.n_changes, model_fingerprint(controller.model) if grew else "")
             all_: list[Any] = [None] * self.world_size
             dist.all_gather_object(all_, mine, group=self.group)
             if any(x != all_[0] for x in all_):
                 raise DistributedGrowthError(
-                    f"ranks disagree after growth at step {self.controller.step}: "
+                    f"ranks disagree after growth at step {controller.step}: "
                     f"(growths + prunes, parameter fingerprint) per rank = {all_}; check that "
                     f"every rank passes the same probe and that operators draw randomness only "
                     f"from the torch RNG"
@@ -479,31 +407,39 @@ class DistributedGrowthController:
             if callable(remove):
                 remove()
             del old
-            self.ddp_model = self._wrap(self.model)
+            self.ddp_model = self._wrap(controller.model)
 
-    # --- persistence --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The controller's state plus the shared growth seed."""
-        st = self.controller.state_dict()
-        if self._policy is not None:
-            st["distributed"] = {"growth_seed": self._policy.seed,
-                                 "attempts": self._policy.attempts}
-        return st
+        """The shared growth seed and the decisions received (empty without a policy)."""
+        if self.policy is None:
+            return {}
+        return {"growth_seed": self.policy.seed, "attempts": self.policy.attempts}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        st = dict(state)
-        d = st.pop("distributed", None)
-        self.controller.load_state_dict(st)
-        if d is not None and self._policy is not None:
-            self._policy.seed = int(d["growth_seed"])
-            self._policy.attempts = int(d["attempts"])
+        if self.policy is not None and state:
+            self.policy.seed = int(state["growth_seed"])
+            self.policy.attempts = int(state["attempts"])
 
-    def close(self) -> None:
-        """Close the controller's sinks (the process group is left to the caller)."""
-        self.controller.close()
 
-    def __enter__(self) -> DistributedGrowthController:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+def DistributedGrowthController(  # noqa: N802 - the constructor-like name users know
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    signals: Sequence[Signal] = (),
+    policy: Policy | None = None,
+    *,
+    process_group: Any = None,
+    ddp_kwargs: Mapping[str, Any] | None = None,
+    growth_seed: int | None = None,
+    check_consistency: bool = True,
+    sync_growth_rng: bool = True,
+    log_all_ranks: bool = False,
+    **controller_kwargs: Any,
+) -> GrowthController:
+    """``GrowthController(model, optimizer, signals, policy, distributed=DDPStrategy(...),
+    **controller_kwargs)``: the one controller with the DDP strategy (arguments as
+    :class:`DDPStrategy`). The training loop calls ``ctrl.wrapped_model``."""
+    strategy = DDPStrategy(process_group=process_group, ddp_kwargs=ddp_kwargs,
+                           growth_seed=growth_seed, check_consistency=check_consistency,
+                           sync_growth_rng=sync_growth_rng, log_all_ranks=log_all_ranks)
+    return GrowthController(model, optimizer, signals, policy, distributed=strategy,
+                            **controller_kwargs)
