@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .continual.benchmarks import list_benchmarks
     from .continual.runner import (
         CLASS_ORDERS,
+        COMPONENTS,
         GROWTH_MODES,
         MODEL_DEFAULTS,
         MODELS,
@@ -91,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--benchmark", choices=list_benchmarks(), default=d.benchmark,
                    help="offline benchmark (default %(default)s): split-mnist, split-digits, "
-                        "split-fmnist, animal-mnist: class-incremental; permuted-mnist, "
-                        "sea-drift: domain-incremental")
+                        "split-fmnist, animal-mnist, split-av-mnist (paired image + speech, "
+                        "packed; --model multimodal or mlp): class-incremental; "
+                        "permuted-mnist, sea-drift: domain-incremental")
     r.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                    help="Avalanche strategy (Naive template + its plugin; cumulative: the "
                         "upper bound; der: DER + replay, probe-gated with --growth auto; pnn: "
@@ -107,7 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reg-lambda", type=float, default=None,
                    help="EWC/SI/MAS lambda, LwF alpha or GEM memory strength (default: "
                         "selfgrow.continual.runner.STRATEGY_DEFAULTS)")
-    r.add_argument("--model", choices=MODELS, default=d.model)
+    r.add_argument("--model", choices=MODELS, default=d.model,
+                   help="mlp, cnn, or multimodal (image and audio CNN encoders + fusion MLP; "
+                        "--benchmark split-av-mnist only); default %(default)s")
+    r.add_argument("--component", choices=COMPONENTS, default=None,
+                   help="--model multimodal: the component widen / deepen grow (default "
+                        "fusion)")
+    r.add_argument("--n-per-class", type=int, default=None, metavar="N",
+                   help="--benchmark split-av-mnist: the first N digits of each class "
+                        "(3..500, default all 500; small N for smoke runs)")
     r.add_argument("--mem-size", type=int, default=d.mem_size, help="replay buffer (samples)")
     per_model = "; ".join(f"{m}: {v['epochs']}" for m, v in MODEL_DEFAULTS.items())
     r.add_argument("--epochs", type=int, default=None,
@@ -123,10 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     seeds.add_argument("--seeds", type=_seeds_arg, default=None, metavar="S1,S2,...",
                        help="train every variant once per seed (distinct integers >= 0, e.g. "
                             "0,1,2) and report mean and std; not together with --seed")
-    r.add_argument("--width", type=int, default=d.width,
-                   help="hidden width of the small MLP (PNN: units per column)")
-    r.add_argument("--channels", type=int, default=d.channels,
-                   help="channels of the small CNN")
+    r.add_argument("--width", type=int, default=None,
+                   help=f"hidden width of the small MLP (PNN: units per column; multimodal: "
+                        f"the fusion's); default {d.width}, multimodal "
+                        f"{MODEL_DEFAULTS['multimodal']['width']}")
+    r.add_argument("--channels", type=int, default=None,
+                   help=f"channels of the small CNN (multimodal: each encoder's first block, "
+                        f"the second has twice as many); default {d.channels}, multimodal "
+                        f"{MODEL_DEFAULTS['multimodal']['channels']}")
     r.add_argument("--on-plateau", default=d.on_plateau,
                    help=f"growth action when the loss plateaus ({actions})")
     r.add_argument("--on-forgetting", default=d.on_forgetting,
@@ -370,6 +384,12 @@ def _cmd_run(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if a.name is not None:
             check_run_name(a.name)
         check_runs_dir(a.runs_dir)
+        if a.component is not None and a.model != "multimodal":
+            raise _usage(f"--component {a.component} names a part of the multimodal model; "
+                         f"valid choices for --model with it: multimodal (got --model "
+                         f"{a.model})")
+        per_model = MODEL_DEFAULTS.get(a.model, {})
+        defaults = RunSpec()
         spec = RunSpec(
             benchmark=a.benchmark,
             strategy=a.strategy,
@@ -384,8 +404,11 @@ def _cmd_run(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             seeds=a.seeds,
             device=a.device,
             baselines=not a.no_baselines,
-            width=a.width,
-            channels=a.channels,
+            width=per_model.get("width", defaults.width) if a.width is None else a.width,
+            channels=(per_model.get("channels", defaults.channels) if a.channels is None
+                      else a.channels),
+            component="fusion" if a.component is None else a.component,
+            n_per_class=a.n_per_class,
             on_plateau=a.on_plateau,
             on_forgetting=a.on_forgetting,
             max_growths=a.max_growths,

@@ -6,9 +6,10 @@ Three variants share benchmark, strategy, optimizer, learning rate and seed:
 * ``grown``: starts small; a :class:`~selfgrow.control.GrowthController` grows it while it
   learns (through :class:`~selfgrow.continual.plugin.GrowthPlugin`);
 * ``fixed_small``: the same small starting model, never grown;
-* ``fixed_equal``: the small model's family at the width (MLP units, CNN channels) whose
-  training FLOPs match the grown run's, picked before it trains from the two runs' measured
-  FLOPs (see :func:`equal_flops_width`);
+* ``fixed_equal``: the small model's family at the width (MLP units, CNN channels; for the
+  multimodal model the widths of the component the run grows) whose training FLOPs match the
+  grown run's, picked before it trains from the two runs' measured FLOPs (see
+  :func:`equal_flops_width`);
 * ``fixed_grown``: a freshly initialised model of the grown run's final config.
 
 Accuracy comes from Avalanche's ``accuracy_metrics`` (a full test-stream evaluation after
@@ -51,7 +52,13 @@ from ..runs import (
     package_versions,
     write_json,
 )
-from .benchmarks import BENCHMARKS, Benchmark, build_benchmark
+from .benchmarks import (
+    BENCHMARKS,
+    PER_CLASS_BENCHMARKS,
+    Benchmark,
+    build_benchmark,
+    check_n_per_class,
+)
 
 STRATEGIES = ("replay", "naive", "ewc", "online-ewc", "si", "mas", "lwf", "gem", "agem",
               "gdumb", "cumulative", "der", "pnn")
@@ -78,14 +85,33 @@ STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
 #: theirs restarts from its first experience on resume (said when it happens)
 UNCHECKPOINTED = ("ewc", "online-ewc", "si", "mas", "lwf", "gem", "agem", "gdumb",
                   "cumulative", "der", "pnn")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "multimodal")
 #: per model, the learning rate and epochs per experience ``selfgrow run`` uses unless given:
 #: the small CNN (BatchNorm) needs a larger LR and more epochs than the MLP
-#: (Split-MNIST-5k sweep in docs/continual.md: lr 1e-3 / 5 epochs reach 0.21 with the CNN)
+#: (Split-MNIST-5k sweep in docs/continual.md: lr 1e-3 / 5 epochs reach 0.21 with the CNN);
+#: the multimodal model also takes its starting sizes (``--width`` 16, ``--channels`` 4: the
+#: small model of benchmarks/multimodal.py)
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {"lr": 1e-3, "epochs": 5},
     "cnn": {"lr": 1e-2, "epochs": 10},
+    "multimodal": {"lr": 1e-2, "epochs": 5, "width": 16, "channels": 4},
 }
+#: the components of the multimodal model a ``widen`` / ``deepen`` growth targets
+COMPONENTS = ("image", "audio", "fusion")
+#: embedding width of each encoder of the small multimodal model
+MULTIMODAL_EMBED = 16
+#: per model, the benchmarks it runs on (models not listed: every benchmark but those of
+#: :data:`PER_CLASS_BENCHMARKS`, whose packed vector only an MLP or the multimodal model reads)
+MODEL_BENCHMARKS: dict[str, tuple[str, ...]] = {"multimodal": PER_CLASS_BENCHMARKS}
+
+
+def model_benchmarks(model: str) -> list[str]:
+    """The benchmarks ``model`` (a :data:`MODELS` name) can run on."""
+    if model in MODEL_BENCHMARKS:
+        return list(MODEL_BENCHMARKS[model])
+    if model == "mlp":
+        return list(BENCHMARKS)
+    return [b for b in BENCHMARKS if b not in PER_CLASS_BENCHMARKS]
 GROWTH_MODES = ("auto", "off")
 CLASS_ORDERS = ("seeded", "fixed")
 VARIANTS = ("grown", "fixed_small", "fixed_equal", "fixed_grown")
@@ -124,7 +150,11 @@ class RunSpec:
             ``"pnn"`` (Avalanche's PNN, columns of ``width`` units; task-incremental
             benchmarks and growth ``off`` only).
         reg_lambda: EWC / SI / MAS lambda, LwF alpha, GEM memory strength (None: default).
-        model: ``"mlp"`` or ``"cnn"`` (small starting sizes ``width`` / ``channels``).
+        model: ``"mlp"``, ``"cnn"`` (small starting sizes ``width`` / ``channels``) or
+            ``"multimodal"`` (a ``GrowableMultimodal`` on the packed paired digits of
+            ``split-av-mnist``: image and audio CNN encoders of ``channels`` /
+            ``2 * channels`` channels, a fusion MLP of ``width`` units; ``selfgrow run``
+            starts it at width 16, channels 4, see :data:`MODEL_DEFAULTS`).
         mem_size: replay buffer size in samples.
         epochs: training epochs per experience.
         batch_size: mini-batch size (new data; replay adds as many buffer samples).
@@ -134,8 +164,14 @@ class RunSpec:
             and the summary reports mean and std; ``None``: just ``seed``.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         baselines: also train the two fixed baselines.
-        width: hidden width of the small MLP (one hidden layer).
-        channels: channels of the first of the small CNN's two conv blocks.
+        width: hidden width of the small MLP (one hidden layer); the multimodal model's
+            fusion hidden width.
+        channels: channels of the first of the small CNN's two conv blocks; of each
+            encoder's first block in the multimodal model.
+        component: multimodal model only: the component (``"image"``, ``"audio"`` or
+            ``"fusion"``) the ``widen`` / ``deepen`` actions grow.
+        n_per_class: ``split-av-mnist`` only: digits per class (3..500; ``None``: all 500),
+            for quick runs and tests.
         on_plateau: action fired by the LossPlateau signal.
         on_forgetting: action fired by the ReplayForgetting signal.
         widen_factor: width multiplier of the ``widen`` action.
@@ -198,6 +234,8 @@ class RunSpec:
     task_incremental: bool = False
     probe_steps: int = 0
     probe_margin: float = 0.01
+    component: str = "fusion"
+    n_per_class: int | None = None
 
     def seed_list(self) -> list[int]:
         """The seeds the run trains with: ``seeds``, else ``[seed]``."""
@@ -221,6 +259,21 @@ class RunSpec:
             raise GrowthConfigError(choices_message("strategy", self.strategy, STRATEGIES))
         if self.model not in MODELS:
             raise GrowthConfigError(choices_message("model", self.model, MODELS))
+        fits = model_benchmarks(self.model)
+        if self.benchmark not in fits:
+            models = [m for m in MODELS if self.benchmark in model_benchmarks(m)]
+            raise GrowthConfigError(
+                f"--model {self.model} does not run on --benchmark {self.benchmark}; valid "
+                f"choices for --model on it: {', '.join(models)} (--model {self.model} runs "
+                f"on: {', '.join(fits)})")
+        if self.component not in COMPONENTS:
+            raise GrowthConfigError(choices_message("component", self.component, COMPONENTS))
+        if self.component != "fusion" and self.model != "multimodal":
+            raise GrowthConfigError(
+                f"component={self.component!r} names a part of the multimodal model; valid "
+                f"with --model {self.model}: fusion (unused); valid choices for --model: "
+                "multimodal")
+        check_n_per_class(self.benchmark, self.n_per_class)
         if not isinstance(self.task_incremental, bool):
             raise GrowthConfigError(
                 f"task_incremental={self.task_incremental!r} must be True or False")
@@ -245,6 +298,10 @@ class RunSpec:
                 raise GrowthConfigError(
                     "PNN (Avalanche's) is built from linear columns; valid choices for "
                     "--model with --strategy pnn: mlp")
+        if self.strategy == "der" and self.model == "multimodal":
+            raise GrowthConfigError(
+                "DER's extractors are the small MLP's or CNN's body; valid choices for "
+                "--model with --strategy der: mlp, cnn")
         actions = available_actions(self.model)
         for what, a in (("on-plateau", self.on_plateau), ("on-forgetting", self.on_forgetting)):
             if a not in actions:
@@ -349,7 +406,12 @@ def available_actions(model_kind: str) -> list[str]:
     :data:`SHRINK_ACTIONS` left out)."""
     from ..control.actions import list_actions
 
-    return [a for a in list_actions(build_small_model(model_kind, (1, 8, 8), 10, 4, 2))
+    shape: tuple[int, ...] = (1, 8, 8)
+    mods = None
+    if model_kind == "multimodal":  # a tiny stand-in of the packed paired digits
+        mods = {"image": (1, 8, 8), "audio": (4, 8)}
+        shape = (64 + 32,)
+    return [a for a in list_actions(build_small_model(model_kind, shape, 10, 4, 2, mods))
             if a not in SHRINK_ACTIONS]
 
 
@@ -358,7 +420,8 @@ def spec_benchmark(spec: RunSpec, seed: int) -> Benchmark:
     "seeded"``) or ``0..C-1`` (``"fixed"``), with task labels when ``task_incremental``."""
     return build_benchmark(spec.benchmark, seed=seed,
                            shuffle_classes=spec.class_order == "seeded",
-                           task_incremental=spec.task_incremental)
+                           task_incremental=spec.task_incremental,
+                           n_per_class=spec.n_per_class)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -378,16 +441,86 @@ def resolve_device(device: str) -> torch.device:
     raise GrowthConfigError(choices_message("device", device, ["auto", "cpu", "cuda"]))
 
 
+def benchmark_modalities(bench: Benchmark) -> dict[str, tuple[int, ...]] | None:
+    """``{modality: per-sample shape}`` of a benchmark of packed paired data (its
+    ``data.source["packed"]``, :meth:`selfgrow.data.PairedData.packed`), else ``None``."""
+    packed = bench.data.source.get("packed")
+    if not isinstance(packed, dict):
+        return None
+    return {m: tuple(int(v) for v in s) for m, s in packed["input_shapes"].items()}
+
+
+def multimodal_widths(width: int, channels: int) -> dict[str, tuple[int, ...]]:
+    """The small multimodal model's component widths: each encoder ``(channels,
+    2 * channels)``, the fusion ``(width,)``."""
+    return {"image": (channels, 2 * channels), "audio": (channels, 2 * channels),
+            "fusion": (width,)}
+
+
+def build_multimodal_model(modalities: dict[str, tuple[int, ...]], n_classes: int,
+                           widths: dict[str, tuple[int, ...]]) -> nn.Module:
+    """A ``GrowableMultimodal`` for packed inputs of ``modalities`` (``{"image": (C, H, W),
+    "audio": (n_mels, T)}``): 2-D / 1-D CNN encoders of ``widths[modality]`` channels (a 2x2
+    / 2 max-pool after every block, BatchNorm, an embedding of :data:`MULTIMODAL_EMBED`) and a
+    fusion MLP of ``widths["fusion"]`` hidden units, as in benchmarks/multimodal.py.
+
+    Raises:
+        GrowthConfigError: a modality other than ``image`` / ``audio``, or shapes the
+            encoders cannot take.
+    """
+    from ..models import build_model
+    from ..models.cnn import CNNConfig
+    from ..models.mlp import MLPConfig
+    from ..models.multimodal import MODALITIES, MultimodalConfig
+
+    unknown = sorted(set(modalities) - set(MODALITIES))
+    if unknown:
+        raise GrowthConfigError(choices_message("modality", unknown[0], MODALITIES))
+
+    def enc(m: str) -> CNNConfig | None:
+        if m not in modalities:
+            return None
+        shape, w = modalities[m], widths[m]
+        return CNNConfig(in_channels=shape[0], image_size=shape[-1], channels=w,
+                         n_classes=MULTIMODAL_EMBED, pool_after=tuple(range(len(w))),
+                         spatial_dims=len(shape) - 1)
+
+    return build_model(MultimodalConfig(
+        image=enc("image"), audio=enc("audio"),
+        fusion=MLPConfig(in_features=MULTIMODAL_EMBED * len(modalities),
+                         hidden=widths["fusion"], n_classes=n_classes)))
+
+
 def build_small_model(
-    kind: str, input_shape: tuple[int, ...], n_classes: int, width: int, channels: int
+    kind: str, input_shape: tuple[int, ...], n_classes: int, width: int, channels: int,
+    modalities: dict[str, tuple[int, ...]] | None = None,
 ) -> nn.Module:
     """The small starting model of a run: an MLP with one hidden layer of ``width`` units, or
     a CNN with two conv blocks of ``channels`` and ``2 * channels`` channels, each followed by
-    a 2x2 max-pool (global average pooling then needs the second block to see shapes)."""
+    a 2x2 max-pool (global average pooling then needs the second block to see shapes), or
+    the multimodal model of :func:`build_multimodal_model` at :func:`multimodal_widths`
+    (``modalities``: the packed input's layout, :func:`benchmark_modalities`).
+
+    Raises:
+        GrowthConfigError: unknown ``kind``, or ``"multimodal"`` without ``modalities`` or
+            with an ``input_shape`` that is not their packed width.
+    """
     from ..models import build_model
     from ..models.cnn import CNNConfig
     from ..models.mlp import MLPConfig
 
+    if kind == "multimodal":
+        if modalities is None:
+            raise GrowthConfigError(
+                "--model multimodal needs paired data packed into one vector; valid choices "
+                f"for --benchmark: {', '.join(PER_CLASS_BENCHMARKS)}")
+        packed = sum(math.prod(s) for s in modalities.values())
+        if tuple(input_shape) != (packed,):
+            raise GrowthConfigError(
+                f"a packed multimodal input is ({packed},) "
+                f"({' + '.join(f'{m} {s}' for m, s in modalities.items())}), got "
+                f"{tuple(input_shape)}")
+        return build_multimodal_model(modalities, n_classes, multimodal_widths(width, channels))
     if kind == "mlp":
         return build_model(
             MLPConfig(in_features=math.prod(input_shape), hidden=(width,), n_classes=n_classes)
@@ -432,10 +565,54 @@ def build_expansion_model(spec: Any, bench: Benchmark) -> nn.Module:
                                             EXPANSION_STRATEGIES))
 
 
+def equal_flops_scaled(spec: Any) -> str:
+    """What the fixed equal-FLOPs model scales: ``"width"`` (MLP hidden units),
+    ``"channels"`` (CNN base channels) or, for the multimodal model, the component the run
+    grows (``spec.component``: the fusion's hidden units, or that encoder's base channels
+    ``c`` of ``(c, 2c)``), or ``"all"`` (every encoder's base channels, the fusion width in
+    proportion) when ``widen_all`` is one of the run's actions."""
+    if spec.model == "mlp":
+        return "width"
+    if spec.model == "cnn":
+        return "channels"
+    if "widen_all" in (spec.on_plateau, spec.on_forgetting):
+        return "all"
+    return str(spec.component)
+
+
+def _equal_base(spec: Any, scaled: str) -> int:
+    """The small model's size of the part :func:`equal_flops_scaled` scales."""
+    return int(spec.width if scaled in ("width", "fusion") else spec.channels)
+
+
+def equal_flops_model(spec: Any, bench: Benchmark, size: int,
+                      scaled: str | None = None) -> nn.Module:
+    """The small model with the part ``scaled`` (default :func:`equal_flops_scaled`) at
+    ``size`` (freshly initialised from the global RNG)."""
+    scaled = equal_flops_scaled(spec) if scaled is None else scaled
+    shape, n = bench.data.input_shape, bench.data.num_classes
+    if spec.model != "multimodal":
+        return build_small_model(spec.model, shape, n,
+                                 size if scaled == "width" else spec.width,
+                                 size if scaled == "channels" else spec.channels)
+    mods = benchmark_modalities(bench)
+    if mods is None:
+        raise GrowthConfigError(
+            f"--model multimodal needs paired data packed into one vector; valid choices for "
+            f"--benchmark: {', '.join(PER_CLASS_BENCHMARKS)}")
+    if scaled == "all":
+        widths = multimodal_widths(max(1, round(spec.width * size / spec.channels)), size)
+    else:
+        widths = multimodal_widths(spec.width, spec.channels)
+        widths[scaled] = (size,) if scaled == "fusion" else (size, 2 * size)
+    return build_multimodal_model(mods, n, widths)
+
+
 def equal_flops_width(spec: Any, bench: Benchmark, grown_flops: float, small_flops: float,
                       max_factor: int = 64) -> dict[str, Any]:
-    """The width (MLP hidden units, or CNN base channels) of the fixed model whose training
-    FLOPs match the grown run's, chosen before that model trains.
+    """The width (MLP hidden units, CNN base channels; multimodal: the grown component's
+    width, see :func:`equal_flops_scaled`) of the fixed model whose training FLOPs match the
+    grown run's, chosen before that model trains.
 
     Both fixed runs see the same samples as the grown one, so the target is
     ``f_small * grown_flops / small_flops`` training FLOPs per sample (forward + backward,
@@ -443,19 +620,19 @@ def equal_flops_width(spec: Any, bench: Benchmark, grown_flops: float, small_flo
     small one up to ``max_factor`` times it) whose count is closest to it in ratio wins.
 
     Returns:
-        ``{"width", "target_flops_per_sample", "flops_per_sample", "small_flops_per_sample"}``.
+        ``{"width", "scaled", "target_flops_per_sample", "flops_per_sample",
+        "small_flops_per_sample"}`` (``scaled``: what ``width`` sizes).
     """
     from ..runs import training_flops_per_sample
 
     x = bench.data.x_train[:8]
     y = torch.as_tensor(bench.data.y_train[:8]).long()
-    base = spec.width if spec.model == "mlp" else spec.channels
+    scaled = equal_flops_scaled(spec)
+    base = _equal_base(spec, scaled)
 
     def f(w: int) -> float:
         with rng_isolated():
-            m = build_small_model(spec.model, bench.data.input_shape, bench.data.num_classes,
-                                  w if spec.model == "mlp" else spec.width,
-                                  w if spec.model == "cnn" else spec.channels)
+            m = equal_flops_model(spec, bench, w, scaled)
         return training_flops_per_sample(m, x, y)
 
     f0 = f(base)
@@ -469,7 +646,7 @@ def equal_flops_width(spec: Any, bench: Benchmark, grown_flops: float, small_flo
             hi = mid
     cands = {w: f(w) for w in {max(base, lo - 1), lo}}
     best = min(cands, key=lambda w: abs(math.log(cands[w] / target)))
-    return {"width": int(best), "target_flops_per_sample": target,
+    return {"width": int(best), "scaled": scaled, "target_flops_per_sample": target,
             "flops_per_sample": cands[best], "small_flops_per_sample": f0}
 
 
@@ -995,9 +1172,19 @@ def train_variant(
 
 def _action_kwargs(spec: RunSpec, action: str, model: nn.Module) -> dict[str, Any]:
     """Arguments of a growth action in ``selfgrow run``: the widening settings for ``widen``
-    and ``widen_layers`` (which widens every hidden layer of the starting model)."""
+    and ``widen_layers`` (which widens every hidden layer of the starting model); on the
+    multimodal model ``widen`` and ``deepen`` target ``spec.component`` and ``widen_all``
+    widens every component."""
     widen = {"factor": spec.widen_factor, "noise_std": spec.widen_noise,
              "split_noise": spec.widen_split_noise}
+    from ..models.multimodal import GrowableMultimodal
+
+    if isinstance(model, GrowableMultimodal):  # widen / deepen one component; widen_all all
+        if action == "widen":
+            return {"component": spec.component, **widen}
+        if action == "deepen":
+            return {"component": spec.component}
+        return widen if action == "widen_all" else {}
     if action == "widen":
         return widen
     if action == "widen_layers":
@@ -1104,6 +1291,7 @@ def controller_description(spec: RunSpec) -> dict[str, Any]:
         "widen_noise": spec.widen_noise,
         "widen_split_noise": spec.widen_split_noise,
         "widen_layers": "every hidden layer of the starting model",
+        "component": spec.component if spec.model == "multimodal" else None,
         "budget": {"max_params": spec.max_params},
         "cooldown": spec.cooldown,
         "max_growths": spec.max_growths,
@@ -1188,7 +1376,7 @@ def _check_fits(spec: RunSpec, bench: Benchmark) -> None:
 
     with torch.device("meta"):
         model = build_small_model(spec.model, bench.data.input_shape, bench.data.num_classes,
-                                  spec.width, spec.channels)
+                                  spec.width, spec.channels, benchmark_modalities(bench))
     need = count_params(model) * 4 * 4
     free = available_memory(resolve_device(spec.device))
     if free is not None and need > free:
@@ -1217,7 +1405,7 @@ def preflight(spec: RunSpec, runs_dir: str | os.PathLike[str], name: str | None
     bench = spec_benchmark(spec, spec.seed_list()[0])
     _check_fits(spec, bench)
     model = build_small_model(spec.model, bench.data.input_shape, bench.data.num_classes,
-                              spec.width, spec.channels)
+                              spec.width, spec.channels, benchmark_modalities(bench))
     check_controller(spec, model)
     notes = []
     n = count_params(model)
@@ -1384,7 +1572,8 @@ def _run(
                 if spec.strategy in EXPANSION_STRATEGIES:
                     return build_expansion_model(spec, bench)
                 return build_small_model(spec.model, bench.data.input_shape,
-                                         bench.data.num_classes, spec.width, spec.channels)
+                                         bench.data.num_classes, spec.width, spec.channels,
+                                         benchmark_modalities(bench))
 
             for variant in variants:
                 if variant in done:
@@ -1413,11 +1602,7 @@ def _run(
                         model = build_model(done["grown"]["final_model_config"])
                     elif pick is not None:  # fixed_equal
                         torch.manual_seed(seed)
-                        w = pick["width"]
-                        model = build_small_model(
-                            spec.model, bench.data.input_shape, bench.data.num_classes,
-                            w if spec.model == "mlp" else spec.width,
-                            w if spec.model == "cnn" else spec.channels)
+                        model = equal_flops_model(spec, bench, pick["width"], pick["scaled"])
                     else:
                         model = small()
                 state["current"] = {"seed": seed, "variant": variant}

