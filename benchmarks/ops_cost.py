@@ -34,6 +34,7 @@ Usage::
     python benchmarks/ops_cost.py                      # full: 12 layers (the lead runs it)
     python benchmarks/ops_cost.py --quick              # 4 layers, d_model 768 (< 3 min)
     python benchmarks/ops_cost.py --quick --ops identity_insert,widen_d_model
+    python benchmarks/ops_cost.py --quick --device cuda  # on a GPU: ops_cost_quick_cuda.*
 
 Writes ``benchmarks/results/ops_cost.{md,json}`` (``--quick``: ``ops_cost_quick``;
 ``--out`` to change) with the command,
@@ -138,24 +139,34 @@ def _nbytes(ts: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _copy_floor(model: nn.Module, opt: torch.optim.Optimizer, reps: int = 5) -> float:
     """Median seconds to clone every parameter and Adam state tensor once."""
     ts = list(model.parameters()) + _state_tensors(opt)
+    device = ts[0].device
     times = []
     for _ in range(reps):
         gc.collect()
+        _sync(device)
         t0 = time.perf_counter()
         clones = [t.detach().clone() for t in ts]
+        _sync(device)
         times.append(time.perf_counter() - t0)
         del clones
     return statistics.median(times)
 
 
-def worker(op: str, n_layers: int) -> dict[str, Any]:
+def worker(op: str, n_layers: int, device_name: str = "cpu") -> dict[str, Any]:
     from selfgrow.ops import get_operator, grow_, make_config
 
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
-    model = build_model(n_layers=n_layers)
+    model = build_model(n_layers=n_layers).to(device)
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=1e-4)
     with torch.no_grad():
@@ -173,20 +184,26 @@ def worker(op: str, n_layers: int) -> dict[str, Any]:
 
     gc.collect()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    reset_ok = _reset_hwm()
-    rss0 = _rss()
+    if cuda:  # device memory: the caching allocator's own counters
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        reset_ok, rss0 = True, torch.cuda.memory_allocated(device)
+    else:
+        reset_ok = _reset_hwm()
+        rss0 = _rss()
     t0 = time.perf_counter()
     ev = grow_(model, cfg, optimizer=opt)
+    _sync(device)
     seconds = time.perf_counter() - t0
-    hwm = _hwm()
+    hwm = torch.cuda.max_memory_allocated(device) if cuda else _hwm()
     maxrss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    rss1 = _rss()
+    rss1 = torch.cuda.memory_allocated(device) if cuda else _rss()
 
     grown_params = _nbytes(list(model.parameters()))
     grown_state = _nbytes(_state_tensors(opt))
     floor_grown = _copy_floor(model, opt, reps=3)
     return dict(
-        op=op, kwargs={k: repr(v) for k, v in kw.items()}, exact=exact,
+        op=op, device=str(device), kwargs={k: repr(v) for k, v in kw.items()}, exact=exact,
         params_before=n_before, params_after=sum(p.numel() for p in model.parameters()),
         grow_seconds=seconds, op_seconds_reported=ev.op_seconds,
         floor_pre_seconds=floor_pre, floor_grown_seconds=floor_grown,
@@ -241,11 +258,11 @@ def machine_info() -> dict[str, Any]:
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
 
 
-def run_worker(op: str, n_layers: int, timeout: float) -> dict[str, Any]:
+def run_worker(op: str, n_layers: int, timeout: float, device: str = "cpu") -> dict[str, Any]:
     env = {**os.environ, **MALLOC_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", op,
-           "--layers", str(n_layers)]
+           "--layers", str(n_layers), "--device", device]
     t0 = time.perf_counter()
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
@@ -308,11 +325,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="output path without extension (.md and .json are written); default "
                     "benchmarks/results/ops_cost (full run) or ops_cost_quick (--quick)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per operator")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the model and optimizer live (cuda: time with synchronize, "
+                    "peak extra memory from torch.cuda.max_memory_allocated)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False on this machine")
     layers = args.layers or (QUICK_LAYERS if args.quick else FULL["n_layers"])
     if args.worker:
-        print(json.dumps(worker(args.worker, layers)))
+        print(json.dumps(worker(args.worker, layers, args.device)))
         return 0
 
     selected = [s for s in args.ops.split(",") if s] or None
@@ -320,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     t0 = time.perf_counter()
     for op in ops:
-        r = run_worker(op, layers, args.timeout)
+        r = run_worker(op, layers, args.timeout, args.device)
         rows.append(r)
         msg = r.get("error") or (f"grow_ {r['grow_seconds']:.3f}s = {r['time_ratio']:.2f}x "
                                  f"floor, peak extra {r['mem_ratio']:.2f}x grown bytes")
@@ -341,10 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in [
         os.path.relpath(Path(__file__).resolve(), Path.cwd()), *(argv or sys.argv[1:])])
     info = machine_info()
+    if args.device == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(0)
     doc = (f"# Growth operator cost\n\nCommand: `{command}` ({total:.0f} s)\n\n"
            f"Machine: {info['nproc']} CPUs ({info['cpu']}), torch {info['torch']}, "
            f"{info['torch_threads']} torch threads, Python {info['python']}, "
-           f"{info['platform']}\n\n{md}\n"
+           f"{info['platform']}"
+           f"{'; device ' + info['cuda_device'] + ' (cuda)' if 'cuda_device' in info else ''}"
+           f"\n\n{md}\n"
            f"Targets: {summary['time_target']} -> "
            f"{'PASS' if summary['time_pass'] else 'FAIL ' + str(summary['time_fail'])}; "
            f"{summary['mem_target']} -> "
@@ -356,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
            "pinned to mmap for >= 64 KiB (see the module docstring).\n")
     print(doc)
     out = Path(args.out) if args.out else (
-        ROOT / "benchmarks" / "results" / ("ops_cost_quick" if args.quick else "ops_cost")
+        ROOT / "benchmarks" / "results" / (("ops_cost_quick" if args.quick else "ops_cost")
+                                           + ("_cuda" if args.device == "cuda" else ""))
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(doc)

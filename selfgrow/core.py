@@ -11,7 +11,7 @@ controller) builds on these pieces:
 * :class:`AxisMap` / :class:`Roles` / :func:`regrid` / :func:`gather_dim`: growing tensors
   along canonical axes (copy, scale, fill new coordinates).
 * small helpers written once for the whole package: :func:`count_params`,
-  :func:`eval_mode`, :func:`zero_sum_noise`.
+  :func:`eval_mode`, :func:`zero_sum_noise`, :func:`full_tensor`.
 """
 
 from __future__ import annotations
@@ -433,6 +433,15 @@ def regrid(
 # ---------------------------------------------------------------------------------------------
 # helpers shared by every layer
 # ---------------------------------------------------------------------------------------------
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind ``t``: ``t.full_tensor()`` for a ``DTensor`` (an FSDP2 shard or
+    a ``Partial`` reduction result: a collective every rank must join), ``t`` itself
+    otherwise."""
+    if type(t).__name__ == "DTensor" and callable(getattr(t, "full_tensor", None)):
+        return t.full_tensor()  # type: ignore[no-any-return, attr-defined]
+    return t
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements of ``model`` (tied tensors counted once)."""
     return sum(p.numel() for p in model.parameters())

@@ -46,7 +46,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .core import MAX_RUNS, ParamMap, gather_dim, register_unique  # noqa: F401 - re-exported
+from .core import (  # noqa: F401 - re-exported
+    MAX_RUNS,
+    ParamMap,
+    full_tensor,
+    gather_dim,
+    register_unique,
+)
 from .errors import GrowthConfigError, IncompatibleOptimizerError
 
 #: elements sampled (evenly strided) to estimate a tensor's normalised Adam update RMS
@@ -507,6 +513,30 @@ def _rms(x: torch.Tensor) -> float:
     return float(x.double().pow(2).mean().sqrt()) if x.numel() else float("nan")
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _masked_rms(x: torch.Tensor, keep: torch.Tensor) -> float:
+    """RMS of ``x`` where ``keep`` (bool, ``x``'s shape) is set. An FSDP2 shard (``DTensor``)
+    gives the RMS over the whole tensor (masked sums, then one reduction), the same as one
+    process would compute up to summation order."""
+    if not _is_dtensor(x):
+        return _rms(x[keep])
+    sq = torch.where(keep, x.double().pow(2), torch.zeros_like(x, dtype=torch.float64))
+    n = float(full_tensor(keep.to(torch.float64).sum()))
+    return float(full_tensor(sq.sum()) / n) ** 0.5 if n else float("nan")
+
+
+def _any_nonzero(g: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether ``g`` (where ``mask`` is set, if given) has a nonzero entry, over the whole
+    tensor for an FSDP2 shard."""
+    if not _is_dtensor(g):
+        return bool((g if mask is None else g[mask.expand_as(g)]).any())
+    nz = (g != 0) if mask is None else ((g != 0) & mask.expand_as(g))
+    return float(full_tensor(nz.to(torch.float64).sum())) > 0
+
+
 def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwargs: object) -> None:
     """Optimizer step pre-hook: give coordinates awaiting their first gradient their state.
 
@@ -529,7 +559,7 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
             # a gradient that is still zero where the state awaits it (a growth between
             # backward() and step(), or units whose fan-out is still zero) carries no scale:
             # wait for the first nonzero one, or c * g**2 = 0 would make that one's update huge
-            if not bool((g if mask is None else g[mask.expand_as(g)]).any()):
+            if not _any_nonzero(g, mask):
                 if mask is None:  # the optimizer needs its keys: zero state moves nothing
                     _fill_zero_state(optimizer, p, group, st)
                 continue
@@ -558,9 +588,9 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
                 t = float(new["step"])
                 b1, b2 = group["betas"]
                 bc1, bc2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-                m1 = b1 * new["exp_avg"][old] + (1 - b1) * g[old]
-                v1 = b2 * new["exp_avg_sq"][old] + (1 - b2) * g[old] ** 2
-                r = _rms((m1 / bc1) / ((v1 / bc2).sqrt() + eps))
+                m1 = b1 * new["exp_avg"] + (1 - b1) * g
+                v1 = b2 * new["exp_avg_sq"] + (1 - b2) * g**2
+                r = _masked_rms((m1 / bc1) / ((v1 / bc2).sqrt() + eps), old)
                 if r > 0 and r == r:
                     c = _adam_c(r, t, b1, b2)
                     new["exp_avg"] = new["exp_avg"].masked_fill(mask, 0.0)
@@ -571,15 +601,15 @@ def _lazy_init_pre_step(optimizer: torch.optim.Optimizer, *args: object, **kwarg
             elif _is_adagrad(group) and "sum" in new:
                 # Adagrad's update is g / (sqrt(sum + g^2) + eps): with sum = c g^2 on the new
                 # coordinates it is 1 / sqrt(c + 1), so c = 1 / r^2 - 1 matches the old RMS r
-                s1 = new["sum"][old] + g[old] ** 2
-                r = _rms(g[old] / (s1.sqrt() + eps))
+                s1 = new["sum"] + g**2
+                r = _masked_rms(g / (s1.sqrt() + eps), old)
                 if r > 0 and r == r:
                     c = max(1 / r**2 - 1, 0.0)
                     new["sum"] = torch.where(mask, (g * g * c).to(p.dtype), new["sum"])
             elif _is_rmsprop(group) and "square_avg" in new:
                 a = group["alpha"]
-                v1 = a * new["square_avg"][old] + (1 - a) * g[old] ** 2
-                r = _rms(g[old] / (v1.sqrt() + eps))
+                v1 = a * new["square_avg"] + (1 - a) * g**2
+                r = _masked_rms(g / (v1.sqrt() + eps), old)
                 if r > 0 and r == r:
                     c = max((1 / r**2 - (1 - a)) / a, 0.0)
                     v_new = (g * g * c).to(p.dtype)

@@ -16,6 +16,7 @@ from .actions import (
 )
 from .controller import GrowthController
 from .distributed import DDPStrategy, DistributedGrowthController
+from .fsdp import FSDP2Strategy
 from .modality import (
     ComponentSaturation,
     ModalityImbalance,
@@ -51,6 +52,7 @@ __all__ = [
     "Decision",
     "DistributedGrowthController",
     "ExpertOverload",
+    "FSDP2Strategy",
     "FixedSchedule",
     "GradientSaturation",
     "GrowthController",

@@ -605,10 +605,11 @@ class GrowthController:
             last_prune_attempt_step=self.last_prune_attempt_step,
         )
 
-    def _resolve(self, action: Action, kwargs: Mapping[str, Any]) -> OpConfig:
+    def _resolve(self, action: Action, kwargs: Mapping[str, Any],
+                 model: nn.Module | None = None) -> OpConfig:
         if isinstance(action, OpConfig):
             return action
-        return resolve_action(action, self.model, **dict(kwargs))
+        return resolve_action(action, self.model if model is None else model, **dict(kwargs))
 
     def _estimate(self, action: Action, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Size of the model after ``action``, never by copying its data: the operator runs on
@@ -626,9 +627,10 @@ class GrowthController:
         need_flops = budget is not None and budget.max_flops_per_sample is not None
         est: dict[str, Any] = {"params": None, "memory_bytes": None, "flops_per_sample": None}
         try:
-            cfg = self._resolve(action, kwargs)
+            view = self.distributed.plain_view(self.model)
+            cfg = self._resolve(action, kwargs, view)
             try:
-                g = estimate_growth(self.model, cfg)
+                g = estimate_growth(view, cfg)
                 est["method"] = "meta_twin"
             except _GROW_ERRORS:
                 raise
@@ -670,20 +672,25 @@ class GrowthController:
     def _apply(self, d: Decision, reason: str, raise_errors: bool) -> GrowthEvent | None:
         opt = self.optimizer
         try:
-            cfg = self._resolve(d.action, d.kwargs)
-            shrinks = bool(get_operator(cfg).is_shrink(cfg))
-            if d.direction is None:
-                d.direction = "prune" if shrinks else "grow"
-            elif shrinks != (d.direction == "prune"):
-                raise GrowthConfigError(
-                    f"action {d.action_name!r} resolved to operator {cfg.name!r}, which "
-                    + ("removes capacity: give its rule direction='prune' (or call "
-                       "controller.prune)" if shrinks else
-                       "does not remove capacity: a prune needs a shrink operator (the "
-                       "family's 'prune' action, ffn_remove_units, remove_expert ...)"))
-            flops_before = self._flops()
-            ev = grow_(self.model, cfg, optimizer=opt, probe_fn=self.probe_fn,
-                       on_commit=self._keep_transition if self.keep_transition else None)
+            # under a sharding strategy the scope swaps in a gathered plain model: the action
+            # is resolved and the operator applied on it, then it is sharded again
+            with self.distributed.growth_scope(self):
+                opt = self.optimizer
+                cfg = self._resolve(d.action, d.kwargs)
+                shrinks = bool(get_operator(cfg).is_shrink(cfg))
+                if d.direction is None:
+                    d.direction = "prune" if shrinks else "grow"
+                elif shrinks != (d.direction == "prune"):
+                    raise GrowthConfigError(
+                        f"action {d.action_name!r} resolved to operator {cfg.name!r}, which "
+                        + ("removes capacity: give its rule direction='prune' (or call "
+                           "controller.prune)" if shrinks else
+                           "does not remove capacity: a prune needs a shrink operator (the "
+                           "family's 'prune' action, ffn_remove_units, remove_expert ...)"))
+                flops_before = self._flops()
+                ev = grow_(self.model, cfg, optimizer=opt, probe_fn=self.probe_fn,
+                           on_commit=self._keep_transition if self.keep_transition else None)
+                flops_after = self._flops()
         except Exception as e:  # noqa: BLE001 - grow_ rolled everything back; report it loudly
             if raise_errors:
                 raise
@@ -726,7 +733,7 @@ class GrowthController:
             ev.extra = {**ev.extra, "resolved": f"action {d.action_name!r} on "
                         f"{type(self.model).__name__} resolved to operator {ev.action['op']!r}"}
         ev.flops_per_sample_before = flops_before
-        ev.flops_per_sample_after = self._flops()
+        ev.flops_per_sample_after = flops_after
         if opt is not None:
             ev.lr_after = [float(g["lr"]) * lr_factor for g in opt.param_groups]
         ev.extra = {**ev.extra, "n_growths": self.n_growths, "lr_factor": lr_factor}

@@ -186,6 +186,7 @@ class RankZeroPolicy(Policy):
         dist.broadcast_object_list(base, src=_group_src(group), group=group)
         self.seed = int(base[0])
         self.attempts = 0  # go-decisions received (identical on every rank)
+        self.last_seed: int | None = None
         self._stash: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None
 
     # --- delegated attributes ----------------------------------------------------------------
@@ -268,7 +269,9 @@ class RankZeroPolicy(Policy):
             else None
         )
         self._stash = (torch.get_rng_state(), cuda)
-        torch.manual_seed((self.seed * 1_000_003 + step * 9_176 + self.attempts) % (2**63 - 1))
+        #: the seed of the last growth (reproduce it on one process: torch.manual_seed(...))
+        self.last_seed = (self.seed * 1_000_003 + step * 9_176 + self.attempts) % (2**63 - 1)
+        torch.manual_seed(self.last_seed)
 
     def _restore_rng(self) -> None:
         if self._stash is None:

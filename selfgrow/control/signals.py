@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core import register_unique
+from ..core import full_tensor, register_unique
 from ..errors import GrowthConfigError, choices_message
 
 __all__ = [
@@ -86,6 +86,10 @@ def _check_int(what: str, value: int, lo: int) -> None:
 
 def _grad_weight_ratios(weights: list[torch.Tensor]) -> list[float]:
     """``|grad| / |w|`` per tensor with a single device->host transfer (no per-layer sync)."""
+    if any(type(w).__name__ == "DTensor" for w in weights):  # FSDP2 shards: global norms
+        return [float(full_tensor(torch.linalg.vector_norm(w.grad.detach().float())))
+                / (float(full_tensor(torch.linalg.vector_norm(w.detach().float()))) + 1e-12)
+                for w in weights]
     try:
         g = torch.stack([torch.linalg.vector_norm(w.grad.detach().float()) for w in weights])
         n = torch.stack([torch.linalg.vector_norm(w.detach().float()) for w in weights])

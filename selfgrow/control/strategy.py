@@ -11,18 +11,25 @@ controller calls it at fixed points:
 ``attempts``                growth decisions received so far (a change means a growth was
                             tried at this step, on every rank)
 ``before_manual`` / ``after_manual``   around ``controller.grow`` / ``prune``
+``growth_scope``            around one growth attempt (resolve, operator, optimizer
+                            migration): a sharding strategy gathers a plain model here and
+                            re-shards the grown one, or restores everything on error
+``plain_view``              a plain module of the model's architecture (shapes only) for
+                            sizing a growth before it is tried
 ``after_change``            after a growth was tried: check the ranks agree, re-wrap
 ``wrapped``                 the module the training loop calls (``controller.wrapped_model``)
 ``state_dict``              what a resumed run needs (shared growth seed, counters)
 ==========================  ================================================================
 
 :class:`GrowthStrategy` itself is one process: every hook is a no-op, ``wrapped`` is the
-model. :class:`~selfgrow.control.distributed.DDPStrategy` is the DDP implementation.
+model. :class:`~selfgrow.control.distributed.DDPStrategy` is the DDP implementation,
+:class:`~selfgrow.control.fsdp.FSDP2Strategy` the FSDP2 (``fully_shard``) one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -61,6 +68,18 @@ class GrowthStrategy:
 
     def after_manual(self) -> None:
         """After ``controller.grow`` / ``prune`` returned or raised."""
+
+    @contextmanager
+    def growth_scope(self, controller: Any) -> Iterator[None]:
+        """Around one growth attempt. Inside it ``controller.model`` and
+        ``controller.optimizer`` are what the operator edits (plain tensors); an exception
+        leaves the scope with the model, optimizer and gradients as they were before it."""
+        yield
+
+    def plain_view(self, model: nn.Module) -> nn.Module:
+        """A module with ``model``'s architecture that operators can run on as a shape-only
+        twin (the model itself when it is not sharded)."""
+        return model
 
     def after_change(self, controller: Any, n_before: int) -> None:
         """After a growth was tried (``controller.n_changes`` was ``n_before``)."""
