@@ -126,3 +126,34 @@ def run(rank: int, world: int, port: int, out: str, fail_at: int | None = None,
         torch.save(rec, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def refusals(rank: int, port: int, out: str) -> None:
+    """Bad inputs to FSDP2Strategy in a 1-process gloo group: each message is recorded."""
+    init_gloo(rank, 1, port)
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from selfgrow.errors import GrowthConfigError
+
+    msgs: dict[str, str] = {}
+
+    def record(key: str, fn: Any) -> None:
+        try:
+            fn()
+            msgs[key] = "no error"
+        except GrowthConfigError as e:
+            msgs[key] = f"GrowthConfigError: {e}"
+
+    try:
+        sharded = build()
+        fully_shard(sharded)
+        record("sharded", lambda: GrowthController(sharded, None,
+                                                   distributed=FSDP2Strategy()))
+        m = build()
+        other = torch.optim.AdamW([nn.Parameter(torch.zeros(3))])
+        record("foreign", lambda: GrowthController(m, other, distributed=FSDP2Strategy()))
+        record("mesh_kw", lambda: FSDP2Strategy(fsdp_kwargs={"mesh": None}))
+        torch.save(msgs, Path(out) / "refusals.pt")
+    finally:
+        dist.destroy_process_group()

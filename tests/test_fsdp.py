@@ -123,3 +123,11 @@ def test_fsdp2_strategy_refuses_bad_arguments():
         FSDP2Strategy()
     with pytest.raises(GrowthConfigError, match="shard_modules"):
         FSDP2Strategy(shard_modules=3)  # type: ignore[arg-type]
+
+
+def test_fsdp2_strategy_refuses_a_sharded_model_and_a_foreign_optimizer(tmp_path):
+    mp.spawn(W.refusals, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    msgs = torch.load(tmp_path / "refusals.pt")
+    assert "already sharded" in msgs["sharded"] and "plain module" in msgs["sharded"]
+    assert "not parameters of the model" in msgs["foreign"]
+    assert "FSDP2Strategy(mesh=...)" in msgs["mesh_kw"]
