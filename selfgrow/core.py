@@ -12,12 +12,18 @@ controller) builds on these pieces:
   along canonical axes (copy, scale, fill new coordinates).
 * small helpers written once for the whole package: :func:`count_params`,
   :func:`eval_mode`, :func:`zero_sum_noise`, :func:`full_tensor`.
+* ``torch.compile`` and autocast around growth: :func:`unwrap_compiled` (the real module of a
+  compiled wrapper), :func:`reset_compiled` (drop the compiled code of a grown model),
+  :func:`autocast_disabled` (weight surgery in the parameters' own dtype) and
+  :func:`compute_dtype` (the precision a forward really runs in).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import GrowthConfigError
+from .errors import GrowthConfigError, IncompatibleModelError
 
 #: set inside :func:`measurement` (a forward that is not training or evaluation data)
 _MEASURING: contextvars.ContextVar[bool] = contextvars.ContextVar("selfgrow_measuring",
@@ -567,3 +573,172 @@ def _same_definition(a: Any, b: Any) -> bool:
 def _describe(obj: Any) -> str:
     q = getattr(obj, "__qualname__", None)
     return f"{getattr(obj, '__module__', '?')}.{q}" if q else repr(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile and autocast
+# ---------------------------------------------------------------------------------------------
+#: plain module -> the torch.compile wrappers seen around it (weak: a wrapper the user drops
+#: is not kept alive), so a growth of the plain module can drop the wrappers' compiled code
+_COMPILED_WRAPPERS: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _optimized_module_type() -> type | None:
+    # torch._dynamo is heavy to import; if it was never imported, nothing is compiled
+    ef = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(ef, "OptimizedModule", None) if ef is not None else None
+
+
+def is_compiled(model: object) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (``OptimizedModule``)."""
+    cls = _optimized_module_type()
+    return cls is not None and isinstance(model, cls)
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The real module of a ``torch.compile(model)`` wrapper (``._orig_mod``); any other
+    module is returned as is.
+
+    Growth edits the real module in place: its parameters are the wrapper's parameters (the
+    same objects, so an optimizer built on ``compiled.parameters()`` holds them), and the
+    wrapper runs the grown module from its next call (see :func:`reset_compiled`). The wrapper
+    is remembered (weakly) so that a later ``grow_`` of the plain module also drops its
+    compiled code.
+
+    Raises:
+        IncompatibleModelError: ``model`` is not an ``nn.Module`` (e.g. ``torch.compile`` of
+            a plain function), naming its type.
+    """
+    if not isinstance(model, nn.Module):
+        raise IncompatibleModelError(
+            f"expected a torch.nn.Module (or torch.compile of one), got "
+            f"{type(model).__name__}; growth needs the module whose parameters it edits"
+        )
+    wrappers: list[nn.Module] = []
+    while is_compiled(model) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        wrappers.append(model)
+        model = model._orig_mod  # type: ignore[assignment]
+    if wrappers:
+        _COMPILED_WRAPPERS.setdefault(model, weakref.WeakSet()).update(wrappers)
+    return model
+
+
+def _dynamo_frame_codes(model: nn.Module) -> list[Any]:
+    """Code objects of the frames dynamo may have compiled for ``model``: every submodule's
+    ``forward`` and the top frame of each remembered compile wrapper."""
+    codes: dict[int, Any] = {}
+    for m in model.modules():
+        fwd = getattr(type(m), "forward", None)
+        code = getattr(fwd, "__code__", None)
+        if code is not None:
+            codes[id(code)] = code
+    for w in list(_COMPILED_WRAPPERS.get(model, ())):
+        fn = getattr(w.forward, "__wrapped__", None)  # dynamo_ctx(fn) keeps fn (functools.wraps)
+        code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+        if code is not None:
+            codes[id(code)] = code
+    return list(codes.values())
+
+
+def reset_compiled(model: nn.Module) -> int:
+    """Drop the ``torch.compile`` code compiled for ``model``'s frames, so the next call of
+    its compile wrapper traces the (grown) module afresh.
+
+    Dynamo's default guards already notice a growth (a parameter of a new shape, a new
+    submodule) and recompile; resetting on top of that (1) keeps graphs of old shapes from
+    piling up, one per growth, until dynamo reaches ``recompile_limit`` and silently runs the
+    model eagerly, and (2) makes a model compiled with guard filters that skip module guards
+    (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``) stop reusing the stale graph of
+    the old shapes (which computes a wrong output). The reset is per code object: the
+    ``forward`` of every submodule class of ``model``, dynamo's resume functions derived
+    from them (graph breaks), and the top frame of the compile wrappers seen by
+    :func:`unwrap_compiled`. Other instances of the same classes simply recompile on their
+    next call. Functions outside module ``forward`` methods that dynamo compiled as frames of
+    their own are guarded on their tensor arguments and left alone; where the per-code reset
+    is unavailable (an older torch) ``torch.compiler.reset()`` is used instead.
+
+    Args:
+        model: the grown module (a compile wrapper is unwrapped first).
+
+    Returns:
+        number of code objects reset (0 when ``torch.compile`` was never used).
+    """
+    if _optimized_module_type() is None:
+        return 0
+    model = unwrap_compiled(model)
+    import torch._dynamo as dynamo
+
+    reset_code = getattr(dynamo, "reset_code", None)
+    if reset_code is None:  # pragma: no cover - older torch
+        torch.compiler.reset()
+        return -1
+    try:
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+
+        resumes: Any = ContinueExecutionCache.cache
+    except (ImportError, AttributeError):  # pragma: no cover - older/newer torch
+        resumes = {}
+    todo, seen = _dynamo_frame_codes(model), set()
+    while todo:
+        code = todo.pop()
+        if id(code) in seen:
+            continue
+        seen.add(id(code))
+        reset_code(code)
+        try:
+            todo.extend(resumes.get(code, {}).values())
+        except TypeError:  # pragma: no cover - an unexpected cache layout
+            pass
+    return len(seen)
+
+
+def _device_types(model: nn.Module | None) -> list[str]:
+    types = {"cpu"}
+    if torch.cuda.is_available():
+        types.add("cuda")
+    if model is not None:
+        types |= {t.device.type for t in model.parameters()}
+    return sorted(types)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (RuntimeError, TypeError):  # pragma: no cover - a device type without autocast
+        return False
+
+
+def autocast_dtype(model: nn.Module | None = None) -> torch.dtype | None:
+    """The dtype autocast computes in for ``model``'s devices (None when autocast is off)."""
+    for t in _device_types(model):
+        if _autocast_enabled(t):
+            return torch.get_autocast_dtype(t)
+    return None
+
+
+@contextlib.contextmanager
+def autocast_disabled(model: nn.Module | None = None) -> Iterator[None]:
+    """Turn autocast off (on CPU, CUDA and ``model``'s devices) for the block: growth's weight
+    arithmetic (copies, splits, LiGO's matrix products) must run in the parameters' own dtype,
+    not autocast's lower one (a product under autocast returns bf16 where the model is fp32).
+    """
+    with contextlib.ExitStack() as stack:
+        for t in _device_types(model):
+            if _autocast_enabled(t):
+                stack.enter_context(torch.autocast(t, enabled=False))
+        yield
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The precision ``model``'s forward runs in now: autocast's dtype when autocast is active
+    on its device and lower than its parameters', else the lowest-precision floating dtype of
+    its parameters (fp32 for a model without floating parameters)."""
+    dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    ac = autocast_dtype(model)
+    if ac is not None:
+        dtypes.append(ac)
+    if not dtypes:
+        return torch.float32
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)

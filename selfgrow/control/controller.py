@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import count_params, rng_isolated
+from ..core import count_params, is_compiled, rng_isolated, unwrap_compiled
 from ..errors import (
     BudgetExceededError,
     GrowthConfigError,
@@ -112,7 +112,8 @@ class GrowthController:
     """Watches training signals and grows the live model through :func:`selfgrow.grow_`.
 
     Args:
-        model: the live model.
+        model: the live model, or a ``torch.compile`` wrapper of it (:attr:`model` is then
+            the real module, :attr:`wrapped_model` the wrapper).
         optimizer: its optimizer (migrated in place at every growth); may be None.
         signals: signals to update at every ``observe``; names must be unique.
         policy: decides from the signals' states; None = manual growth only.
@@ -194,6 +195,10 @@ class GrowthController:
         self.distributed: GrowthStrategy = distributed or GrowthStrategy()
         if not isinstance(model, nn.Module):
             raise IncompatibleModelError(f"model must be an nn.Module, got {type(model).__name__}")
+        #: the ``torch.compile`` wrapper passed as ``model`` (None otherwise): the controller
+        #: grows its real module and hands the wrapper back as :attr:`wrapped_model`
+        self._compiled: nn.Module | None = model if is_compiled(model) else None
+        model = unwrap_compiled(model)
         model, log_dir, run_id = self.distributed.setup(model, optimizer, log_dir, run_id)
         if isinstance(signals, Signal) or not hasattr(signals, "__iter__"):
             raise GrowthConfigError(
@@ -309,7 +314,12 @@ class GrowthController:
     def wrapped_model(self) -> nn.Module:
         """The module the training loop calls: :attr:`model` on one process, its current
         ``DistributedDataParallel`` wrapper under :class:`~selfgrow.control.distributed.
-        DDPStrategy` (replaced after every growth: fetch it every step)."""
+        DDPStrategy` (replaced after every growth: fetch it every step). A ``torch.compile``
+        wrapper passed as ``model`` is returned on one process (it runs the grown module:
+        ``grow_`` drops its stale compiled code), while :attr:`model` is the plain module."""
+        if (self._compiled is not None and type(self.distributed) is GrowthStrategy
+                and unwrap_compiled(self._compiled) is self._model):
+            return self._compiled
         return self.distributed.wrapped(self._model)
 
     @property

@@ -328,11 +328,12 @@ class MoEFFN(nn.Module):
             if n:
                 outs.append(self.expert_forward(e, xs[start:start + n]))
             start += n
-        out = torch.zeros_like(xf)
         if not outs:
-            return out
+            return torch.zeros_like(xf)
         ys = torch.cat(outs, 0)  # (A, C)
         ws = w[tok_s, exp_s].to(ys.dtype)[:, None]
+        # the experts' dtype (bf16 under autocast, like a dense nn.Linear FFN), not x's
+        out = ys.new_zeros(xf.shape)
         return out.index_add(0, tok_s, ys * ws)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:

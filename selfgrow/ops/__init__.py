@@ -9,6 +9,7 @@ docs/extending.md). Each public module of this package registers its operators o
 
 from ..core import AxisMap, ParamMap, Roles, Transaction, regrid
 from ._registry import (
+    PRESERVATION_TOLERANCE,
     GrowthResult,
     OpConfig,
     Operator,
@@ -27,6 +28,7 @@ from ._registry import (
     op_config_to_dict,
     output_tensor,
     preservation_error,
+    preservation_tolerance,
     register_operator,
 )
 
@@ -35,6 +37,7 @@ __all__ = [
     "GrowthResult",
     "OpConfig",
     "Operator",
+    "PRESERVATION_TOLERANCE",
     "ParamMap",
     "ProbeFn",
     "Roles",
@@ -53,6 +56,7 @@ __all__ = [
     "op_config_to_dict",
     "output_tensor",
     "preservation_error",
+    "preservation_tolerance",
     "register_operator",
     "regrid",
 ]

@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import inspect
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,12 +37,23 @@ import torch
 from torch import nn
 
 from .._config import config_from_dict, config_to_dict
-from ..core import Transaction, count_params, eval_mode, measurement, register_unique
+from ..core import (
+    Transaction,
+    autocast_disabled,
+    compute_dtype,
+    count_params,
+    eval_mode,
+    measurement,
+    register_unique,
+    reset_compiled,
+    unwrap_compiled,
+)
 from ..errors import (
     GrowthConfigError,
     IncompatibleModelError,
     IncompatibleOptimizerError,
     InsufficientMemoryError,
+    SelfgrowWarning,
     choices_message,
 )
 from ..events.record import GrowthEvent
@@ -289,6 +301,36 @@ def preservation_error(before: torch.Tensor, after: torch.Tensor) -> dict[str, A
     return {"max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-30), **note}
 
 
+#: documented bound on ``preservation["max_rel"]`` of an EXACT growth, by the dtype the
+#: forward computes in (:func:`~selfgrow.core.compute_dtype`: the parameters' dtype, or
+#: autocast's). Measured over every exact operator x model family by
+#: ``benchmarks/precision.py`` (docs/precision.md): max 1.1e-6 (fp32), 2.7e-3 (fp16),
+#: 2.7e-2 (bf16 parameters), 1.4e-2 (fp32 parameters under bf16 autocast); the bounds are
+#: about 10 machine epsilons for the 16-bit types (3-4x the measured maximum) and the
+#: project's fp32 rule (docs/GROWTH-MATH.md). fp64 holds only for models that compute in
+#: fp64 throughout (HF LLaMA's RMSNorm computes in fp32: 1e-6 there).
+PRESERVATION_TOLERANCE: dict[torch.dtype, float] = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 8e-2,
+}
+
+
+def preservation_tolerance(dtype: torch.dtype) -> float:
+    """The documented max relative preservation error of an exact growth of a model that
+    computes in ``dtype`` (see :data:`PRESERVATION_TOLERANCE`).
+
+    Raises:
+        GrowthConfigError: ``dtype`` is not one of the floating dtypes listed, naming them.
+    """
+    tol = PRESERVATION_TOLERANCE.get(dtype) if isinstance(dtype, torch.dtype) else None
+    if tol is None:
+        raise GrowthConfigError(choices_message(
+            "compute dtype", dtype, [str(d) for d in PRESERVATION_TOLERANCE]))
+    return tol
+
+
 _MAX_BYTES: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "selfgrow_max_growth_bytes", default=None
 )
@@ -371,7 +413,9 @@ def _check_optimizer_holds_model(optimizer: torch.optim.Optimizer, model: nn.Mod
 # ---------------------------------------------------------------------------------------------
 def meta_twin(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s module structure whose parameters and buffers are META tensors of
-    the same shapes: no tensor data is copied or allocated, whatever the model's size."""
+    the same shapes: no tensor data is copied or allocated, whatever the model's size. A
+    ``torch.compile`` wrapper is unwrapped first (the twin is a plain module)."""
+    model = unwrap_compiled(model)
     memo: dict[int, Any] = {}
     for p in model.parameters():
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
@@ -393,10 +437,12 @@ def estimate_growth(model: nn.Module, config: OpConfig) -> dict[str, Any]:
         GrowthConfigError / IncompatibleModelError: the growth is invalid (as ``grow_``).
     """
     op = get_operator(config)
+    model = unwrap_compiled(model)
     twin = meta_twin(model)
-    op.validate(twin, config)
-    with Transaction() as tx:
-        op.apply(twin, copy.deepcopy(config), tx)
+    with autocast_disabled(model):
+        op.validate(twin, config)
+        with Transaction() as tx:
+            op.apply(twin, copy.deepcopy(config), tx)
 
     def nbytes(m: nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in m.parameters())
@@ -421,8 +467,21 @@ def grow_(
 ) -> GrowthEvent:
     """Apply a growth operator to ``model`` in place and migrate ``optimizer``'s state.
 
+    ``torch.compile``: pass the compiled wrapper or its module; the real module
+    (``compiled._orig_mod``) is grown in place, the optimizer holds its parameters (the
+    wrapper's, the same objects), and the compiled code of the model's frames is dropped
+    after the commit (:func:`~selfgrow.core.reset_compiled`), so the wrapper's next call
+    traces the grown module instead of reusing a graph of the old shapes.
+
+    Mixed precision: the operator's weight arithmetic runs with autocast turned off, in the
+    parameters' own dtype (fp32, fp16, bf16 parameters keep their dtype); the probe runs
+    under the caller's autocast state, as training does. ``preservation`` records the dtype
+    the forward computes in and the documented bound of an exact growth in that dtype
+    (:data:`PRESERVATION_TOLERANCE`: fp32 1e-5, fp16 1e-2, bf16 8e-2 max relative error).
+
     Args:
-        model: the live model (any device/dtype); its config is updated by the operator.
+        model: the live model (any device/dtype, or a ``torch.compile`` wrapper of it); its
+            config is updated by the operator.
         config: an operator config instance (see :func:`list_operators`).
         optimizer: optimizer whose state follows the model (edited in place, same object).
         probe: a held batch used to measure function preservation (see default_probe_fn).
@@ -438,6 +497,9 @@ def grow_(
     Returns:
         GrowthEvent with action, params_before/after, preservation and op_seconds filled in
         (controller-level fields such as step and trigger are left for the caller).
+        ``preservation`` holds ``exact_expected``, ``dtype`` (the compute dtype) and
+        ``tolerance`` (its bound); with a probe also ``max_abs``, ``max_rel``, ``probe_size``
+        and ``within_tolerance`` (``max_rel <= tolerance``; a record, never an error).
 
     Raises:
         GrowthConfigError: unknown operator or invalid config (nothing changed).
@@ -449,6 +511,7 @@ def grow_(
     """
     op = get_operator(config)
     _check_model(model)
+    model = unwrap_compiled(model)  # the real module: a compile wrapper's parameters are its
     if optimizer is not None:
         _check_optimizer_holds_model(optimizer, model)
     if max_bytes is not None and (
@@ -457,7 +520,8 @@ def grow_(
         raise GrowthConfigError(f"max_bytes={max_bytes!r} is out of range; valid: int >= 0")
     token = _MAX_BYTES.set(max_bytes)
     try:
-        op.validate(model, config)
+        with autocast_disabled(model):
+            op.validate(model, config)
     finally:
         _MAX_BYTES.reset(token)
     if probe_fn is None and probe is not None:
@@ -474,10 +538,13 @@ def grow_(
     old_named = dict(model.named_parameters())
     params_before = count_params(model)
     exact_expected = op.is_exact(model, config)
+    dtype = compute_dtype(model)  # under the caller's autocast, before anything changes
+    tolerance = PRESERVATION_TOLERANCE.get(dtype)
 
     t0 = time.perf_counter()
     with Transaction() as tx:
-        result = op.apply(model, config, tx)
+        with autocast_disabled(model):  # weight surgery in the parameters' own dtype
+            result = op.apply(model, config, tx)
         new_named = dict(model.named_parameters())
         plan = (
             plan_migration(optimizer, old_named, new_named, result.param_maps)
@@ -490,7 +557,9 @@ def grow_(
         op_seconds = time.perf_counter() - t0
         if check is not None:
             check(model)
-        preservation: dict[str, Any] = {"exact_expected": bool(exact_expected and result.exact)}
+        preservation: dict[str, Any] = {"exact_expected": bool(exact_expected and result.exact),
+                                        "dtype": str(dtype).removeprefix("torch."),
+                                        "tolerance": tolerance}
         if probe_fn is not None:
             try:
                 y_after = eval_output(model, probe_fn)
@@ -503,11 +572,19 @@ def grow_(
                 ) from e
             preservation.update(preservation_error(y_before, y_after))  # type: ignore[arg-type]
             preservation["probe_size"] = int(y_before.shape[0]) if y_before.dim() else 1  # type: ignore[union-attr]
+            if tolerance is not None:
+                preservation["within_tolerance"] = bool(preservation["max_rel"] <= tolerance)
     # committed: now the optimizer (cannot fail halfway)
     t1 = time.perf_counter()
     report = plan.apply() if plan is not None else None
     for p, g in grads.items():
         p.grad = g
+    try:  # no compiled graph of the old shapes may run again (best effort: never fails)
+        reset_compiled(model)
+    except Exception as e:  # noqa: BLE001 - dynamo internals; the growth itself committed
+        warnings.warn(f"grow_: could not drop the torch.compile code of the grown model "
+                      f"({type(e).__name__}: {e}); call torch.compiler.reset()",
+                      SelfgrowWarning, stacklevel=2)
     op_seconds += time.perf_counter() - t1
     if on_commit is not None:
         on_commit(ParamTransition.capture(old_named, new_named, result.param_maps))
