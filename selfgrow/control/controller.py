@@ -518,23 +518,7 @@ class GrowthController:
             GrowthConfigError / IncompatibleModelError / IncompatibleOptimizerError: the growth
                 is invalid; model and optimizer are unchanged.
         """
-        trig = {"signal": "manual", "value": None, "threshold": None, "window": None}
-        if trigger is not None:
-            if not isinstance(trigger, Mapping):
-                raise GrowthConfigError(f"trigger must be a dict, got {trigger!r}")
-            trig.update(trigger)
-        d = Decision(config_or_action, dict(action_kwargs), reason, trig)
-        n_before = self.n_changes
-        self.distributed.before_manual(self.step)
-        try:
-            with rng_isolated():
-                ev = self._apply(d, reason, raise_errors=True)
-        finally:
-            self.distributed.after_manual()
-        if ev is None:  # pragma: no cover - raise_errors=True always returns or raises
-            raise GrowthConfigError("growth failed")
-        self.distributed.after_change(self, n_before)
-        return ev
+        return self._manual(config_or_action, reason, trigger, action_kwargs, direction=None)
 
     def prune(self, config_or_action: Action, reason: str = "manual", *,
               trigger: Mapping[str, Any] | None = None, **action_kwargs: Any) -> GrowthEvent:
@@ -543,12 +527,19 @@ class GrowthController:
         coordinates kept, removed ones dropped. Floor, cooldown and hysteresis are not
         applied. Same arguments and errors as :meth:`grow`; refuses an operator that does
         not remove capacity (GrowthConfigError)."""
+        return self._manual(config_or_action, reason, trigger, action_kwargs,
+                            direction="prune")
+
+    def _manual(self, config_or_action: Action, reason: str,
+                trigger: Mapping[str, Any] | None, action_kwargs: dict[str, Any],
+                direction: str | None) -> GrowthEvent:
+        """The path shared by :meth:`grow` and :meth:`prune` (errors always raise)."""
         trig = {"signal": "manual", "value": None, "threshold": None, "window": None}
         if trigger is not None:
             if not isinstance(trigger, Mapping):
                 raise GrowthConfigError(f"trigger must be a dict, got {trigger!r}")
             trig.update(trigger)
-        d = Decision(config_or_action, dict(action_kwargs), reason, trig, direction="prune")
+        d = Decision(config_or_action, dict(action_kwargs), reason, trig, direction=direction)
         n_before = self.n_changes
         self.distributed.before_manual(self.step)
         try:
@@ -557,7 +548,7 @@ class GrowthController:
         finally:
             self.distributed.after_manual()
         if ev is None:  # pragma: no cover - raise_errors=True always returns or raises
-            raise GrowthConfigError("prune failed")
+            raise GrowthConfigError(f"{direction or 'growth'} failed")
         self.distributed.after_change(self, n_before)
         return ev
 
