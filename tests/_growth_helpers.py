@@ -14,8 +14,10 @@ Operators:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -107,9 +109,12 @@ def split_units(model: _TinyNet, i: int, idx: torch.Tensor, tx: Transaction) -> 
 def init_gloo(rank: int, world: int, port: int) -> None:
     """One thread per worker and a CPU (gloo) process group on localhost:``port``."""
     import datetime
+    import faulthandler
     import os
 
     import torch.distributed as dist
+
+    faulthandler.enable()  # a native crash in a worker prints its Python stack
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -158,3 +163,37 @@ def batch(seed: int, step: int, n: int = 16, d_in: int = 8, d_out: int = 4):
     x = torch.randn(n, d_in, generator=g)
     y = torch.randn(n, d_out, generator=g)
     return x, y
+
+
+def free_port() -> int:
+    """A TCP port on localhost that was free a moment ago."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_ranks(fn: Callable[..., None], args: Callable[[int], tuple[Any, ...]],
+                nprocs: int, out: Path | None = None) -> None:
+    """``torch.multiprocessing.spawn(fn, args(port), nprocs)`` on a fresh port, rerun ONCE when
+    a worker was killed by a signal (a native crash such as gloo's intermittent
+    ``free(): invalid pointer`` at teardown; faulthandler prints its stack above). A Python
+    exception in a worker, or a second native crash, fails the test as usual; the rerun is
+    reported as a warning so it stays visible, and starts from an emptied ``out``."""
+    import shutil
+    import warnings
+
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(fn, args=args(free_port()), nprocs=nprocs, join=True)
+    except mp.ProcessExitedException as e:
+        if not e.signal_name:
+            raise
+        warnings.warn(f"a worker died from {e.signal_name} (native crash); rerunning once",
+                      RuntimeWarning, stacklevel=2)
+        if out is not None:
+            shutil.rmtree(out)
+            out.mkdir(parents=True)
+        mp.spawn(fn, args=args(free_port()), nprocs=nprocs, join=True)

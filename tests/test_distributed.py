@@ -3,7 +3,6 @@ event log; a resumed DDP run matches; divergent growth is detected."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import _ddp_worker
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _growth_helpers import spawn_ranks
 
 from selfgrow.events import read_events
 
@@ -19,17 +18,13 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _spawn(out: Path, **kw: Any) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
-    args = (WORLD, _free_port(), str(out), kw.get("sync_rng", True), kw.get("resume_at"),
-            kw.get("explode_at"))
-    mp.spawn(_ddp_worker.run, args=args, nprocs=WORLD, join=True)
+    spawn_ranks(_ddp_worker.run, lambda port: (WORLD, port, str(out), kw.get("sync_rng", True),
+                                               kw.get("resume_at"), kw.get("explode_at")),
+                WORLD, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -10,8 +10,7 @@ import _ddp_decision_worker as w
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import _free_port
+from _growth_helpers import spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 WORLD = 2
@@ -20,7 +19,7 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out: Path = tmp_path_factory.mktemp("ddp-decide")
-    mp.spawn(w.run, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(w.run, lambda port: (WORLD, port, str(out)), WORLD, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

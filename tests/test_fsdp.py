@@ -6,7 +6,6 @@ sharded; a failed growth leaves everything as it was."""
 from __future__ import annotations
 
 import copy
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import _fsdp_worker as W
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _growth_helpers import spawn_ranks
 
 from selfgrow.control import GrowthController
 from selfgrow.errors import GrowthConfigError
@@ -23,15 +22,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _spawn(out: Path, fail_at: int | None = None) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(W.run, args=(WORLD, _free_port(), str(out), fail_at), nprocs=WORLD, join=True)
+    spawn_ranks(W.run, lambda port: (WORLD, port, str(out), fail_at), WORLD, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -126,7 +119,7 @@ def test_fsdp2_strategy_refuses_bad_arguments():
 
 
 def test_fsdp2_strategy_refuses_a_sharded_model_and_a_foreign_optimizer(tmp_path):
-    mp.spawn(W.refusals, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    spawn_ranks(W.refusals, lambda port: (port, str(tmp_path)), 1, tmp_path)
     msgs = torch.load(tmp_path / "refusals.pt")
     assert "already sharded" in msgs["sharded"] and "plain module" in msgs["sharded"]
     assert "not parameters of the model" in msgs["foreign"]
