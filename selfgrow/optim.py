@@ -189,6 +189,25 @@ def check_optimizer_supported(optimizer: object) -> None:
     )
 
 
+def check_optimizer_holds_model(optimizer: object, model: nn.Module) -> None:
+    """Refuse an optimizer that cannot follow growth or trains none of ``model``'s parameters.
+
+    Raises:
+        IncompatibleOptimizerError: not an optimizer, an unsupported class, or an optimizer
+            built for another model (it holds none of ``model.parameters()``).
+    """
+    check_optimizer_supported(optimizer)
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    if not any(id(p) in held for p in model.parameters()):
+        n_opt = sum(len(g["params"]) for g in optimizer.param_groups)
+        raise IncompatibleOptimizerError(
+            f"the optimizer holds none of the model's parameters ({n_opt} tensors in the "
+            f"optimizer, {len(list(model.parameters()))} in {type(model).__name__}); pass the "
+            f"optimizer that trains this model (or optimizer=None)"
+        )
+
+
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """Raise IncompatibleOptimizerError if the optimizer's state cannot be migrated."""
     known = (FIRST_MOMENT_KEYS | SECOND_MOMENT_KEYS | MAX_NORM_KEYS | UPDATE_KEYS | PARAM_KEYS

@@ -24,6 +24,7 @@ from selfgrow.errors import (
     EventFormatError,
     GrowthConfigError,
     IncompatibleModelError,
+    IncompatibleOptimizerError,
 )
 from selfgrow.models.mlp import MLPConfig
 
@@ -52,8 +53,35 @@ def test_log_dir_that_is_a_file(tmp_path: Path):
 @pytest.mark.parametrize("loss", ["high", torch.ones(3), [1.0]])
 def test_observe_rejects_a_loss_that_is_not_one_number(loss):
     ctrl = GrowthController(_mlp(), None)
+    ctrl.observe(loss=1.0)
     with pytest.raises(GrowthConfigError, match="loss must be"):
         ctrl.observe(loss=loss)
+    assert ctrl.step == 1  # a refused report is not a step
+    ctrl.observe(loss=1.0)
+    assert ctrl.step == 2
+
+
+def test_an_optimizer_of_another_model_is_refused_at_construction():
+    m, other = _mlp(), _mlp()
+    with pytest.raises(IncompatibleOptimizerError, match="holds none of the model's"):
+        GrowthController(m, torch.optim.Adam(other.parameters()))
+    GrowthController(m, torch.optim.Adam(m.parameters()))  # its own optimizer is fine
+
+
+def test_a_signal_belongs_to_one_live_controller():
+    sig = LossPlateau(window=5)
+    first = GrowthController(_mlp(), None, signals=[sig])
+    with pytest.raises(GrowthConfigError, match="already belongs to another GrowthController"):
+        GrowthController(_mlp(), None, signals=[sig])
+    first.close()  # released: another controller may take it
+    GrowthController(_mlp(), None, signals=[sig])
+
+
+def test_signal_arguments_of_the_wrong_type_say_so():
+    with pytest.raises(GrowthConfigError, match="window must be an integer, got str"):
+        LossPlateau(window="a")  # type: ignore[arg-type]
+    with pytest.raises(GrowthConfigError, match="window=0 is out of range"):
+        LossPlateau(window=0)
 
 
 def test_policies_and_actions():
@@ -65,6 +93,8 @@ def test_policies_and_actions():
     ctrl = GrowthController(m, torch.optim.SGD(m.parameters(), lr=0.1))
     with pytest.raises(GrowthConfigError, match="factor='2'"):
         ctrl.grow("widen", factor="2")
+    with pytest.raises(GrowthConfigError, match="unexpected keyword.*valid arguments: .*factor"):
+        ctrl.grow("widen", position=99)
     with pytest.raises(GrowthConfigError, match="make_config"):
         ctrl.grow({"op": "net2wider"})  # type: ignore[arg-type]
     with pytest.raises(IncompatibleModelError, match="'mlp'"):

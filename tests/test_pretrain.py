@@ -345,7 +345,7 @@ def test_cli_pretrain_runs_and_rejects_bad_values(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "pretrain-gstack")]) == 0
     assert "g_stack" in capsys.readouterr().out
     for bad in (["--grow-at", "1.2"], ["--budget-flops", "-3"], ["--stages", "0.2"],
-                ["--schedule", "bogus"]):
+                ["--schedule", "bogus"], ["--device", "tpu"]):
         with pytest.raises(SystemExit) as e:
             main(["pretrain", *bad, "--runs-dir", str(tmp_path / "x")])
         assert e.value.code == 2

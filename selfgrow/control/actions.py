@@ -160,10 +160,15 @@ def resolve_action(action: str, model: nn.Module, **kwargs: Any) -> OpConfig:
     fn = table.get(action)
     if fn is None:
         raise IncompatibleModelError(unknown_action_message(action, model, table))
+    sig = inspect.signature(fn)
     try:
-        inspect.signature(fn).bind(model, **kwargs)
+        sig.bind(model, **kwargs)
     except TypeError as e:
-        raise GrowthConfigError(f"bad arguments for action {action!r}: {e}") from None
+        valid = [n for n, p in list(sig.parameters.items())[1:]
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise GrowthConfigError(
+            f"bad arguments for action {action!r}: {e}; valid arguments: "
+            f"{', '.join(valid) or 'none'}") from None
     try:
         cfg = fn(model, **kwargs)
     except (TypeError, ValueError) as e:  # a wrongly typed argument (factor="2" ...)

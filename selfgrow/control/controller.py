@@ -26,6 +26,7 @@ import os
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from ..ops import (
     get_operator,
     grow_,
 )
-from ..optim import ParamTransition, check_optimizer_supported
+from ..optim import ParamTransition, check_optimizer_holds_model, check_optimizer_supported
 from ..runs.metrics import ScalarJsonlSink
 from .actions import list_actions, resolve_action, unknown_action_message
 from .policies import Action, Decision, Policy, PolicyContext, SkipReason
@@ -270,6 +271,16 @@ class GrowthController:
         for s in self.sinks:
             if not callable(getattr(s, "emit", None)):
                 raise GrowthConfigError(f"sink {s!r} has no emit(event) method")
+        if optimizer is not None:  # a wrong optimizer fails here, not at every growth
+            check_optimizer_holds_model(optimizer, model)
+        for s in signals:  # one signal's history belongs to one live controller
+            owner = getattr(s, "_selfgrow_owner", None)
+            other = owner() if owner is not None else None
+            if other is not None and other is not self and not other._closed:
+                raise GrowthConfigError(
+                    f"signal {s.name!r} ({type(s).__name__}) already belongs to another "
+                    f"GrowthController (its history would be shared); create a new instance "
+                    f"for each controller, or close() the other one first")
         cooldown = getattr(policy, "cooldown", 0) if policy is not None else 0
         self.skip_log_every = skip_log_every or (cooldown if cooldown > 0 else 100)
 
@@ -304,8 +315,10 @@ class GrowthController:
         self._optimizer: torch.optim.Optimizer | None = None
         self._model = model
         self.optimizer = optimizer
+        self._closed = False
         for s in self.signals:
             s.bind(model)
+            s._selfgrow_owner = weakref.ref(self)  # type: ignore[attr-defined]
         self._validate(provides)
         self.distributed.bind(self)
 
@@ -458,13 +471,13 @@ class GrowthController:
         experience: int | None,
         metrics: dict[str, Any],
     ) -> GrowthEvent | None:
+        lv = _loss_value(loss) if loss is not None else None  # refused: the step stays
         self.step = int(step) if step is not None else self.step + 1
         if epoch is not None:
             self.epoch = epoch
         if experience is not None:
             self.experience = experience
-        if loss is not None:
-            lv = _loss_value(loss)
+        if lv is not None:
             if not math.isfinite(lv):
                 self._anomaly(lv)
                 return None
@@ -929,7 +942,9 @@ class GrowthController:
         self._estimates.clear()
 
     def close(self) -> None:
-        """Close every sink that has ``close()`` and detach the stabilizer's hooks."""
+        """Close every sink that has ``close()`` and detach the stabilizer's hooks; the
+        signals are released (another controller may take them, history included)."""
+        self._closed = True
         for s in self.sinks:
             c = getattr(s, "close", None)
             if callable(c):

@@ -68,7 +68,10 @@ def check_range(
         lo: lower bound; ``lo_open`` excludes it.
         hi: upper bound; ``hi_open`` excludes it.
     """
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise GrowthConfigError(
+            f"{what} must be a number, got {type(value).__name__} {value!r:.60}")
+    ok = math.isfinite(value)
     if ok:
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not ok:
@@ -80,7 +83,10 @@ def check_range(
 
 
 def _check_int(what: str, value: int, lo: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise GrowthConfigError(
+            f"{what} must be an integer, got {type(value).__name__} {value!r:.60}")
+    if value < lo:
         raise GrowthConfigError(f"{what}={value!r} is out of range; valid: an integer >= {lo}")
 
 

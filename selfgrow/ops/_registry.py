@@ -51,7 +51,6 @@ from ..core import (
 from ..errors import (
     GrowthConfigError,
     IncompatibleModelError,
-    IncompatibleOptimizerError,
     InsufficientMemoryError,
     SelfgrowWarning,
     choices_message,
@@ -60,7 +59,7 @@ from ..events.record import GrowthEvent
 from ..optim import (
     ParamMap,
     ParamTransition,
-    check_optimizer_supported,
+    check_optimizer_holds_model,
     plan_grads,
     plan_migration,
 )
@@ -394,20 +393,6 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
-def _check_optimizer_holds_model(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise IncompatibleOptimizerError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
-    check_optimizer_supported(optimizer)
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    if not any(id(p) in held for p in model.parameters()):
-        raise IncompatibleOptimizerError(
-            "the optimizer holds none of the model's parameters; pass the optimizer that "
-            "trains this model (or optimizer=None)"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # shape-only size estimates
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +498,7 @@ def grow_(
     _check_model(model)
     model = unwrap_compiled(model)  # the real module: a compile wrapper's parameters are its
     if optimizer is not None:
-        _check_optimizer_holds_model(optimizer, model)
+        check_optimizer_holds_model(optimizer, model)
     if max_bytes is not None and (
         isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0
     ):
