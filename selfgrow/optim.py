@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -196,11 +197,11 @@ def check_optimizer_holds_model(optimizer: object, model: nn.Module) -> None:
         IncompatibleOptimizerError: not an optimizer, an unsupported class, or an optimizer
             built for another model (it holds none of ``model.parameters()``).
     """
-    check_optimizer_supported(optimizer)
-    assert isinstance(optimizer, torch.optim.Optimizer)
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    check_optimizer_supported(optimizer)  # raises unless it is a supported Optimizer
+    groups = cast(torch.optim.Optimizer, optimizer).param_groups
+    held = {id(p) for g in groups for p in g["params"]}
     if not any(id(p) in held for p in model.parameters()):
-        n_opt = sum(len(g["params"]) for g in optimizer.param_groups)
+        n_opt = sum(len(g["params"]) for g in groups)
         raise IncompatibleOptimizerError(
             f"the optimizer holds none of the model's parameters ({n_opt} tensors in the "
             f"optimizer, {len(list(model.parameters()))} in {type(model).__name__}); pass the "

@@ -3,7 +3,6 @@ one). ``scripts/gpu_check`` runs these and ``benchmarks/ops_cost.py --quick --de
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -102,12 +101,9 @@ def test_controller_grows_on_cuda(tmp_path):
 def test_fsdp2_growth_on_one_gpu_equals_plain_growth(tmp_path):
     import _fsdp_worker as W
     import test_fsdp as T
-    import torch.multiprocessing as mp
+    from _growth_helpers import spawn_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(W.run, args=(1, port, str(tmp_path), None, "cuda"), nprocs=1, join=True)
+    spawn_ranks(W.run, lambda port: (1, port, str(tmp_path), None, "cuda"), 1, tmp_path)
     r0 = torch.load(Path(tmp_path) / "rank0.pt", weights_only=False)
     assert [e[:2] for e in r0["events"]] == [(s, a) for s, a, _ in W.GROWTHS]
     ref = W.build().to(DEV)

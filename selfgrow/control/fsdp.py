@@ -213,7 +213,10 @@ class FSDP2Strategy(DDPStrategy):
     # --- growth ---------------------------------------------------------------------------
     def _gather(self, sharded: nn.Module) -> nn.Module:
         """A plain copy of ``sharded`` with full tensors (same FQNs, modes, grad flags)."""
-        assert self._skeleton is not None and self.device is not None
+        if self._skeleton is None or self.device is None:
+            raise DistributedGrowthError(
+                "FSDP2Strategy was not set up: pass it as GrowthController(..., "
+                "distributed=FSDP2Strategy()) so it shards the model before any growth")
         # a memo deepcopy, not to_empty(): Module._apply would untie shared parameters
         memo: dict[int, Any] = {}
         for p in self._skeleton.parameters():
